@@ -1,0 +1,64 @@
+"""Shared fixtures: an isolated environment, pico models, and the bundled demo model."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.pico import make_pico_model, make_tokenizer
+from tests.versions import check_version_floors
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # RELIABILITY.md: the test command fails when an installed package is below its floor.
+    problems = check_version_floors()
+    if problems:
+        raise pytest.UsageError("version floors not met: " + "; ".join(problems))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_env(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Never touch the user's caches, tokens or the network from a test."""
+    home = tmp_path_factory.mktemp("env")
+    os.environ["MOE_WORKBENCH_CACHE"] = os.environ.get("MOE_WORKBENCH_TEST_CACHE") or str(home / "cache")
+    os.environ["MOE_WORKBENCH_OUTPUTS"] = str(home / "outputs")
+    os.environ["HF_HOME"] = str(home / "hf")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ.pop("HF_TOKEN", None)
+    os.environ.pop("HUGGING_FACE_HUB_TOKEN", None)
+
+
+@pytest.fixture(scope="session")
+def pico_tokenizer():
+    return make_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def pico_factory(tmp_path_factory: pytest.TempPathFactory, pico_tokenizer):
+    """make(name, **kwargs) -> folder of a pico model; same kwargs give the same folder."""
+    made: dict[tuple, Path] = {}
+    root = tmp_path_factory.mktemp("pico")
+
+    def make(name: str = "base", **kwargs) -> Path:
+        key = (name, tuple(sorted(kwargs.items())))
+        if key not in made:
+            kwargs.setdefault("tokenizer", pico_tokenizer)
+            made[key] = make_pico_model(root / f"{name}-{len(made)}", **kwargs)
+        return made[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def pico_llama(pico_factory) -> Path:
+    return pico_factory("llama", seed=0)
+
+
+@pytest.fixture(scope="session")
+def demo_model_path() -> Path:
+    """SmolLM2-135M-Instruct, dequantised once per test session from the bundled GGUF."""
+    from workbench.sources import demo_model_path as resolve_demo
+
+    return resolve_demo()

@@ -1,0 +1,224 @@
+"""Recipes: parse, dump round-trip, and every validation rule with its key path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from workbench.recipe import (
+    MAX_PROMPT_CHARS,
+    ConfigUnavailable,
+    Recipe,
+    RecipeError,
+    dump_recipe,
+    errors,
+    load_recipe,
+    parse_recipe,
+    recipe_from_dict,
+    validate,
+)
+
+PRESETS = sorted(Path(__file__).parent.parent.joinpath("presets").glob("*.yaml"))
+
+GOOD = """
+base_model: org/base
+experts:
+  - source_model: org/a
+    positive_prompts: ["code"]
+  - source_model: org/b
+    positive_prompts: ["math"]
+"""
+
+
+def problems_of(text: str, configs=None):
+    recipe, problems = parse_recipe(text)
+    if recipe is not None:
+        problems += validate(recipe, configs)
+    return problems
+
+
+def by_path(problems, level=None):
+    return {p.path: p for p in problems if level is None or p.level == level}
+
+
+def test_good_recipe_has_mergekit_defaults():
+    recipe, problems = parse_recipe(GOOD)
+    assert problems == []
+    assert recipe.gate_mode == "hidden" and recipe.experts_per_token == 2 and recipe.dtype is None
+    assert validate(recipe) == []
+
+
+@pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.name)
+def test_presets_parse_validate_and_round_trip(path):
+    recipe = load_recipe(str(path))
+    assert errors(validate(recipe)) == []
+    again, problems = parse_recipe(dump_recipe(recipe))
+    assert problems == [] and again == recipe
+
+
+def test_round_trip_keeps_every_field():
+    recipe = Recipe.model_validate({
+        "base_model": "org/base@abc123", "gate_mode": "cheap_embed", "dtype": "bfloat16",
+        "experts_per_token": 1, "architecture": "mixtral",
+        "experts": [{"source_model": "./local", "positive_prompts": ["", "x: y"],
+                     "negative_prompts": ["- z"], "noise_scale": 0.01, "residual_scale": 0.5}],
+    })
+    again, problems = parse_recipe(dump_recipe(recipe))
+    assert problems == [] and again == recipe
+
+
+def test_yaml_syntax_error_has_line_and_column():
+    problems = problems_of("base_model: x\nexperts: [\n  - a: b\n")
+    assert len(problems) == 1 and problems[0].level == "error"
+    assert "line" in problems[0].message and "column" in problems[0].message
+
+
+def test_oversized_yaml_refused():
+    problems = problems_of("base_model: " + "x" * 300_000)
+    assert "larger than" in problems[0].message
+
+
+def test_not_a_mapping():
+    assert "mapping" in problems_of("- just\n- a list\n")[0].message
+
+
+def test_all_problems_at_once_with_key_paths():
+    text = """
+base_model: org/base
+gate_mode: hiden
+dtype: bf16
+experts_per_tokens: 1
+notes: hello
+experts:
+  - source_model: org/a
+    positive_prompt: [x]
+    noise_scale: loud
+  - positive_prompts: [y]
+"""
+    found = by_path(problems_of(text))
+    assert "did you mean 'hidden'" in found["gate_mode"].fix
+    assert found["dtype"].fix == "write 'bfloat16'"
+    assert found["experts_per_tokens"].level == "error" and "experts_per_token" in found["experts_per_tokens"].fix
+    assert found["notes"].level == "warning"
+    assert "positive_prompts" in found["experts[0].positive_prompt"].fix
+    assert found["experts[0].noise_scale"].level == "error"
+    assert found["experts[1].source_model"].message == "is required"
+
+
+def test_aliases_accepted_like_mergekit():
+    recipe, problems = parse_recipe(GOOD + "gate_mode: hidden_last\ndtype: torch.float16\n")
+    assert problems == [] and recipe.gate_mode == "hidden" and recipe.dtype == "float16"
+
+
+def test_future_architecture_named():
+    found = by_path(problems_of(GOOD + "architecture: qwen\n"))
+    assert "not supported yet" in found["architecture"].message
+
+
+@pytest.mark.parametrize("k, message", [(0, "at least 1"), (3, "only 2 experts")])
+def test_experts_per_token_bounds(k, message):
+    found = by_path(problems_of(GOOD + f"experts_per_token: {k}\n"), "error")
+    assert message in found["experts_per_token"].message
+
+
+def test_missing_positive_prompts_outside_random_modes():
+    text = "base_model: b\nexperts:\n  - source_model: a\n  - source_model: c\n    positive_prompts: [x]\n"
+    assert "experts[0].positive_prompts" in by_path(problems_of(text), "error")
+    assert errors(problems_of(text + "gate_mode: random\n")) == []
+    assert errors(problems_of(text + "gate_mode: uniform_random\n")) == []
+
+
+def test_zero_positive_prompting_is_a_warning():
+    text = GOOD.replace('["code"]', '["", ""]')
+    found = by_path(problems_of(text))
+    assert found["experts[0].positive_prompts"].level == "warning"
+    assert "BOS" in found["experts[0].positive_prompts"].message
+
+
+def test_identical_prompt_sets_refused():
+    text = GOOD.replace('["math"]', '["code"]')
+    assert "same prompts" in by_path(problems_of(text), "error")["experts"].message
+
+
+def test_same_model_everywhere_is_allowed_with_warning():
+    text = GOOD.replace("org/b", "org/a")
+    found = by_path(problems_of(text))
+    assert found["experts"].level == "warning" and errors(problems_of(text)) == []
+
+
+def test_non_power_of_two_is_a_warning():
+    text = GOOD + "  - source_model: org/c\n    positive_prompts: [story]\n"
+    assert "power of two" in by_path(problems_of(text), "warning")["experts"].message
+
+
+def test_prompt_caps():
+    long = "y" * (MAX_PROMPT_CHARS + 1)
+    found = by_path(problems_of(GOOD.replace('["math"]', f'["{long}"]')), "error")
+    assert "limit" in found["experts[1].positive_prompts[0]"].message
+
+
+def test_scales_checked():
+    text = GOOD.replace('positive_prompts: ["code"]', 'positive_prompts: ["code"]\n    noise_scale: -1')
+    text = text.replace('positive_prompts: ["math"]', 'positive_prompts: ["math"]\n    residual_scale: 0')
+    found = by_path(problems_of(text))
+    assert found["experts[0].noise_scale"].level == "error"
+    assert found["experts[1].residual_scale"].level == "warning"
+
+
+def test_shared_experts_not_for_mixtral():
+    text = GOOD + "shared_experts:\n  - source_model: org/s\n"
+    assert "shared_experts" in by_path(problems_of(text), "error")
+
+
+def llama(**overrides):
+    config = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 3,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 320, "hidden_act": "silu"}
+    return config | overrides
+
+
+def test_compatibility_mismatches_named_per_expert():
+    configs = {"org/base": llama(), "org/a": llama(hidden_size=128), "org/b": llama(num_hidden_layers=4)}
+    messages = {}
+    for p in problems_of(GOOD, configs):
+        messages.setdefault(p.path, []).append(p.message)
+    assert any("hidden_size is 128" in m for m in messages["experts[0].source_model"])
+    assert messages["experts[1].source_model"] == ["num_hidden_layers is 4 in 'org/b' but 3 in the base"]
+
+
+def test_compatibility_family_and_vocab():
+    configs = {"org/base": llama(), "org/a": llama(model_type="gpt2"), "org/b": llama(vocab_size=999)}
+    problems = problems_of(GOOD, configs)
+    assert "gpt2" in by_path(problems, "error")["experts[0].source_model"].message
+    assert "vocab_size" in by_path(problems, "warning")["experts[1].source_model"].message
+    bad_base = {"org/base": llama(model_type="gpt2"), "org/a": llama(), "org/b": llama()}
+    assert "cannot become a Mixtral" in by_path(problems_of(GOOD, bad_base))["base_model"].message
+
+
+def test_mistral_expert_on_llama_base_with_same_shapes_is_fine():
+    configs = {"org/base": llama(), "org/a": llama(model_type="mistral"), "org/b": llama(head_dim=16)}
+    assert errors(problems_of(GOOD, configs)) == []
+
+
+def test_unreachable_config_keeps_its_level():
+    configs = {"org/base": llama(), "org/a": ConfigUnavailable("offline", "warning"),
+               "org/b": ConfigUnavailable("no such folder")}
+    found = by_path(problems_of(GOOD, configs))
+    assert found["experts[0].source_model"].level == "warning"
+    assert found["experts[1].source_model"].level == "error"
+
+
+def test_load_recipe_raises_with_every_problem(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("base_model: b\ngate_mode: nope\nexperts: []\n")
+    with pytest.raises(RecipeError) as info:
+        load_recipe(str(path))
+    assert {p.path for p in info.value.problems} == {"gate_mode", "experts"}
+    with pytest.raises(RecipeError, match="cannot read"):
+        load_recipe(str(tmp_path / "missing.yaml"))
+
+
+def test_form_dict_path_matches_yaml_path():
+    recipe, problems = recipe_from_dict({"base_model": "b", "experts": [{"source_model": "a"}],
+                                         "gate_mode": "hidden_last"})
+    assert problems == [] and recipe.gate_mode == "hidden"

@@ -1,0 +1,83 @@
+"""Compatibility of a recipe's models, read from their config.json before any weight.
+
+Experts must match the base in family, hidden size, intermediate size, layer count, heads,
+kv-heads, head_dim and activation; a different vocabulary is a loud warning (RELIABILITY.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from workbench.recipe import ConfigUnavailable, Problem, Recipe
+
+# Config fields an expert must share with the base: its MLPs plug into the base's residual
+# stream, layer by layer (mergekit drops extra layers silently and crashes on the rest).
+MATCH_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "head_dim", "hidden_act")
+FAMILIES = {"mixtral": ("llama", "mistral")}
+
+
+def _model_paths(recipe: Recipe) -> dict[str, list[str]]:
+    paths: dict[str, list[str]] = {recipe.base_model: ["base_model"]}
+    for i, expert in enumerate(recipe.experts):
+        paths.setdefault(expert.source_model, []).append(f"experts[{i}].source_model")
+    return paths
+
+
+def check_compatibility(recipe: Recipe, configs: Mapping[str, dict | ConfigUnavailable]) -> list[Problem]:
+    out: list[Problem] = []
+    paths = _model_paths(recipe)
+    for ref, where in paths.items():
+        config = configs.get(ref)
+        if isinstance(config, ConfigUnavailable):
+            out.append(Problem(config.level, where[0], f"config of '{ref}' not reachable: {config.reason}",
+                               "check the name, the network or HF_TOKEN; compatibility is unchecked"))
+    base = configs.get(recipe.base_model)
+    if not isinstance(base, dict):
+        return out
+    family = FAMILIES[recipe.architecture or "mixtral"]
+    if base.get("model_type") not in family:
+        out.append(Problem("error", "base_model",
+                           f"model_type '{base.get('model_type')}' cannot become a Mixtral MoE",
+                           f"use a {' or '.join(family)} model as the base"))
+        return out
+    for ref, where in paths.items():
+        config = configs.get(ref)
+        if ref == recipe.base_model or not isinstance(config, dict):
+            continue
+        for found in _compare(base, config, ref, family):
+            out += [Problem(found.level, w, found.message, found.fix) for w in where]
+    return out
+
+
+def _compare(base: dict, other: dict, ref: str, family: tuple[str, ...]) -> list[Problem]:
+    out = []
+    kind = other.get("model_type")
+    if kind not in family:
+        need = " or ".join(family)
+        return [Problem("error", "", f"'{ref}' is a {kind} model; a Mixtral merge needs {need}",
+                        "pick an expert fine-tuned from the same base family")]
+    for key in MATCH_FIELDS:
+        want, got = _fact(base, key), _fact(other, key)
+        if want != got:
+            out.append(Problem("error", "", f"{key} is {got} in '{ref}' but {want} in the base",
+                               "experts must be fine-tunes of the same architecture as the base"))
+    if other.get("vocab_size") != base.get("vocab_size"):
+        out.append(Problem("warning", "", f"vocab_size is {other.get('vocab_size')} in '{ref}' but "
+                           f"{base.get('vocab_size')} in the base: the base tokenizer is used for all",
+                           "prefer experts that share the base tokenizer"))
+    return out
+
+
+def _fact(config: dict, key: str) -> Any:
+    """A config value with transformers' defaults filled in, so absent == default compares equal."""
+    if key == "head_dim":
+        value = config.get("head_dim")
+        heads = config.get("num_attention_heads") or 1
+        return value if value else (config.get("hidden_size") or 0) // heads
+    if key == "num_key_value_heads":
+        return config.get(key) or config.get("num_attention_heads")
+    if key == "hidden_act":
+        return config.get(key, "silu")
+    return config.get(key)

@@ -1,0 +1,46 @@
+"""Progress events and cancellation for long jobs (download, gates, build, push).
+
+A job takes `on_progress` (called with `Progress` events) and `cancel` (a
+`CancelToken`); it calls `cancel.check()` between units of work (tensors, prompt sets),
+which raises `Cancelled`. The CLI turns events into a progress bar, the UI into gr.Progress.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from workbench.errors import Cancelled
+
+
+@dataclass(frozen=True)
+class Progress:
+    stage: str  # short name: "resolve", "gates", "write", "verify", ...
+    fraction: float  # 0..1 within the stage
+    message: str = ""
+
+
+ProgressFn = Callable[[Progress], None]
+
+
+def ignore_progress(event: Progress) -> None:
+    """Default sink for callers that do not watch progress."""
+
+
+class CancelToken:
+    """Thread-safe flag a caller sets to stop a job at its next check."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def cancel(self) -> None:
+        self._event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()
+
+    def check(self) -> None:
+        if self._event.is_set():
+            raise Cancelled("stopped on request")
