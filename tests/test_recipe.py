@@ -99,7 +99,8 @@ experts:
     found = by_path(problems_of(text))
     assert "did you mean 'hidden'" in found["gate_mode"].fix
     assert found["dtype"].fix == "write 'bfloat16'"
-    assert found["experts_per_tokens"].level == "error" and "experts_per_token" in found["experts_per_tokens"].fix
+    typo = found["experts_per_tokens"]
+    assert typo.level == "error" and "experts_per_token" in typo.fix
     assert found["notes"].level == "warning"
     assert "positive_prompts" in found["experts[0].positive_prompt"].fix
     assert found["experts[0].noise_scale"].level == "error"
