@@ -1,0 +1,339 @@
+"""Router gates: every mode against an independent computation, padding, seeds, diagnostics,
+token cap, progress and cancellation; the device picker. L layers, E experts, H hidden."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from workbench.device import pick_device
+from workbench.errors import Cancelled, GateError, WorkbenchError
+from workbench.gates import (
+    MAX_PROMPT_TOKENS,
+    compute_gates,
+    diagnose,
+    gate_rows,
+    prompt_states,
+    reduce_states,
+    tokenize_prompts,
+)
+from workbench.progress import CancelToken
+from workbench.recipe import Expert, Recipe
+
+# (positives, negatives) per expert; lengths differ within each set so padding is exercised,
+# and [""] is Cognito-style "zero positive prompting" (the BOS state alone).
+SETS = [
+    (["def add(a, b): return a + b", "import numpy as np"], ["Once upon a time"]),
+    (["The knight rode through the enchanted forest at night.", "a dragon"], None),
+    ([""], ["Evil schemes and cruelty hurt everyone.", "Solve 2x + 3 = 7 for x."]),
+]
+LAYERS, HIDDEN = 3, 64  # the pico model's
+
+
+def recipe_for(base, mode: str, sets=SETS) -> Recipe:
+    experts = [Expert(source_model=str(base), positive_prompts=p, negative_prompts=n) for p, n in sets]
+    return Recipe(base_model=str(base), experts=experts, gate_mode=mode)
+
+
+@pytest.fixture(scope="module")
+def pico(pico_llama):
+    model = AutoModelForCausalLM.from_pretrained(pico_llama, dtype=torch.float32, use_safetensors=True)
+    return model.eval(), AutoTokenizer.from_pretrained(pico_llama)
+
+
+def ids_alone(tok, prompt: str) -> list[int]:
+    """BOS id by hand, then the prompt's own tokens: what one unpadded prompt should be."""
+    return [tok.bos_token_id] + tok(prompt, add_special_tokens=False).input_ids
+
+
+def unit(v: torch.Tensor) -> torch.Tensor:
+    return v / v.norm(dim=-1, keepdim=True)
+
+
+def expected_rows(set_state, sets=SETS) -> torch.Tensor:
+    """(L, E, H) from a per-set state function: positives minus negatives, made unit length."""
+    rows = []
+    for pos, neg in sets:
+        v = set_state(pos) - (set_state(neg) if neg else 0)
+        rows.append(unit(v))
+    return torch.stack(rows, dim=-2)
+
+
+@torch.no_grad()
+def last_states_alone(model, tok, prompts) -> torch.Tensor:
+    """Mean over prompts of hidden_states[l] at the last token, each prompt run alone: (L, H)."""
+    per = [torch.stack(model(torch.tensor([ids_alone(tok, p)]), output_hidden_states=True).hidden_states)
+           for p in prompts]
+    return torch.stack([h[:LAYERS, 0, -1] for h in per]).mean(0)
+
+
+def test_hidden_matches_each_prompt_run_alone(pico_llama, pico):
+    model, tok = pico
+    gates = compute_gates(recipe_for(pico_llama, "hidden"), pico_llama, device="cpu")
+    want = expected_rows(lambda prompts: last_states_alone(model, tok, prompts))
+    assert gates.vectors.shape == (LAYERS, len(SETS), HIDDEN)
+    assert gates.vectors.dtype == torch.float32 and gates.vectors.device.type == "cpu"
+    torch.testing.assert_close(gates.vectors, want, atol=1e-4, rtol=0)
+    assert gates.mode == "hidden"
+
+
+@torch.no_grad()
+def test_hidden_avg_means_every_position_pad_included(pico_llama, pico):
+    model, tok = pico
+
+    def set_state(prompts):
+        rows = [ids_alone(tok, p) for p in prompts]
+        width = max(map(len, rows))
+        ids = torch.tensor([[tok.bos_token_id] * (width - len(r)) + r for r in rows])
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+        hs = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+        return torch.stack([hs[layer].mean(dim=1).mean(dim=0) for layer in range(LAYERS)])
+
+    gates = compute_gates(recipe_for(pico_llama, "hidden_avg"), pico_llama, device="cpu")
+    torch.testing.assert_close(gates.vectors, expected_rows(set_state), atol=1e-4, rtol=0)
+    hidden = compute_gates(recipe_for(pico_llama, "hidden"), pico_llama, device="cpu")
+    assert (gates.vectors - hidden.vectors).abs().max() > 0.05
+
+
+def test_cheap_embed_sums_token_embeddings(pico_llama, pico):
+    _, tok = pico
+    embed = load_file(pico_llama / "model.safetensors")["model.embed_tokens.weight"]
+
+    def set_state(prompts):
+        total = sum(embed[i] for p in prompts for i in ids_alone(tok, p))
+        return unit(total).expand(LAYERS, -1)
+
+    gates = compute_gates(recipe_for(pico_llama, "cheap_embed"), pico_llama, device="cpu")
+    torch.testing.assert_close(gates.vectors, expected_rows(set_state), atol=1e-5, rtol=0)
+    assert torch.equal(gates.vectors[0], gates.vectors[-1])  # same row on every layer
+
+
+@torch.no_grad()
+def test_router_input_is_the_post_attention_norm_output(pico_llama, pico):
+    model, tok = pico
+
+    def set_state(prompts):
+        seen: list[torch.Tensor] = []
+        norms = [layer.post_attention_layernorm for layer in model.model.layers]
+        handles = [n.register_forward_hook(lambda m, a, out: seen.append(out[0, -1])) for n in norms]
+        try:
+            for p in prompts:
+                model(torch.tensor([ids_alone(tok, p)]))
+        finally:
+            for h in handles:
+                h.remove()
+        return torch.stack(seen).view(len(prompts), LAYERS, HIDDEN).mean(0)
+
+    gates = compute_gates(recipe_for(pico_llama, "router_input"), pico_llama, device="cpu")
+    torch.testing.assert_close(gates.vectors, expected_rows(set_state), atol=1e-4, rtol=0)
+    hidden = compute_gates(recipe_for(pico_llama, "hidden"), pico_llama, device="cpu")
+    assert (gates.vectors - hidden.vectors).abs().max() > 0.05  # a different state, not an alias
+
+
+def test_prompts_are_left_padded_with_bos_first(pico_tokenizer):
+    tok = pico_tokenizer
+    batch = tokenize_prompts(tok, ["Hello! How are you doing today?", "Hi", ""])
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    assert ids.shape == mask.shape and ids.shape[0] == 3
+    for row, m, prompt in zip(ids.tolist(), mask.tolist(), ["Hello! How are you doing today?", "Hi", ""],
+                              strict=True):
+        real = ids_alone(tok, prompt)
+        pad = len(row) - len(real)
+        assert row[pad:] == real  # BOS first, then the prompt, flush right
+        assert row[:pad] == [tok.bos_token_id] * pad and m == [0] * pad + [1] * len(real)
+
+
+@torch.no_grad()
+def test_padded_batch_gives_each_prompts_own_last_state(pico, pico_tokenizer):
+    model, tok = pico
+    prompts = ["Once upon a time a dragon guarded a silver castle.", "Thanks", "Solve 2x + 3 = 7"]
+    batch = tokenize_prompts(tok, prompts)
+    out = model(**batch, output_hidden_states=True)
+    for i, p in enumerate(prompts):
+        alone = model(torch.tensor([ids_alone(tok, p)]), output_hidden_states=True).hidden_states
+        for layer in range(LAYERS + 1):
+            got, want = out.hidden_states[layer][i, -1], alone[layer][0, -1]
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    # The mean the gates use is the mean of those per-prompt states.
+    want = torch.stack([torch.stack(out.hidden_states[:LAYERS])[:, i, -1] for i in range(3)]).mean(0)
+    torch.testing.assert_close(prompt_states(out.hidden_states, batch["attention_mask"], average=False), want)
+
+
+def test_right_padded_batch_is_refused():
+    states = torch.zeros(2, 2, 3, 4)
+    with pytest.raises(ValueError, match="left-padded"):
+        reduce_states(states, torch.tensor([[1, 1, 1], [1, 1, 0]]), average=False)
+
+
+def test_tokenizer_without_bos_adds_no_bos_and_pads_with_eos(pico_tokenizer):
+    tok = copy.deepcopy(pico_tokenizer)
+    tok.bos_token = None
+    batch = tokenize_prompts(tok, ["Hello! How are you", "Hi"])
+    assert tok.bos_token_id is None and tok.eos_token_id is not None
+    assert batch["input_ids"][1].tolist()[-1] == tok("Hi", add_special_tokens=False).input_ids[-1]
+    assert batch["input_ids"][1, 0].item() == tok.eos_token_id and batch["attention_mask"][1, 0] == 0
+    assert pico_tokenizer.bos_token_id not in batch["input_ids"][0].tolist()
+    with pytest.raises(GateError, match=r"prompts\[0\] is empty"):
+        tokenize_prompts(tok, [""])
+
+
+def test_gate_rows_subtracts_then_normalises():
+    pos, neg = torch.tensor([[3.0, 4.0], [1.0, 0.0]]), torch.tensor([[0.0, 4.0], [1.0, 0.0]])
+    torch.testing.assert_close(gate_rows(pos, None), torch.tensor([[0.6, 0.8], [1.0, 0.0]]))
+    # The second row cancels to zero: the 1e-8 floor keeps it finite instead of NaN.
+    torch.testing.assert_close(gate_rows(pos, neg), torch.tensor([[1.0, 0.0], [0.0, 0.0]]))
+
+
+@pytest.mark.parametrize("mode", ["random", "uniform_random"])
+def test_random_modes_are_seeded_and_ignore_prompts(pico_llama, mode):
+    sets = [(None, None)] * 4
+    first = compute_gates(recipe_for(pico_llama, mode, sets), pico_llama, seed=7)
+    again = compute_gates(recipe_for(pico_llama, mode, sets), pico_llama, seed=7)
+    other = compute_gates(recipe_for(pico_llama, mode, sets), pico_llama, seed=8)
+    assert first.vectors.shape == (LAYERS, 4, HIDDEN)
+    assert torch.equal(first.vectors, again.vectors)
+    assert not torch.allclose(first.vectors, other.vectors)
+    bound = 1 / math.sqrt(HIDDEN)
+    if mode == "uniform_random":
+        assert first.vectors.abs().max() <= bound and first.vectors.abs().max() > 0.95 * bound
+    else:  # standard normal, not normalised: row norms near sqrt(H), std near 1
+        assert abs(first.vectors.std().item() - 1) < 0.1
+        assert first.vectors.norm(dim=-1).mean() > 6
+
+
+def test_diagnose_identical_rows_warn():
+    row = torch.randn(HIDDEN, generator=torch.Generator().manual_seed(0))
+    diag = diagnose(row.expand(2, 3, HIDDEN).clone())
+    assert all(c > 1e6 for c in diag.condition_numbers)
+    assert [w.split(":")[0] for w in diag.warnings] == ["layer 0", "layer 1"]
+    assert "prompts too similar" in diag.warnings[0]
+    torch.testing.assert_close(diag.cosine, torch.ones(2, 3, 3))
+    json.dumps(diag.to_dict(), allow_nan=False)
+
+
+def test_diagnose_orthogonal_rows_are_perfect():
+    vectors = torch.eye(4, HIDDEN).expand(3, 4, HIDDEN) * 2.5
+    diag = diagnose(vectors)
+    assert diag.condition_numbers == pytest.approx([1.0] * 3)
+    assert diag.warnings == []
+    torch.testing.assert_close(diag.cosine, torch.eye(4).expand(3, 4, 4))
+    torch.testing.assert_close(diag.mean_cosine, torch.eye(4))
+    assert json.loads(json.dumps(diag.to_dict()))["condition_numbers"] == pytest.approx([1.0] * 3)
+
+
+def test_diagnose_single_expert_and_zero_rows():
+    assert diagnose(torch.randn(2, 1, 8)).condition_numbers == [1.0, 1.0]
+    diag = diagnose(torch.zeros(1, 2, 8))  # singular: infinite, and still valid JSON
+    assert diag.condition_numbers == [math.inf] and diag.warnings
+    assert json.loads(json.dumps(diag.to_dict(), allow_nan=False))["condition_numbers"] == [None]
+
+
+def test_token_cap_names_expert_and_prompt_before_loading(tmp_path, pico_tokenizer):
+    long = " x" * (MAX_PROMPT_TOKENS + 10)
+    recipe = recipe_for(tmp_path, "hidden", [(["code"], None), (["math", long], None)])
+    # tmp_path holds no model: the error must come from the prompts, before any load.
+    with pytest.raises(GateError, match=r"experts\[1\]\.positive_prompts\[1\] is \d+ tokens.*cap is 512"):
+        compute_gates(recipe, tmp_path, tokenizer=pico_tokenizer)
+
+
+def test_missing_positive_prompts_is_an_error(pico_llama, pico_tokenizer):
+    recipe = recipe_for(pico_llama, "hidden", [(["code"], None), (None, ["math"])])
+    with pytest.raises(GateError, match=r"experts\[1\]\.positive_prompts is empty"):
+        compute_gates(recipe, pico_llama, tokenizer=pico_tokenizer)
+
+
+def test_one_progress_event_per_prompt_set(pico_llama):
+    events = []
+    compute_gates(recipe_for(pico_llama, "hidden"), pico_llama, device="cpu", on_progress=events.append)
+    assert len(events) == 5  # 3 positive sets + 2 negative sets
+    fractions = [e.fraction for e in events]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0 and len(set(fractions)) == 5
+    assert {e.stage for e in events} == {"gates"} and "expert 3/3" in events[-1].message
+
+
+def no_norm_hooks(model) -> bool:
+    # Only ours: transformers 5 keeps output-capture hooks of its own on the layers.
+    return all(not layer.post_attention_layernorm._forward_hooks for layer in model.model.layers)
+
+
+def test_cancel_stops_between_prompt_sets(pico_llama, pico):
+    model, tok = pico
+    token, events = CancelToken(), []
+
+    def cancel_after_first(event):
+        events.append(event)
+        token.cancel()
+
+    with pytest.raises(Cancelled):
+        compute_gates(recipe_for(pico_llama, "router_input"), pico_llama, on_progress=cancel_after_first,
+                      cancel=token, model=model, tokenizer=tok)
+    assert len(events) == 1
+    assert no_norm_hooks(model)
+
+
+def test_passed_model_is_used_and_left_intact(pico_llama, pico):
+    model, tok = pico
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for mode in ("hidden", "router_input", "cheap_embed"):
+        loaded = compute_gates(recipe_for(pico_llama, mode), pico_llama, device="cpu")
+        shared = compute_gates(recipe_for(pico_llama, mode), pico_llama, model=model, tokenizer=tok)
+        torch.testing.assert_close(shared.vectors, loaded.vectors)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert no_norm_hooks(model)
+    assert tok.padding_side == AutoTokenizer.from_pretrained(pico_llama).padding_side  # not mutated
+
+
+def test_bfloat16_model_gives_float32_gates_close_to_float32(pico_llama, pico_tokenizer):
+    # What a GPU run computes in (pick_device: bf16 on CUDA), checked on the CPU.
+    model = AutoModelForCausalLM.from_pretrained(pico_llama, dtype=torch.bfloat16, use_safetensors=True)
+    for mode in ("hidden", "router_input"):
+        recipe = recipe_for(pico_llama, mode)
+        low = compute_gates(recipe, pico_llama, model=model, tokenizer=pico_tokenizer)
+        full = compute_gates(recipe, pico_llama, device="cpu")
+        assert low.vectors.dtype == torch.float32 and low.vectors.device.type == "cpu"
+        assert (unit(low.vectors) * full.vectors).sum(-1).min() > 0.99  # same directions, bf16 rounding
+
+
+def test_random_mode_without_config_names_the_folder(tmp_path):
+    with pytest.raises(GateError, match="config.json"):
+        compute_gates(recipe_for(tmp_path, "random", [(None, None)] * 2), tmp_path)
+
+
+def test_pick_device(monkeypatch):
+    assert pick_device("cpu") == (torch.device("cpu"), torch.float32)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert pick_device("auto") == (torch.device("cpu"), torch.float32)
+    with pytest.raises(WorkbenchError, match="no CUDA GPU"):
+        pick_device("cuda")
+    with pytest.raises(WorkbenchError, match="unknown device 'tpu'"):
+        pick_device("tpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert pick_device("auto") == (torch.device("cuda", 0), torch.bfloat16)
+    with pytest.raises(WorkbenchError, match="cuda:3"):
+        pick_device("cuda:3")
+
+
+DEMO_SETS = [
+    (["def add(a, b):\n    return a + b", "import numpy as np", "for i in range(10):"], None),
+    (["What is the integral of x squared?", "Solve 2x + 3 = 7 for x.", "Prove that 17 is prime."], None),
+    (["Once upon a time, a dragon guarded a silver castle.", "Write a poem about the sea."], None),
+    (["Hello! How are you today?", "Thanks, see you tomorrow!", "Good morning, friend."], None),
+]
+
+
+@pytest.mark.demo
+def test_demo_model_gates_separate_clearly_different_experts(demo_model_path):
+    recipe = recipe_for("demo:smollm2-135m-instruct", "hidden", DEMO_SETS)
+    gates = compute_gates(recipe, demo_model_path, device="cpu")
+    assert gates.vectors.shape == (30, 4, 576)
+    torch.testing.assert_close(gates.vectors.norm(dim=-1), torch.ones(30, 4), atol=1e-5, rtol=0)
+    off_diagonal = gates.diagnostics.cosine[:, ~torch.eye(4, dtype=torch.bool)]  # (L, E*E-E)
+    assert off_diagonal.max() < 0.999
+    assert len(gates.diagnostics.condition_numbers) == 30

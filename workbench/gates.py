@@ -1,0 +1,366 @@
+"""Router gates: one (E, H) router matrix per layer, derived from each expert's prompts.
+
+Legend: L layers, E experts, B prompts in a set, T tokens, H hidden size, V vocabulary.
+
+The math follows mergekit-moe (RECIPE.md, "Gate math"): each prompt set is tokenised as
+one left-padded batch, the base model runs once per set, a state per layer is averaged
+over the prompts, and an expert's gate row is normalise(m(positives) - m(negatives)).
+Modes:
+
+- `hidden`: the residual stream entering layer l, at each prompt's last token.
+- `hidden_avg`: the same stream averaged over all positions, pad included (as mergekit
+  does; pad positions attend to nothing real, so their values depend on the attention
+  implementation; the model loads with transformers' default, as mergekit's does).
+- `cheap_embed`: the sum of the set's token embeddings; the same row on every layer.
+- `random` / `uniform_random`: seeded noise; prompts are ignored.
+- `router_input` (workbench extension): the state the router of layer l really sees.
+  A Mixtral router scores the output of layer l's post_attention_layernorm (after
+  attention, RMS-normed and scaled by the norm's weight), whereas `hidden` gates come
+  from the residual stream before the layer; the two differ in direction, so `hidden`
+  gates are matched against a vector the router never sees. This mode captures the real
+  router input with forward hooks, at the last position. It is a separate mode so that
+  `hidden` keeps mergekit's meaning and the two can be compared.
+
+States are reduced in float32 whatever the model's dtype (mergekit stays in bf16), and the
+result is float32 on the CPU. This module reads the base model and never writes a file.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import math
+import re
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from workbench.device import pick_device
+from workbench.errors import GateError
+from workbench.progress import CancelToken, Progress, ProgressFn, ignore_progress
+from workbench.recipe import PROMPTLESS_MODES, Recipe
+
+log = logging.getLogger(__name__)
+
+MAX_PROMPT_TOKENS = 512  # per prompt; attention memory grows with T^2 (RELIABILITY.md)
+CONDITION_WARN = 5.0  # mergekit's threshold for "experts may not be distinguishable"
+_POST_ATTN_NORM = re.compile(r"(?:^|\.)layers\.(\d+)\.post_attention_layernorm$")
+
+
+@dataclass
+class GateDiagnostics:
+    condition_numbers: list[float]  # per layer, smax / smin of the (E, H) matrix; inf when singular
+    cosine: Tensor  # (L, E, E) expert-expert cosine similarity per layer
+    mean_cosine: Tensor  # (E, E) averaged over layers
+    warnings: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain lists for JSON; an infinite condition number becomes None (JSON has no inf)."""
+        return {
+            "condition_numbers": [c if math.isfinite(c) else None for c in self.condition_numbers],
+            "cosine": self.cosine.tolist(),
+            "mean_cosine": self.mean_cosine.tolist(),
+            "warnings": list(self.warnings),
+        }
+
+
+@dataclass
+class Gates:
+    vectors: Tensor  # (L, E, H) float32 on CPU; vectors[l] is layer l's router weight
+    mode: str
+    diagnostics: GateDiagnostics
+
+
+# ---- pure math -------------------------------------------------------------------------
+
+
+def normalise(v: Tensor) -> Tensor:
+    """v / max(||v||_2, 1e-8) along the last dimension."""
+    return v / v.norm(p=2, dim=-1, keepdim=True).clamp(min=1e-8)
+
+
+def gate_rows(pos: Tensor, neg: Tensor | None) -> Tensor:
+    """normalise(pos - neg), the negative term only when there is one; (..., H) -> (..., H)."""
+    return normalise(pos if neg is None else pos - neg)
+
+
+def reduce_states(states: Tensor, attention_mask: Tensor, *, average: bool) -> Tensor:
+    """(L, B, T, H) states of one left-padded batch -> (L, H): last position or all positions,
+    then the mean over prompts."""
+    if not bool(attention_mask[:, -1].all()):
+        raise ValueError("prompt batch is not left-padded: the last position of some prompt is padding")
+    if average:
+        # Every row has T positions, so the mean of per-prompt means is the mean over (B, T).
+        return states.mean(dim=(1, 2), dtype=torch.float32)
+    return states[:, :, -1, :].mean(dim=1, dtype=torch.float32)
+
+
+def prompt_states(hidden_states: Sequence[Tensor], attention_mask: Tensor, *, average: bool) -> Tensor:
+    """transformers' hidden_states (L + 1 tensors of (B, T, H)) -> (L, H).
+
+    Entry l is the residual stream entering decoder layer l; the last entry is the final
+    norm's output, which feeds no router, so it is dropped.
+    """
+    return reduce_states(torch.stack(tuple(hidden_states[:-1])), attention_mask, average=average)
+
+
+def cheap_embedding(embed: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """Unit-length sum of the embeddings (V, H) of every non-pad token in (B, T) -> (H,)."""
+    rows = embed[input_ids].to(torch.float32)  # (B, T, H)
+    return normalise((rows * attention_mask.unsqueeze(-1)).sum(dim=(0, 1)))
+
+
+def random_gates(layers: int, experts: int, hidden: int, *, uniform: bool, seed: int) -> Tensor:
+    """(L, E, H) seeded noise: standard normal, or uniform in +-1/sqrt(H); not normalised."""
+    generator = torch.Generator().manual_seed(seed)
+    shape = (layers, experts, hidden)
+    if not uniform:
+        return torch.randn(shape, generator=generator)
+    scale = 1.0 / math.sqrt(hidden)
+    return torch.rand(shape, generator=generator) * (2 * scale) - scale
+
+
+def diagnose(vectors: Tensor) -> GateDiagnostics:
+    """Condition number and expert-expert cosine per layer of (L, E, H) gates."""
+    v = vectors.detach().to("cpu", torch.float64)
+    layers, experts, _ = v.shape
+    conditions: list[float] = []
+    for layer in range(layers):
+        s = torch.linalg.svdvals(v[layer])  # descending
+        if experts == 1:
+            conditions.append(1.0)
+        else:
+            conditions.append(float(s[0] / s[-1]) if s[-1] > 0 else math.inf)
+    unit = normalise(v)
+    cosine = (unit @ unit.transpose(1, 2)).to(torch.float32)  # (L, E, E)
+    warnings = [
+        f"layer {layer}: condition number {c:.3g} > {CONDITION_WARN:g}: prompts too similar, the router "
+        "may not tell these experts apart; make the experts' prompt sets more distinct"
+        for layer, c in enumerate(conditions)
+        if c > CONDITION_WARN
+    ]
+    return GateDiagnostics(conditions, cosine, cosine.mean(dim=0), warnings)
+
+
+# ---- prompts to token batches ----------------------------------------------------------
+
+
+def tokenize_prompts(
+    tokenizer: Any, prompts: Sequence[str], *, where: str = "prompts", max_tokens: int = MAX_PROMPT_TOKENS
+) -> dict[str, Tensor]:
+    """One prompt set -> a left-padded batch {input_ids, attention_mask}, each (B, T).
+
+    Each prompt is the BOS text + the prompt, no special tokens added, no chat template,
+    padded on the left with BOS (EOS without BOS) so that the last position is every
+    prompt's own last token. `where` is the key path used in errors.
+    """
+    if not prompts:
+        raise GateError(f'{where} is empty: give at least one prompt ([""] stands for just the BOS token)')
+    bos_text = tokenizer.bos_token or ""
+    rows = tokenizer([bos_text + p for p in prompts], add_special_tokens=False)["input_ids"]
+    for j, row in enumerate(rows):
+        if len(row) > max_tokens:
+            raise GateError(
+                f"{where}[{j}] is {len(row)} tokens long; the cap is {max_tokens} tokens per prompt: "
+                "shorten it"
+            )
+        if not row:
+            raise GateError(f"{where}[{j}] is empty and the base tokenizer has no BOS token: write some text")
+    width = max(len(row) for row in rows)
+    candidates = (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    pad = next((i for i in candidates if i is not None), None)
+    if pad is None and any(len(row) < width for row in rows):
+        raise GateError(f"{where}: the base tokenizer has no BOS, EOS or pad token to pad prompts with")
+    ids = [[pad] * (width - len(row)) + row for row in rows]
+    mask = [[0] * (width - len(row)) + [1] * len(row) for row in rows]
+    return {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask)}
+
+
+def _expert_batches(recipe: Recipe, tokenizer: Any) -> list[tuple[dict, dict | None]]:
+    """Tokenise every set before any model runs, so a bad prompt fails in a second."""
+    batches = []
+    for e, expert in enumerate(recipe.experts):
+        where = f"experts[{e}]"
+        pos = tokenize_prompts(tokenizer, expert.positive_prompts or [], where=f"{where}.positive_prompts")
+        neg = None
+        if expert.negative_prompts:
+            neg = tokenize_prompts(tokenizer, expert.negative_prompts, where=f"{where}.negative_prompts")
+        batches.append((pos, neg))
+    return batches
+
+
+# ---- running the base model ------------------------------------------------------------
+
+
+@contextmanager
+def router_input_capture(model: torch.nn.Module) -> Iterator[list[Tensor]]:
+    """Collect each layer's post_attention_layernorm output at the last position, (B, 1, H)
+    per layer in layer order, for forwards run inside the block; hooks always come off."""
+    modules = model.named_modules()
+    found = [(int(m.group(1)), mod) for name, mod in modules if (m := _POST_ATTN_NORM.search(name))]
+    if not found:
+        raise GateError(
+            "gate_mode router_input needs decoder layers with a post_attention_layernorm and this "
+            "base model has none: use gate_mode hidden"
+        )
+    found.sort(key=lambda item: item[0])
+    captured: list[Tensor] = []
+
+    def keep_last(module: torch.nn.Module, args: Any, output: Tensor) -> None:
+        captured.append(output[:, -1:, :].detach())  # last position only: the rest is never used
+
+    handles = [mod.register_forward_hook(keep_last) for _, mod in found]
+    try:
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _model_states(model: torch.nn.Module, mode: str, batch: dict[str, Tensor]) -> Tensor:
+    """(L, H) float32 state of one prompt set under `mode` (hidden, hidden_avg, router_input)."""
+    device = next(model.parameters()).device
+    inputs = {k: v.to(device) for k, v in batch.items()}
+    mask = batch["attention_mask"]
+    # logits_to_keep=1: the lm_head output is unused, and full (B, T, V) logits can be gigabytes.
+    with torch.no_grad():
+        if mode == "router_input":
+            with router_input_capture(model) as captured:
+                model(**inputs, use_cache=False, logits_to_keep=1)
+            states = reduce_states(torch.stack(captured), mask, average=False)
+        else:
+            out = model(**inputs, output_hidden_states=True, use_cache=False, logits_to_keep=1)
+            states = prompt_states(out.hidden_states, mask, average=mode == "hidden_avg")
+    return states.cpu()
+
+
+def _load_tokenizer(base_path: Path) -> Any:
+    from transformers import AutoTokenizer  # lazy: importing this module stays cheap
+
+    try:
+        return AutoTokenizer.from_pretrained(str(base_path), trust_remote_code=False)
+    except (OSError, ValueError) as exc:
+        raise GateError(f"cannot load the base tokenizer from {base_path}: {exc}; check the folder") from exc
+
+
+def _load_model(base_path: Path, device: str) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    where, dtype = pick_device(device)
+    log.info("loading %s on %s (%s) for gates", base_path, where, dtype)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(base_path), dtype=dtype, use_safetensors=True, trust_remote_code=False, device_map=str(where)
+        )
+    except (OSError, ValueError) as exc:
+        raise GateError(f"cannot load the base model from {base_path}: {exc}; check the folder") from exc
+    return model.eval()
+
+
+def _read_embedding(base_path: Path) -> Tensor:
+    """The (V, H) input embedding straight from safetensors, without loading the model."""
+    from safetensors import safe_open
+
+    for path in sorted(base_path.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            name = next((n for n in f.keys() if n.endswith("embed_tokens.weight")), None)
+            if name is not None:
+                return f.get_tensor(name)
+    raise GateError(f"no embed_tokens.weight in the safetensors files of {base_path}; cheap_embed needs it")
+
+
+def _dimensions(model: torch.nn.Module | None, base_path: Path) -> tuple[int, int]:
+    """(L, H) of the base model, from the loaded model or config.json."""
+    try:
+        if model is not None:
+            config = model.config.to_dict()
+        else:
+            config = json.loads((base_path / "config.json").read_text())
+        return int(config["num_hidden_layers"]), int(config["hidden_size"])
+    except (OSError, ValueError, KeyError) as exc:
+        raise GateError(f"cannot read layers and hidden size from {base_path}/config.json: {exc!r}") from exc
+
+
+def _expert_rows(
+    batches: list[tuple[dict, dict | None]],
+    state: Callable[[dict[str, Tensor]], Tensor],
+    on_progress: ProgressFn,
+    cancel: CancelToken,
+) -> list[Tensor]:
+    """One gate row (L, H) or (H,) per expert; a progress event per set, a cancel check before each."""
+    rows = []
+    total, done = sum(1 + (neg is not None) for _, neg in batches), 0
+    for e, pair in enumerate(batches):
+        states = []
+        for label, batch in zip(("positive", "negative"), pair, strict=True):
+            if batch is None:
+                continue
+            cancel.check()
+            states.append(state(batch))
+            done += 1
+            on_progress(Progress("gates", done / total, f"expert {e + 1}/{len(batches)}: {label} prompts"))
+        rows.append(gate_rows(states[0], states[1] if len(states) > 1 else None))
+    return rows
+
+
+def compute_gates(
+    recipe: Recipe,
+    base_path: Path,
+    *,
+    device: str = "auto",
+    seed: int = 0,
+    on_progress: ProgressFn = ignore_progress,
+    cancel: CancelToken | None = None,
+    model: torch.nn.Module | None = None,
+    tokenizer: Any = None,
+) -> Gates:
+    """Router gates (L, E, H) for `recipe` from the base model at `base_path`.
+
+    A passed-in model/tokenizer is used where it is (its device and dtype) and left
+    loaded; otherwise the base loads on pick_device(device) and is freed afterwards.
+    One progress event per prompt set; `cancel` is checked before each set.
+    """
+    cancel = cancel or CancelToken()
+    mode = recipe.gate_mode
+    if mode in PROMPTLESS_MODES:
+        layers, hidden = _dimensions(model, base_path)
+        uniform = mode == "uniform_random"
+        vectors = random_gates(layers, len(recipe.experts), hidden, uniform=uniform, seed=seed)
+        on_progress(Progress("gates", 1.0, f"{mode} gates, seed {seed}"))
+        return Gates(vectors, mode, diagnose(vectors))
+
+    batches = _expert_batches(recipe, tokenizer if tokenizer is not None else _load_tokenizer(base_path))
+    cancel.check()
+    owned = model is None and mode != "cheap_embed"
+    if mode == "cheap_embed":
+        layers, _ = _dimensions(model, base_path)
+        embed = model.get_input_embeddings().weight.detach().cpu() if model is not None else None
+        embed = embed if embed is not None else _read_embedding(base_path)
+
+        def state(batch: dict[str, Tensor]) -> Tensor:
+            return cheap_embedding(embed, batch["input_ids"], batch["attention_mask"])
+    else:
+        model = model if model is not None else _load_model(base_path, device)
+
+        def state(batch: dict[str, Tensor]) -> Tensor:
+            return _model_states(model, mode, batch)
+    try:
+        rows = _expert_rows(batches, state, on_progress, cancel)
+    finally:
+        if owned:
+            del model  # the closure's reference goes with it
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+    vectors = torch.stack(rows, dim=-2).to(torch.float32)  # (L, E, H), or (E, H) for cheap_embed
+    if mode == "cheap_embed":
+        vectors = vectors.unsqueeze(0).repeat(layers, 1, 1)
+    gates = Gates(vectors.contiguous(), mode, diagnose(vectors))
+    log.info("gates %s: %s, %d warning(s)", mode, tuple(vectors.shape), len(gates.diagnostics.warnings))
+    return gates
