@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
-import pytest
+# huggingface_hub reads HF_HUB_OFFLINE and HF_HOME once, at import: isolate before importing it.
+_HOME = Path(tempfile.mkdtemp(prefix="moe-workbench-tests-"))
+os.environ["HF_HOME"] = str(_HOME / "hf")
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.pop("HF_TOKEN", None)
+os.environ.pop("HUGGING_FACE_HUB_TOKEN", None)
 
-from tests.pico import make_pico_model, make_tokenizer
-from tests.versions import check_version_floors
+import pytest  # noqa: E402
+
+from tests.pico import make_pico_model, make_tokenizer  # noqa: E402
+from tests.versions import check_version_floors  # noqa: E402
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -18,16 +27,15 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError("version floors not met: " + "; ".join(problems))
 
 
+def pytest_unconfigure(config: pytest.Config) -> None:
+    shutil.rmtree(_HOME, ignore_errors=True)
+
+
 @pytest.fixture(scope="session", autouse=True)
-def isolated_env(tmp_path_factory: pytest.TempPathFactory) -> None:
+def isolated_env() -> None:
     """Never touch the user's caches, tokens or the network from a test."""
-    home = tmp_path_factory.mktemp("env")
-    os.environ["MOE_WORKBENCH_CACHE"] = os.environ.get("MOE_WORKBENCH_TEST_CACHE") or str(home / "cache")
-    os.environ["MOE_WORKBENCH_OUTPUTS"] = str(home / "outputs")
-    os.environ["HF_HOME"] = str(home / "hf")
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    os.environ.pop("HF_TOKEN", None)
-    os.environ.pop("HUGGING_FACE_HUB_TOKEN", None)
+    os.environ["MOE_WORKBENCH_CACHE"] = os.environ.get("MOE_WORKBENCH_TEST_CACHE") or str(_HOME / "cache")
+    os.environ["MOE_WORKBENCH_OUTPUTS"] = str(_HOME / "outputs")
 
 
 @pytest.fixture(scope="session")
