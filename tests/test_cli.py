@@ -98,5 +98,5 @@ def test_gates_json(tmp_path, pico_factory, capsys):
 def test_bad_shard_size_is_a_clear_error(tmp_path, pico_factory, capsys, size):
     base = pico_factory("llama")
     recipe = write_recipe(tmp_path, base, [base, base])
-    assert main(["build", str(recipe), str(tmp_path / "o"), "--shard-size", size]) == 1
+    assert main(["build", str(recipe), str(tmp_path / "o"), f"--shard-size={size}"]) == 1
     assert "shard" in capsys.readouterr().err.lower()

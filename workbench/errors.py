@@ -15,6 +15,10 @@ class SourceError(WorkbenchError):
     """A model reference could not be resolved, read or trusted."""
 
 
+class HubUnreachable(SourceError):
+    """The Hub could not be reached (offline, DNS, timeout): nothing is known about the model."""
+
+
 class BuildError(WorkbenchError):
     """A build could not start or could not finish; nothing was left under the output name."""
 

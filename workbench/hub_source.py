@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from workbench.errors import SourceError
+from workbench.errors import HubUnreachable, SourceError
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ def _translate(exc: Exception, doing: str, name: str, revision: str | None,
         return SourceError(f"{name} has been disabled on the Hub: choose another model")
     if isinstance(exc, _network_errors()):
         offline = " (HF_HUB_OFFLINE is set)" if isinstance(exc, hf_errors.OfflineModeIsEnabled) else ""
-        return SourceError(
+        return HubUnreachable(
             f"cannot reach the Hugging Face Hub{offline} while {doing} {name}: {NO_NETWORK_HINT}")
     if isinstance(exc, hf_errors.HfHubHTTPError):
         return _http_error(exc, doing, name, token)

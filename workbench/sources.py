@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 from workbench import hub_source
 from workbench.demo import DEMO_MODELS, DemoModel, build_demo_folder
-from workbench.errors import SourceError
+from workbench.errors import HubUnreachable, SourceError
 from workbench.progress import CancelToken, Progress, ProgressFn, ignore_progress
 from workbench.recipe import ConfigUnavailable
 
@@ -121,11 +121,17 @@ def read_config(ref: str, *, token: str | None = None) -> dict[str, Any]:
 
 
 def read_configs(refs: Iterable[str], *, token: str | None = None) -> dict[str, dict | ConfigUnavailable]:
-    """config.json of each distinct ref; a ref that fails maps to ConfigUnavailable(reason)."""
+    """config.json of each distinct ref; a ref that fails maps to ConfigUnavailable(reason).
+
+    An unreachable Hub is a warning (the recipe may be fine; we cannot tell offline); any
+    other failure (no such folder, refused checkpoint, no access) is an error.
+    """
     out: dict[str, dict | ConfigUnavailable] = {}
     for ref in dict.fromkeys(refs):
         try:
             out[ref] = read_config(ref, token=token)
+        except HubUnreachable as exc:
+            out[ref] = ConfigUnavailable(reason=str(exc), level="warning")
         except SourceError as exc:
             out[ref] = ConfigUnavailable(reason=str(exc))
     return out
