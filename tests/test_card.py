@@ -1,0 +1,72 @@
+"""Model card: front matter the Hub reads, expert table, recipe, gate diagnostics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from workbench.card import display_name, hub_id, render_card
+from workbench.gates import Gates, diagnose
+from workbench.recipe import Expert, Recipe, parse_recipe
+
+
+@dataclass(frozen=True)
+class FakeSource:  # the fields of sources.ModelSource that the card reads
+    ref: str
+    path: Path
+
+
+def front_matter(card: str) -> dict:
+    assert card.startswith("---\n")
+    return yaml.safe_load(card.split("---\n")[1])
+
+
+def make_card(tmp_path: Path, base_readme: str | None) -> tuple[str, Recipe]:
+    base = tmp_path / "my-base"
+    base.mkdir(parents=True)
+    if base_readme is not None:
+        (base / "README.md").write_text(base_readme)
+    recipe = Recipe(base_model=str(base), gate_mode="hidden", experts_per_token=1, experts=[
+        Expert(source_model="org/coder@abc123", positive_prompts=["code | pipes"], negative_prompts=["poem"]),
+        Expert(source_model="org/writer", positive_prompts=["story", "tale", "myth", "saga"]),
+    ])
+    vectors = torch.stack([torch.eye(2, 8), torch.tensor([[1.0] + [0.0] * 7, [1.0, 1e-3] + [0.0] * 6])])
+    gates = Gates(vectors, "hidden", diagnose(vectors))  # (L=2, E=2, H=8); layer 1 nearly singular
+    sources = {str(base): FakeSource(str(base), base)}
+    return render_card(recipe, gates, sources, {"dtype": "bfloat16"}), recipe
+
+
+def test_front_matter_lists_hub_models_and_no_local_paths(tmp_path: Path) -> None:
+    card, _ = make_card(tmp_path, "---\nlicense: apache-2.0\n---\n# base\n")
+    meta = front_matter(card)
+    assert meta["license"] == "apache-2.0"
+    assert meta["base_model"] == ["org/coder", "org/writer"]  # the Hub refuses non-ids there
+    assert "| 0 | org/coder |" in card and "on my-base" in card
+    assert {"moe", "frankenmoe", "merge"} <= set(meta["tags"])
+    assert str(tmp_path) not in card.split("## Recipe")[0]
+
+
+def test_license_defaults_to_other(tmp_path: Path) -> None:
+    assert front_matter(make_card(tmp_path, None)[0])["license"] == "other"
+    assert front_matter(make_card(tmp_path / "b", "no front matter")[0])["license"] == "other"
+
+
+def test_card_carries_the_recipe_and_diagnostics(tmp_path: Path) -> None:
+    card, recipe = make_card(tmp_path, None)
+    yaml_block = card.split("```yaml\n")[1].split("```")[0]
+    assert parse_recipe(yaml_block)[0] == recipe
+    table = card.split("## Gate diagnostics")[1]
+    rows = [line for line in table.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert len(rows) == 2 and rows[0].startswith("| 0 | 1.00 | 0.000")
+    assert float(rows[1].split("|")[2]) > 5  # the nearly parallel layer shows up
+    assert "code \\| pipes" in card and "(+1)" in card  # escaped cell, long list shortened
+
+
+def test_names_of_references() -> None:
+    assert hub_id("org/name@v1.0") == "org/name"
+    assert hub_id("/models/some/folder") is None and display_name("/models/some/folder") == "folder"
+    assert hub_id("demo:smollm2-135m-instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert hub_id("demo:unknown") is None and display_name("demo:unknown") == "demo:unknown"

@@ -1,0 +1,475 @@
+"""The streaming MoE writer: plan, shard, write, verify, and swap into place atomically.
+
+Tensors stream from the source checkpoints to the output one at a time: untransformed
+ones are copied file to file in the kernel, the rest (dtype casts, noise, residual scale,
+routers) pass through memory one tensor at a time. Everything is written into a staging
+folder beside the output, hashed, fsynced and verified, and only then renamed into place,
+so a crash, a cancel or a kill -9 never leaves a half-written model under the final name.
+
+Dimensions: L layers, E experts, H hidden.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import secrets
+import shutil
+import time
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from workbench.card import render_card
+from workbench.errors import BuildError
+from workbench.gates import Gates, compute_gates
+from workbench.layout import TensorSpec, mixtral_config, mixtral_plan, plan_shards, shard_names
+from workbench.portable import make_tokenizer_portable, portable_config
+from workbench.progress import CancelToken, Progress, ProgressFn, ignore_progress
+from workbench.recipe import Problem, Recipe, dump_recipe, errors, validate
+from workbench.sources import ModelSource, resolve
+from workbench.tensors import (
+    DTYPE_NAMES,
+    TORCH_DTYPES,
+    TensorInfo,
+    WeightIndex,
+    WrittenFile,
+    header_bytes,
+    tensor_nbytes,
+    write_safetensors,
+)
+
+log = logging.getLogger(__name__)
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja",
+                   "chat_template.json")
+FLOAT_CODES = ("F16", "BF16", "F32", "F64")
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(?:([kmgt])(i)?)?b?\s*$", re.IGNORECASE)
+MAX_NAME = 96
+
+
+@dataclass
+class BuildResult:
+    path: Path
+    files: list[tuple[str, int]]  # (file name, bytes), as in the manifest
+    total_bytes: int
+    seconds: float
+    gates: Gates
+
+
+def parse_size(text: str | int) -> int:
+    """'5GB', '500MB', '1.5GiB', '2g' or 1000 -> bytes (GB = 10**9, GiB = 2**30)."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        value = text
+    else:
+        match = _SIZE.match(str(text))
+        if match is None:
+            raise BuildError(f"shard size {text!r} is not a size; write it like 5GB, 500MB or 1.5GiB")
+        number, prefix, binary = match.groups()
+        scale = (1024 if binary else 1000) ** ("kmgt".index(prefix.lower()) + 1) if prefix else 1
+        value = int(float(number) * scale)
+    if value < 1:
+        raise BuildError(f"shard size {text!r} must be at least one byte; e.g. 5GB")
+    return value
+
+
+def output_path(root: Path, name: str) -> Path:
+    """root/name for a user-chosen output name, refusing anything that could escape root."""
+    bad = [c for c in name if unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp")]
+    if not name or not name.strip():
+        raise BuildError("output name is empty; choose a name such as my-moe-4x135m")
+    if bad:
+        raise BuildError(f"output name {name!r} contains control or direction characters "
+                         f"({', '.join(f'U+{ord(c):04X}' for c in bad)}); use letters, digits, - _ .")
+    # File names are capped at 255 bytes; the staging name adds about 30 to the output's.
+    if len(name) > MAX_NAME or len(name.encode("utf-8")) > 2 * MAX_NAME:
+        raise BuildError(f"output name is {len(name)} characters; keep it under {MAX_NAME}")
+    if "/" in name or "\\" in name or name in (".", "..") or name.startswith(".") or ":" in name:
+        raise BuildError(f"output name {name!r} must be a plain folder name (no / \\ : or leading dot)")
+    root = Path(root).resolve()
+    path = (root / name).resolve()
+    if path.parent != root:
+        raise BuildError(f"output name {name!r} resolves outside {root}; choose a plain name")
+    return path
+
+
+def output_dtype(dtype: str | None, recipe: Recipe, base_cfg: dict) -> str:
+    """The `dtype` argument, else the recipe's, else the base config's, else float32."""
+    for given, where in ((dtype, "dtype argument"), (recipe.dtype, "recipe dtype")):
+        if given:
+            name = str(given).removeprefix("torch.")
+            if name not in DTYPE_NAMES:
+                raise BuildError(f"{where} {given!r} is not one of {', '.join(DTYPE_NAMES)}")
+            return name
+    found = str(base_cfg.get("dtype") or base_cfg.get("torch_dtype") or "").removeprefix("torch.")
+    if found in DTYPE_NAMES:
+        return found
+    log.info("base config dtype %r is not one of %s; writing float32", found, ", ".join(DTYPE_NAMES))
+    return "float32"
+
+
+def build(recipe: Recipe, out: Path, *, device: str = "auto", dtype: str | None = None,
+          shard_size: int = 5 * 10**9, seed: int = 0, force: bool = False, token: str | None = None,
+          on_progress: ProgressFn = ignore_progress, cancel: CancelToken | None = None,
+          gates: Gates | None = None, sources: dict[str, ModelSource] | None = None) -> BuildResult:
+    """Build the recipe's Mixtral MoE into `out` (a folder), atomically; see the module doc."""
+    started = time.monotonic()
+    cancel = cancel or CancelToken()
+    shard_bytes = parse_size(shard_size)
+    out = Path(out).absolute()
+    if out.parent.is_dir():
+        _clean_stale(out.parent)  # first: it may put back an output a dead build left aside
+    _refuse_existing(out, force)
+    _refuse_problems(validate(recipe), "recipe has errors")  # before downloading anything
+    out.parent.mkdir(parents=True, exist_ok=True)
+    srcs = _resolve_all(recipe, sources or {}, token, on_progress, cancel)
+    job = _Job.plan(recipe, srcs, dtype, seed)
+    if gates is None:
+        gates = compute_gates(recipe, srcs[recipe.base_model].path, device=device, seed=seed,
+                              on_progress=on_progress, cancel=cancel)
+    else:
+        on_progress(Progress("gates", 1.0, f"using the given {gates.mode} gates"))
+    job.take_gates(gates)
+    shards = plan_shards([(s.out_name, job.nbytes(s)) for s in job.specs], shard_bytes)
+    folder = _make_staging(out, job.needed_bytes(len(shards)))
+    try:
+        written = job.write(folder, shards, on_progress, cancel)
+        written += _write_extras(folder, job)
+        written.append(_write_manifest(folder, written))
+        on_progress(Progress("verify", 0.0, "checking shards, index and manifest"))
+        _verify(folder, {s.out_name for s in job.specs})
+        on_progress(Progress("verify", 1.0, "verified"))
+        _swap_into_place(folder, out, force)
+    except BaseException:
+        _remove_tree(folder)
+        raise
+    seconds = time.monotonic() - started
+    files = [(w.path.name, w.size) for w in written]
+    total = sum(size for _, size in files)
+    on_progress(Progress("done", 1.0, f"{out.name}: {total / 1e9:.2f} GB in {seconds:.1f} s"))
+    log.info("built %s: %d files, %d bytes, %.1f s", out, len(files), total, seconds)
+    return BuildResult(out, files, total, seconds, gates)
+
+
+def _resolve_all(recipe: Recipe, given: dict[str, ModelSource], token: str | None,
+                 on_progress: ProgressFn, cancel: CancelToken) -> dict[str, ModelSource]:
+    refs = recipe.model_refs()
+    out: dict[str, ModelSource] = {}
+    for i, ref in enumerate(refs):
+        cancel.check()
+        on_progress(Progress("resolve", i / len(refs), ref))
+        out[ref] = given[ref] if ref in given else resolve(ref, token=token, on_progress=on_progress,
+                                                           cancel=cancel)
+    on_progress(Progress("resolve", 1.0, f"{len(refs)} model(s) ready"))
+    _refuse_problems(validate(recipe, {ref: src.config for ref, src in out.items()}),
+                     "recipe does not fit its models")
+    return out
+
+
+def _refuse_problems(problems: list[Problem], what: str) -> None:
+    for problem in problems:
+        if problem.level != "error":
+            log.warning("%s", problem)
+    if errors(problems):
+        raise BuildError(f"{what}:\n" + "\n".join(map(str, errors(problems))))
+
+
+@dataclass
+class _Job:
+    """One build's plan: where each output tensor comes from and what happens to it."""
+
+    recipe: Recipe
+    sources: dict[str, ModelSource]
+    indexes: dict[str, WeightIndex]
+    specs: list[TensorSpec]
+    dtype: str  # "bfloat16" | "float16" | "float32"
+    seed: int
+    gates: Gates | None = None
+
+    @classmethod
+    def plan(cls, recipe: Recipe, srcs: dict[str, ModelSource], dtype: str | None, seed: int) -> _Job:
+        base_cfg = srcs[recipe.base_model].config
+        indexes = {ref: WeightIndex(src.path) for ref, src in srcs.items()}
+        specs = mixtral_plan(base_cfg, len(recipe.experts), indexes[recipe.base_model].names)
+        job = cls(recipe, srcs, indexes, specs, output_dtype(dtype, recipe, base_cfg), seed)
+        job.check_sources()
+        return job
+
+    @property
+    def code(self) -> str:
+        return DTYPE_NAMES[self.dtype]
+
+    def ref(self, spec: TensorSpec) -> str:
+        if spec.source == "base":
+            return self.recipe.base_model
+        return self.recipe.experts[spec.source].source_model
+
+    def nbytes(self, spec: TensorSpec) -> int:
+        return tensor_nbytes(self.code, spec.shape)
+
+    def check_sources(self) -> None:
+        """Every source tensor exists with the planned shape, before a byte is written."""
+        for ref in {e.source_model for e in self.recipe.experts}:
+            biased = [n for n in self.indexes[ref].names if ".mlp." in n and n.endswith(".bias")]
+            if biased:
+                raise BuildError(f"'{ref}' has MLP biases ({biased[0]}, ...) that Mixtral experts cannot "
+                                 "hold; use experts without mlp_bias")
+        for spec in self.specs:
+            if spec.src_name is None:
+                continue
+            ref = self.ref(spec)
+            info = self.indexes[ref].info(spec.src_name)
+            if info.shape != spec.shape or info.dtype not in FLOAT_CODES:
+                raise BuildError(f"'{ref}': {spec.src_name} is {info.dtype} {info.shape}, the config needs "
+                                 f"a float tensor of shape {spec.shape}; the checkpoint does not match "
+                                 "its config")
+
+    def take_gates(self, gates: Gates) -> None:
+        layers = sum(1 for s in self.specs if s.role == "router")
+        hidden = self.specs[0].shape[1]
+        want = (layers, len(self.recipe.experts), hidden)
+        if tuple(gates.vectors.shape) != want:
+            raise BuildError(f"gates have shape {tuple(gates.vectors.shape)}, the MoE needs (L, E, H) = "
+                             f"{want}; recompute them for this recipe")
+        if not bool(torch.isfinite(gates.vectors).all()):
+            raise BuildError("gates contain NaN or infinity; check the prompts and recompute them")
+        self.gates = gates
+
+    def needed_bytes(self, shard_count: int) -> int:
+        specs = [(s.out_name, self.code, s.shape) for s in self.specs]
+        tensors = sum(self.nbytes(s) for s in self.specs) + len(header_bytes(specs)) + 64 * shard_count
+        base = self.sources[self.recipe.base_model].path
+        extras = sum((base / n).stat().st_size for n in TOKENIZER_FILES if (base / n).is_file())
+        return tensors + extras + 1024 * 1024
+
+    def fill(self, spec: TensorSpec) -> torch.Tensor | TensorInfo:
+        """The bytes of one output tensor: a source byte range when unchanged, else a tensor."""
+        out_dtype = TORCH_DTYPES[self.code]
+        if spec.source == "gate":
+            return self.gates.vectors[spec.layer].to(out_dtype).contiguous()  # (E, H)
+        index = self.indexes[self.ref(spec)]
+        expert = self.recipe.experts[spec.source] if isinstance(spec.source, int) else None
+        noise = expert.noise_scale if expert is not None and expert.noise_scale else 0.0
+        residual = expert.residual_scale if expert is not None and spec.role == "w2" else None
+        info = index.info(spec.src_name)
+        if not noise and residual is None and info.dtype == self.code:
+            return info
+        tensor = index.load(spec.src_name)
+        if not noise and residual is None:
+            return tensor.to(out_dtype)
+        tensor = tensor.to(torch.float32)  # transforms in float32, then one cast
+        if noise:
+            tensor.add_(torch.randn(spec.shape, generator=self._generator(spec)), alpha=noise)
+        if residual is not None:
+            tensor *= residual
+        return tensor.to(out_dtype)
+
+    def _generator(self, spec: TensorSpec) -> torch.Generator:
+        """Noise seeded by (seed, expert, tensor): the same build gives the same bytes."""
+        digest = hashlib.sha256(f"{self.seed}/{spec.source}/{spec.out_name}".encode()).digest()
+        return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+    def write(self, folder: Path, shards: list[list[str]], on_progress: ProgressFn,
+              cancel: CancelToken) -> list[WrittenFile]:
+        by_name = {s.out_name: s for s in self.specs}
+        total = sum(self.nbytes(s) for s in self.specs)
+        done = 0
+
+        def after(name: str, nbytes: int) -> None:
+            nonlocal done
+            done += nbytes
+            on_progress(Progress("write", done / total if total else 1.0, name))
+            cancel.check()
+
+        def fill(name: str) -> torch.Tensor | TensorInfo:
+            return self.fill(by_name[name])
+
+        cancel.check()
+        written = []
+        names = shard_names(len(shards))
+        for file_name, shard in zip(names, shards, strict=True):
+            entries = [(n, self.code, by_name[n].shape) for n in shard]
+            written.append(write_safetensors(folder / file_name, entries, fill, after, sync=False))
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": total},
+                     "weight_map": {n: f for f, shard in zip(names, shards, strict=True) for n in shard}}
+            text = json.dumps(index, indent=2, sort_keys=True) + "\n"
+            written.append(_write_text(folder / "model.safetensors.index.json", text))
+        return written
+
+
+def _write_extras(folder: Path, job: _Job) -> list[WrittenFile]:
+    """config.json, generation config, tokenizer, recipe copy and model card."""
+    recipe, base = job.recipe, job.sources[job.recipe.base_model]
+    config = portable_config(mixtral_config(base.config, recipe, job.dtype))
+    out = [_write_text(folder / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")]
+    copied = [n for n in ("generation_config.json", *TOKENIZER_FILES) if (base.path / n).is_file()]
+    for name in copied:
+        _copy_file(base.path / name, folder / name)
+    make_tokenizer_portable(folder)  # rewrites tokenizer_config.json: hash the files after it
+    out += [_hash_file(folder / name) for name in copied]
+    out.append(_write_text(folder / "mergekit_moe_config.yml", dump_recipe(recipe)))
+    card = render_card(recipe, job.gates, job.sources, config)
+    out.append(_write_text(folder / "README.md", card))
+    return out
+
+
+# ---- the staging folder: crash-safe finish (RELIABILITY.md, "Crash-safe outputs") ----------
+
+MANIFEST = "workbench_manifest.json"
+_STALE = re.compile(r"^\.(?P<name>.+)\.(?P<kind>staging|old)-(?P<pid>\d+)-[0-9a-f]+$")
+
+
+def _refuse_existing(out: Path, force: bool) -> None:
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise BuildError(f"{out} exists and is not a folder; choose another output name")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise BuildError(f"{out} exists; pass --force to replace it (the old model stays until "
+                         "the new one is verified)")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's live process
+    return True
+
+
+def _clean_stale(root: Path) -> None:
+    """Remove staging folders of dead builds; put back an old output a dead swap left aside."""
+    for entry in root.iterdir():
+        match = _STALE.match(entry.name)
+        if not match or not entry.is_dir() or _pid_alive(int(match["pid"])):
+            continue
+        final = root / match["name"]
+        if match["kind"] == "old" and not final.exists():
+            log.warning("restoring %s, left aside by a build that died while swapping", final)
+            os.rename(entry, final)
+        else:
+            log.info("removing stale %s", entry)
+            _remove_tree(entry)
+
+
+def _make_staging(out: Path, needed: int) -> Path:
+    free = shutil.disk_usage(out.parent).free
+    margin = max(64 * 2**20, needed // 100)
+    if needed + margin > free:
+        raise BuildError(f"the MoE needs {needed / 1e9:.2f} GB (+{margin / 1e9:.2f} GB margin) in "
+                         f"{out.parent} but only {free / 1e9:.2f} GB are free; free space or choose "
+                         "another output folder")
+    folder = out.parent / f".{out.name}.staging-{os.getpid()}-{secrets.token_hex(4)}"
+    folder.mkdir(mode=0o755)
+    os.chmod(folder, 0o755)  # whatever the umask: outputs are world-readable
+    return folder
+
+
+def _remove_tree(folder: Path) -> None:
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def _fsync_path(path: Path) -> None:
+    """fsync a file or a folder (a folder's fsync makes its entries' names durable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_text(path: Path, text: str) -> WrittenFile:
+    data = text.encode("utf-8")
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fchmod(f.fileno(), 0o644)
+        os.fsync(f.fileno())
+    return WrittenFile(path, len(data), hashlib.sha256(data).hexdigest())
+
+
+def _copy_file(src: Path, dst: Path) -> None:
+    shutil.copyfile(src, dst)
+    os.chmod(dst, 0o644)
+
+
+def _hash_file(path: Path) -> WrittenFile:
+    """Hash and fsync a small file written by someone else (tokenizer files)."""
+    digest = hashlib.sha256()
+    with open(path, "rb+") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+        os.fsync(f.fileno())
+    return WrittenFile(path, path.stat().st_size, digest.hexdigest())
+
+
+def _write_manifest(folder: Path, written: list[WrittenFile]) -> WrittenFile:
+    """workbench_manifest.json: every other file with its size and sha256 (uploads send only these).
+
+    Flushes the shards first (written unsynced so that their writeback overlaps), then the
+    manifest and the folder: once the manifest is durable, so is everything it lists.
+    """
+    for shard in written:
+        if shard.path.suffix == ".safetensors":
+            _fsync_path(shard.path)
+    files = [{"path": w.path.name, "size": w.size, "sha256": w.sha256} for w in written]
+    manifest = {"format": "moe-workbench-manifest/1", "files": files,
+                "total_size": sum(w.size for w in written)}
+    done = _write_text(folder / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    _fsync_path(folder)
+    return done
+
+
+def _verify(folder: Path, planned: set[str]) -> None:
+    """The manifest matches the folder, every shard opens, the shards and the index hold
+    every planned tensor exactly once."""
+    manifest = json.loads((folder / MANIFEST).read_text())
+    listed = {f["path"]: f["size"] for f in manifest["files"]}
+    present = {p.name for p in folder.iterdir()} - {MANIFEST}
+    if present != set(listed):
+        raise BuildError(f"staging folder {folder} holds {sorted(present ^ set(listed))} not in the manifest")
+    for name, size in listed.items():
+        if (folder / name).stat().st_size != size:
+            raise BuildError(f"{name} is {(folder / name).stat().st_size} bytes, the manifest says {size}")
+    seen: list[str] = []
+    shard_files = sorted(n for n in listed if n.endswith(".safetensors"))
+    for name in shard_files:
+        with safe_open(str(folder / name), framework="pt") as f:
+            seen += list(f.keys())
+    if len(seen) != len(planned) or set(seen) != planned:
+        raise BuildError(f"shards hold {len(seen)} tensors, {len(set(seen))} distinct; the plan has "
+                         f"{len(planned)}; the build is incomplete")
+    index_path = folder / "model.safetensors.index.json"
+    if index_path.exists():
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+        if set(weight_map) != planned or not set(weight_map.values()) <= set(shard_files):
+            raise BuildError("model.safetensors.index.json does not cover every tensor exactly once")
+
+
+def _swap_into_place(folder: Path, out: Path, force: bool) -> None:
+    """Rename the verified staging folder to `out`; an old output is removed only after."""
+    if out.is_dir() and any(out.iterdir()):
+        if not force:
+            raise BuildError(f"{out} appeared during the build; pass --force to replace it")
+        aside = out.parent / f".{out.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
+        os.rename(out, aside)
+        try:
+            os.rename(folder, out)
+        except OSError:
+            os.rename(aside, out)
+            raise
+        _remove_tree(aside)
+    else:
+        try:
+            os.rename(folder, out)  # replaces an empty folder atomically
+        except OSError as exc:
+            raise BuildError(f"{out} appeared during the build ({exc}); pass --force to replace it") from exc
+    _fsync_path(out.parent)

@@ -1,0 +1,135 @@
+"""The model card (README.md) written next to a built MoE.
+
+YAML front matter the Hub reads (license, base_model list, tags), then what a visitor
+needs: the experts and their prompts, the recipe that rebuilds the model, and the gate
+diagnostics that tell whether the router can tell the experts apart. Holds no tokens; the
+tables name a local folder by its own name only, and `base_model` lists Hub ids only.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from workbench.recipe import Recipe, dump_recipe
+
+log = logging.getLogger(__name__)
+
+TAGS = ["moe", "frankenmoe", "merge", "mergekit", "mixtral", "moe-workbench"]
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# Upstream hub id and license of each bundled demo model (its folder has no model card).
+DEMO_UPSTREAM = {"smollm2-135m-instruct": ("HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0")}
+
+
+def hub_id(ref: str) -> str | None:
+    """The Hub model id behind a reference (revision dropped), or None for a local folder.
+
+    Only these go into `base_model`: the Hub refuses a card whose base_model is not a model id.
+    """
+    if ref.startswith("demo:"):
+        upstream = DEMO_UPSTREAM.get(ref.removeprefix("demo:"))
+        return upstream[0] if upstream else None
+    bare = ref.split("@", 1)[0]
+    return bare if HUB_ID.match(bare) and not Path(bare).exists() else None
+
+
+def display_name(ref: str) -> str:
+    """How the card names a model: its hub id, else a folder's own name (never a full local
+    path, which would leak the builder's file system)."""
+    return hub_id(ref) or (ref if ref.startswith("demo:") else Path(ref).name or ref)
+
+
+def base_license(sources: dict[str, Any], base_ref: str) -> str:
+    """The base model card's license, when it has a README with front matter; else 'other'."""
+    source = sources.get(base_ref)
+    readme = Path(source.path) / "README.md" if source is not None else None
+    if readme is not None and readme.is_file():
+        value = _front_matter(readme.read_text(encoding="utf-8", errors="replace")).get("license")
+        if isinstance(value, str) and value:
+            return value
+    upstream = DEMO_UPSTREAM.get(base_ref.removeprefix("demo:")) if base_ref.startswith("demo:") else None
+    return upstream[1] if upstream else "other"
+
+
+def _front_matter(text: str) -> dict:
+    if not text.startswith("---"):
+        return {}
+    end = text.find("\n---", 3)
+    if end < 0:
+        return {}
+    try:
+        meta = yaml.safe_load(text[3:end])
+    except yaml.YAMLError:
+        log.info("base model card has unreadable front matter; license left as 'other'")
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def render_card(recipe: Recipe, gates: Any, sources: dict[str, Any], config: dict) -> str:
+    """README.md text: front matter, description, experts, recipe, gate diagnostics."""
+    ids = [i for i in map(hub_id, recipe.model_refs()) if i]
+    meta: dict[str, Any] = {"license": base_license(sources, recipe.base_model)}
+    if ids:
+        meta["base_model"] = list(dict.fromkeys(ids))
+    meta.update(tags=TAGS, library_name="transformers", pipeline_tag="text-generation")
+    base_name = display_name(recipe.base_model)
+    experts = len(recipe.experts)
+    k = recipe.experts_per_token
+    parts = [
+        "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n",
+        f"# {experts}-expert Mixtral MoE on {base_name}\n",
+        f"A frankenMoE built with MoE Workbench: attention, embeddings and norms from "
+        f"`{base_name}`, the MLP of each expert from the models below, and routers derived "
+        f"from each expert's prompts (gate mode `{recipe.gate_mode}`, no training). "
+        f"Each token uses {k} of {experts} experts. Weights are `{config.get('dtype')}`, "
+        "in the classic Mixtral layout that transformers 4.x/5.x, vLLM and llama.cpp read.\n",
+        _experts_table(recipe, sources),
+        "## Recipe\n\nRebuild with `python -m workbench build mergekit_moe_config.yml`; "
+        "mergekit-moe reads the same file.\n\n```yaml\n" + dump_recipe(recipe).rstrip() + "\n```\n",
+        _diagnostics(gates),
+    ]
+    return "\n".join(parts)
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _prompts(prompts: list[str] | None) -> str:
+    if not prompts:
+        return "-"
+    shown = ", ".join(f'"{_cell(p[:40])}"' for p in prompts[:3])
+    return shown + (f" (+{len(prompts) - 3})" if len(prompts) > 3 else "")
+
+
+def _experts_table(recipe: Recipe, sources: dict[str, Any]) -> str:
+    rows = ["## Experts\n", "| # | model | positive prompts | negative prompts |", "|---|---|---|---|"]
+    for i, expert in enumerate(recipe.experts):
+        name = display_name(expert.source_model)
+        rows.append(f"| {i} | {_cell(name)} | {_prompts(expert.positive_prompts)} | "
+                    f"{_prompts(expert.negative_prompts)} |")
+    return "\n".join(rows) + "\n"
+
+
+def _diagnostics(gates: Any) -> str:
+    """Per-layer condition number and mean off-diagonal expert cosine of the router rows."""
+    diag = gates.diagnostics
+    lines = ["## Gate diagnostics\n",
+             "A condition number above 5 or a cosine near 1 means the router can hardly tell "
+             "those experts apart (their prompts are too similar).\n",
+             "| layer | condition number | mean expert cosine |", "|---|---|---|"]
+    experts = diag.cosine.shape[-1]
+    for layer, cond in enumerate(diag.condition_numbers):
+        cos = diag.cosine[layer].double()
+        off = (cos.sum() - cos.diagonal().sum()) / max(experts * (experts - 1), 1)
+        shown = f"{cond:.2f}" if math.isfinite(cond) else "inf"
+        lines.append(f"| {layer} | {shown} | {float(off):.3f} |")
+    if diag.warnings:
+        lines.append("\nWarnings:\n")
+        lines += [f"- {_cell(w)}" for w in diag.warnings]
+    return "\n".join(lines) + "\n"
