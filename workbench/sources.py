@@ -217,15 +217,26 @@ def _load_config(path: Path, *, shown: str | None = None) -> dict[str, Any]:
     return config
 
 
-def _check_trust(config: dict[str, Any], shown: str) -> None:
+# Families transformers has shipped natively for years; asking transformers itself (below)
+# costs about a second of import per CLI call, so it is done only for other model types.
+NATIVE_MODEL_TYPES = frozenset({"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "gemma", "phi3"})
+
+
+def _known_model_type(model_type: str) -> bool:
+    if model_type in NATIVE_MODEL_TYPES:
+        return True
     from transformers import CONFIG_MAPPING
 
+    return model_type in CONFIG_MAPPING
+
+
+def _check_trust(config: dict[str, Any], shown: str) -> None:
     if "auto_map" in config:
         raise SourceError(f"{shown} has auto_map: this model needs its own Python code "
                           "(trust_remote_code), which the workbench never runs; pick a model that "
                           "transformers supports natively")
     model_type = config.get("model_type")
-    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
+    if not isinstance(model_type, str) or not _known_model_type(model_type):
         raise SourceError(f"{shown} has model_type {model_type!r}, which this transformers does not know: "
                           "the workbench only loads models transformers supports natively")
 
