@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from workbench import gates as gates_module
 from workbench.device import pick_device
 from workbench.errors import Cancelled, GateError, WorkbenchError
 from workbench.gates import (
@@ -337,3 +338,22 @@ def test_demo_model_gates_separate_clearly_different_experts(demo_model_path):
     off_diagonal = gates.diagnostics.cosine[:, ~torch.eye(4, dtype=torch.bool)]  # (L, E*E-E)
     assert off_diagonal.max() < 0.999
     assert len(gates.diagnostics.condition_numbers) == 30
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_large_base_streams_layers_from_disk_with_the_same_gates(pico_factory, monkeypatch, tie):
+    # Past STREAM_ABOVE_BYTES the base's layers are read from safetensors during each forward,
+    # so memory stays at one layer whatever the model size; the gates must not change.
+    base = pico_factory("stream", tie=tie)
+    recipe = Recipe.model_validate({"base_model": str(base), "experts": [
+        {"source_model": str(base), "positive_prompts": ["def f(x):", "import os"],
+         "negative_prompts": ["Once"]},
+        {"source_model": str(base), "positive_prompts": ["Hello there"]},
+    ]})
+    loaded = gates_module._load_model(base, "cpu")
+    assert loaded.model.layers[0].mlp.up_proj.weight.device.type == "cpu"
+    expected = compute_gates(recipe, base, device="cpu").vectors
+    monkeypatch.setattr(gates_module, "STREAM_ABOVE_BYTES", 0)
+    streamed = gates_module._load_model(base, "cpu")
+    assert streamed.model.layers[0].mlp.up_proj.weight.device.type == "meta"
+    assert torch.allclose(compute_gates(recipe, base, device="cpu").vectors, expected, atol=1e-6)

@@ -32,6 +32,9 @@ import json
 import logging
 import math
 import re
+import shutil
+import tempfile
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -249,18 +252,53 @@ def _load_tokenizer(base_path: Path) -> Any:
         raise GateError(f"cannot load the base tokenizer from {base_path}: {exc}; check the folder") from exc
 
 
+# Above this many bytes of weights on the CPU, decoder layers are streamed from the
+# safetensors files one at a time during each forward (accelerate's disk offload reads the
+# original files in place), so gates cost one layer of memory whatever the model size.
+STREAM_ABOVE_BYTES = 1_000_000_000
+
+
 def _load_model(base_path: Path, device: str) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
     where, dtype = pick_device(device)
-    log.info("loading %s on %s (%s) for gates", base_path, where, dtype)
+    device_map: str | dict[str, str] = str(where)
+    extra: dict[str, Any] = {}
+    if where.type == "cpu" and _resident_bytes(base_path, dtype) > STREAM_ABOVE_BYTES:
+        device_map = _streaming_map(base_path)
+        # Required by accelerate; it stays empty when the weights are safetensors already.
+        extra["offload_folder"] = tempfile.mkdtemp(prefix="workbench-offload-")
+    log.info("loading %s on %s (%s) for gates%s", base_path, where, dtype,
+             ", streaming layers from disk" if extra else "")
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            str(base_path), dtype=dtype, use_safetensors=True, trust_remote_code=False, device_map=str(where)
+            str(base_path), dtype=dtype, use_safetensors=True, trust_remote_code=False,
+            device_map=device_map, **extra,
         )
     except (OSError, ValueError) as exc:
         raise GateError(f"cannot load the base model from {base_path}: {exc}; check the folder") from exc
+    if "offload_folder" in extra:
+        weakref.finalize(model, shutil.rmtree, extra["offload_folder"], ignore_errors=True)
     return model.eval()
+
+
+def _resident_bytes(base_path: Path, dtype: torch.dtype) -> int:
+    """Bytes the weights would take in memory at `dtype` (from the safetensors file sizes)."""
+    on_disk = sum(p.stat().st_size for p in base_path.glob("*.safetensors"))
+    config = json.loads((base_path / "config.json").read_text())
+    stored = str(config.get("dtype") or config.get("torch_dtype") or "float32")
+    stored_size = 2 if stored.removeprefix("torch.") in ("bfloat16", "float16") else 4
+    return on_disk * torch.finfo(dtype).bits // 8 // stored_size
+
+
+def _streaming_map(base_path: Path) -> dict[str, str]:
+    layers, _ = _dimensions(None, base_path)
+    tied = json.loads((base_path / "config.json").read_text()).get("tie_word_embeddings", False)
+    device_map = {name: "cpu" for name in ("model.embed_tokens", "model.rotary_emb", "model.norm")}
+    # An untied lm_head is as big as the embedding and runs for one position only: stream it too.
+    device_map["lm_head"] = "cpu" if tied else "disk"
+    device_map.update({f"model.layers.{i}": "disk" for i in range(layers)})
+    return device_map
 
 
 def _read_embedding(base_path: Path) -> Tensor:
