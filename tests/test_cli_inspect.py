@@ -1,0 +1,104 @@
+"""The `preview`, `trace` and `chat` commands: output, the documented --json keys, and errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from workbench.__main__ import main
+from workbench.build import build
+from workbench.recipe import Expert, Recipe
+
+PROMPTS = [["def add(a, b): return a + b"], ["Solve 2x + 3 = 7 for x."], ["Once upon a time a dragon"],
+           ["Hello! How are you doing today?"]]
+TRACE_KEYS = {"source", "model", "layers", "experts", "k", "expert_names", "tokens", "token_ids",
+              "is_prefill", "probs", "topk_ids", "topk_weights"}
+STATS_KEYS = {"prompt_tokens", "new_tokens", "time_to_first_token_s", "tokens_per_s", "total_s",
+              "finish_reason"}
+
+
+@pytest.fixture(scope="module")
+def models(pico_factory, tmp_path_factory) -> dict[str, Path]:
+    base = pico_factory("cli-base", seed=6)
+    recipe = Recipe(base_model=str(base), dtype="float32", experts=[
+        Expert(source_model=str(base), positive_prompts=p) for p in PROMPTS])
+    root = tmp_path_factory.mktemp("cli")
+    recipe_file = root / "recipe.yml"
+    recipe_file.write_text(yaml.safe_dump(recipe.model_dump(exclude_none=True)))
+    return {"base": base, "moe": build(recipe, root / "moe", device="cpu").path, "recipe": recipe_file}
+
+
+def run_json(capsys, *argv: str) -> dict:
+    assert main(list(argv)) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_preview_json_has_the_documented_keys(models, capsys):
+    out = run_json(capsys, "preview", str(models["recipe"]), "--text", "Once upon a time", "--device", "cpu",
+                   "--json")
+    assert set(out) == {"command", "recipe", "base_model", "gate_mode", "experts_per_token", "trace",
+                        "summary", "alignment", "gates"}
+    assert set(out["trace"]) == TRACE_KEYS and out["trace"]["source"] == "preview"
+    assert out["trace"]["layers"] == 3 and out["trace"]["experts"] == 4 and out["trace"]["k"] == 2
+    assert set(out["summary"]) == {"load", "entropy"}
+    assert set(out["alignment"]) == {"score", "chance", "tokens", "overall", "per_layer"}
+    assert set(out["gates"]) == {"condition_numbers", "cosine", "mean_cosine", "warnings"}
+
+
+def test_trace_json_matches_the_preview_for_an_identity_moe(models, capsys):
+    text = "The knight rode through the forest"
+    traced = run_json(capsys, "trace", str(models["moe"]), "--text", text, "--device", "cpu", "--json")
+    preview = run_json(capsys, "preview", str(models["recipe"]), "--text", text, "--device", "cpu", "--json")
+    assert set(traced) == {"command", "model", "trace", "summary"} and traced["trace"]["source"] == "model"
+    assert traced["trace"]["topk_ids"] == preview["trace"]["topk_ids"]
+    assert traced["trace"]["expert_names"] == [str(models["base"])] * 4
+
+
+def test_trace_prints_a_grid_and_writes_html(models, capsys, tmp_path):
+    page = tmp_path / "trace.html"
+    argv = ["trace", str(models["moe"]), "--text", "Hello there", "--device", "cpu", "--html", str(page)]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "top expert per layer" in out and "expert load" in out and "\"Hel\"" in out  # a token row
+    html = page.read_text()
+    assert "plotly" in html.lower() and "Top expert per token and layer" in html
+
+
+def test_chat_json_gives_both_replies_stats_trace_and_divergence(models, capsys):
+    out = run_json(capsys, "chat", str(models["moe"]), "--base", str(models["base"]), "--prompt", "Hi there",
+                   "--seed", "3", "--max-new-tokens", "6", "--device", "cpu", "--trace", "--json")
+    assert {"command", "prompt", "settings", "replies", "trace", "divergence"} <= set(out)
+    model, base = out["replies"]
+    assert (model["role"], base["role"]) == ("model", "base")
+    assert set(model["stats"]) == STATS_KEYS and model["stats"]["new_tokens"] <= 6
+    assert out["prompt"].endswith("assistant\n") and out["settings"]["seed"] == 3
+    # Identity MoE, same seed: the same reply as its base, and no divergence.
+    assert model["token_ids"] == base["token_ids"]
+    assert max(out["divergence"]["kl"]) < 1e-5
+    again = run_json(capsys, "chat", str(models["moe"]), "--prompt", "Hi there", "--seed", "3",
+                     "--max-new-tokens", "6", "--device", "cpu", "--json")
+    assert again["replies"][0]["text"] == model["text"] and len(again["replies"]) == 1
+
+
+def test_chat_streams_text_and_stats(models, capsys):
+    argv = ["chat", str(models["base"]), "--prompt", "Hello", "--max-new-tokens", "4", "--device", "cpu"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"== model: {models['base']}") and "tokens/s" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["chat", "{moe}", "--prompt", "   "], "empty"),
+    (["chat", "{moe}", "--prompt", "hi", "--temperature", "-2"], "temperature"),
+    (["trace", "{base}", "--text", "hello"], "no MoE routers"),
+    (["trace", "{missing}", "--text", "hello"], "missing"),
+    (["chat", "{base}", "--prompt", "hi", "--trace"], "not a MoE"),
+])
+def test_bad_requests_exit_1_with_a_message(models, capsys, tmp_path, argv, message):
+    names = {"moe": str(models["moe"]), "base": str(models["base"]), "missing": str(tmp_path / "missing")}
+    assert main([a.format(**names) for a in argv] + ["--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and "Traceback" not in err

@@ -1,0 +1,184 @@
+"""What router traces mean, in numbers: load, entropy, prompt alignment, divergence.
+
+Pure functions of `RouterTrace`s and tensors: no model, no I/O. Load counts top-k slots, so
+each token spreads a total of one over its k experts per layer (1/k each); a router that
+ignores its input scores 1/E everywhere.
+
+Legend: T tokens, L layers, E experts, k experts per token, R reply tokens, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from workbench.gates import GateDiagnostics, diagnose
+from workbench.trace import RouterTrace
+
+
+def _json(t: Tensor) -> Any:
+    """Tensor -> nested lists with NaN as None (JSON has no NaN)."""
+    if t.dim() == 0:
+        value = float(t)
+        return None if math.isnan(value) else value
+    return [_json(row) for row in t]
+
+
+def slot_share(topk_ids: Tensor, experts: int) -> Tensor:
+    """(T, L, k) top-k ids -> (L, E) share of each layer's T*k slots per expert; zeros when T = 0."""
+    t, layers, k = topk_ids.shape
+    if t == 0:
+        return torch.zeros(layers, experts)
+    counts = torch.zeros(layers, experts)
+    counts.scatter_add_(1, topk_ids.permute(1, 0, 2).reshape(layers, -1), torch.ones(layers, t * k))
+    return counts / (t * k)
+
+
+@dataclass
+class ExpertLoad:
+    prefill: Tensor  # (L, E) share of the prompt's top-k slots
+    decode: Tensor  # (L, E) share of the generated tokens' slots; zeros without any
+    overall: Tensor  # (L, E)
+    prefill_tokens: int
+    decode_tokens: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"prefill": _json(self.prefill), "decode": _json(self.decode), "overall": _json(self.overall),
+                "prefill_tokens": self.prefill_tokens, "decode_tokens": self.decode_tokens}
+
+
+def expert_load(trace: RouterTrace) -> ExpertLoad:
+    """Per layer, the share of top-k choices each expert got, for prompt and reply apart."""
+    pre = trace.is_prefill
+    ids, e = trace.topk_ids, trace.experts
+    return ExpertLoad(slot_share(ids[pre], e), slot_share(ids[~pre], e), slot_share(ids, e),
+                      int(pre.sum()), int((~pre).sum()))
+
+
+def normalised_entropy(probs: Tensor) -> Tensor:
+    """(..., E) distributions -> (...) entropy / log E, in [0, 1]; 0 when E = 1."""
+    experts = probs.shape[-1]
+    if experts < 2:
+        return torch.zeros(probs.shape[:-1])
+    p = probs.double()
+    h = -(p * torch.log(p.clamp_min(1e-30))).sum(dim=-1)
+    return (h / math.log(experts)).float()
+
+
+@dataclass
+class Entropy:
+    prefill: Tensor  # (L,) mean normalised entropy over the prompt's tokens; NaN without any
+    decode: Tensor  # (L,) over generated tokens; NaN without any
+    overall: Tensor  # (L,)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"prefill": _json(self.prefill), "decode": _json(self.decode), "overall": _json(self.overall)}
+
+
+def routing_entropy(trace: RouterTrace) -> Entropy:
+    """Per layer, how undecided the router is: 0 = always one expert, 1 = uniform over all E."""
+    h = normalised_entropy(trace.probs)  # (T, L)
+    pre = trace.is_prefill
+    nan = torch.full((trace.layers,), float("nan"))
+    return Entropy(h[pre].mean(0) if pre.any() else nan, h[~pre].mean(0) if (~pre).any() else nan,
+                   h.mean(0) if trace.num_tokens else nan)
+
+
+@dataclass
+class Alignment:
+    per_layer: Tensor  # (L, E, E): row i = where expert i's prompt tokens went, per layer
+    overall: Tensor  # (E, E): per_layer averaged over layers
+    score: float  # mean of overall's diagonal over experts that had tokens: the recipe's alignment
+    chance: float  # 1 / E, the score of a router that ignores its input
+    tokens: list[int]  # prompt tokens counted per expert
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"score": self.score, "chance": self.chance, "tokens": list(self.tokens),
+                "overall": _json(self.overall), "per_layer": _json(self.per_layer)}
+
+
+def alignment(traces_by_expert: Sequence[Sequence[RouterTrace]], *, skip_first: bool = True) -> Alignment:
+    """The prompt-to-expert alignment matrix from traces of each expert's positive prompts.
+
+    `skip_first` drops each prompt's first token when it has others: that is the BOS token
+    the gates prepend, routed the same for every prompt, so it says nothing about the prompt.
+    """
+    first = next((t for traces in traces_by_expert for t in traces), None)
+    if first is None:
+        raise ValueError("alignment needs at least one traced prompt")
+    experts, layers = len(traces_by_expert), first.layers
+    if first.experts != experts:
+        raise ValueError(f"traces route over {first.experts} experts but prompts are given for {experts}")
+    per_layer = torch.zeros(layers, experts, experts)
+    tokens = []
+    for i, traces in enumerate(traces_by_expert):
+        ids = [t.topk_ids[1:] if skip_first and t.num_tokens > 1 else t.topk_ids for t in traces]
+        rows = torch.cat(ids) if ids else torch.zeros(0, layers, first.k, dtype=torch.int64)
+        per_layer[:, i, :] = slot_share(rows, experts)
+        tokens.append(int(rows.shape[0]))
+    overall = per_layer.mean(0)
+    counted = [i for i, n in enumerate(tokens) if n]
+    score = float(overall.diagonal()[counted].mean()) if counted else float("nan")
+    return Alignment(per_layer, overall, score, 1.0 / experts, tokens)
+
+
+def gate_similarity(vectors: Tensor) -> GateDiagnostics:
+    """Expert-expert cosine per layer and its mean, and per-layer condition numbers of (L, E, H)
+    gates or router weights (`trace.router_weights`): the diagnostics the gates carry."""
+    return diagnose(vectors)
+
+
+def kl_divergence(p_logits: Tensor, q_logits: Tensor) -> Tensor:
+    """(R, V) logits of P and Q -> (R,) KL(P || Q) in nats, computed in float64."""
+    if p_logits.shape != q_logits.shape:
+        raise ValueError(f"logits of shape {tuple(p_logits.shape)} and {tuple(q_logits.shape)} differ")
+    log_p = torch.log_softmax(p_logits.double(), dim=-1)
+    log_q = torch.log_softmax(q_logits.double(), dim=-1)
+    return (log_p.exp() * (log_p - log_q)).sum(dim=-1).clamp_min(0.0).float()
+
+
+def top_experts(trace: RouterTrace) -> Tensor:
+    """(T,) for each token the expert with the most top-k weight summed over layers."""
+    mass = torch.zeros(trace.num_tokens, trace.experts)
+    flat_ids = trace.topk_ids.reshape(trace.num_tokens, -1)  # (T, L*k)
+    mass.scatter_add_(1, flat_ids, trace.topk_weights.reshape(trace.num_tokens, -1))
+    return mass.argmax(dim=-1)
+
+
+@dataclass
+class Divergence:
+    kl: Tensor  # (R,) KL(MoE || base) of the distribution each reply token was drawn from
+    top_expert: Tensor  # (R,) top expert of the forward that produced that distribution
+    tokens: list[str]  # (R,) the reply tokens
+    expert_names: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kl": _json(self.kl), "top_expert": self.top_expert.tolist(), "tokens": list(self.tokens),
+                "expert_names": list(self.expert_names)}
+
+
+def divergence(trace: RouterTrace, moe_logits: Tensor, base_logits: Tensor) -> Divergence:
+    """Base-versus-MoE divergence per reply token, next to the expert that produced it.
+
+    `trace` is the MoE's trace of prompt + reply; the logits are `generate.reply_logits` of
+    both models on the same ids. Reply token j was drawn from the forward over token P+j-1
+    (P prompt tokens), so that row's top expert is shown next to it.
+    """
+    prompt = int(trace.is_prefill.sum())
+    replies = moe_logits.shape[0]
+    if prompt == 0 or trace.num_tokens < prompt + replies:
+        raise ValueError(f"trace has {trace.num_tokens} tokens ({prompt} prompt); "
+                         f"{replies} reply tokens need at least {prompt + replies}")
+    producers = top_experts(trace)[prompt - 1: prompt - 1 + replies]
+    return Divergence(kl_divergence(moe_logits, base_logits), producers,
+                      trace.tokens[prompt: prompt + replies], list(trace.expert_names))
+
+
+def routing_summary(trace: RouterTrace) -> dict[str, Any]:
+    """Load and entropy of one trace, as JSON-ready values (the CLI's `summary` key)."""
+    return {"load": expert_load(trace).to_dict(), "entropy": routing_entropy(trace).to_dict()}

@@ -1,0 +1,241 @@
+"""CLI commands that look inside models: `preview`, `trace` and `chat` (`add_commands` registers them).
+
+    python -m workbench preview RECIPE --text T [--json]
+    python -m workbench trace MODEL --text T [--json] [--html FILE]
+    python -m workbench chat MODEL [--base BASE] --prompt P [--seed N] [--max-new-tokens N] [--json]
+
+With `--json`, one JSON object is printed to stdout; these keys are stable:
+
+    trace object (key "trace" below; T tokens, L layers, E experts, k experts per token):
+      source        "model" (a built MoE's routers) | "preview" (recipe gates on the base, no build)
+      model         reference of the model that was run
+      layers, experts, k              L, E, k
+      expert_names  [E] each expert's source model
+      tokens        [T] token strings as decoded one by one;  token_ids [T]
+      is_prefill    [T] true for prompt tokens, false for generated ones
+      probs         [T][L][E] router probabilities over all experts
+      topk_ids      [T][L][k] chosen experts, best first
+      topk_weights  [T][L][k] their weights, renormalised to sum to 1
+    summary object: {"load": {"prefill", "decode", "overall": [L][E] share of top-k choices,
+                      "prefill_tokens", "decode_tokens"},
+                     "entropy": {"prefill", "decode", "overall": [L] routing entropy / log E,
+                                 null where there are no tokens}}
+
+    preview: {"command": "preview", "recipe", "base_model", "gate_mode", "experts_per_token",
+              "trace", "summary",
+              "alignment": {"score", "chance", "tokens": [E], "overall": [E][E], "per_layer": [L][E][E]},
+              "gates": {"condition_numbers": [L] (null = singular), "cosine": [L][E][E],
+                        "mean_cosine": [E][E], "warnings": [str]}}
+    trace:   {"command": "trace", "model", "trace", "summary"}
+    chat:    {"command": "chat", "prompt": rendered prompt text, "settings": {temperature, top_p, top_k,
+              max_new_tokens, repetition_penalty, seed},
+              "replies": [{"role": "model" | "base", "model", "text", "token_ids",
+                           "stats": {prompt_tokens, new_tokens, time_to_first_token_s, tokens_per_s,
+                                     total_s, finish_reason: "stop" | "length" | "cancelled"}}],
+              with --trace also "trace" (the model's prompt + reply) and, with --base, "divergence":
+              {"kl": [R] nats, "top_expert": [R], "tokens": [R], "expert_names": [E]}}
+
+Errors print one line to stderr and exit 1, as for every command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import string
+import sys
+from typing import Any
+
+DEVICES = ["auto", "cpu", "cuda"]
+MAX_WARNINGS = 3  # per-layer gate warnings printed before the rest are summed up
+_GLYPHS = string.digits + string.ascii_lowercase + string.ascii_uppercase  # expert id -> one character
+
+
+def add_commands(subparsers: Any) -> None:
+    """Register `preview`, `trace` and `chat` on the CLI's subparsers."""
+    cmd = subparsers.add_parser("preview", help="route a text with a recipe's gates over its base, no build")
+    cmd.add_argument("recipe", help="recipe YAML file")
+    cmd.add_argument("--text", required=True, help="text to route")
+    cmd.add_argument("--device", default="auto", choices=DEVICES)
+    cmd.add_argument("--seed", type=int, default=0, help="seed for random gate modes")
+    cmd.add_argument("--json", action="store_true", help="print the routing as JSON")
+    cmd.set_defaults(run=cmd_preview)
+
+    cmd = subparsers.add_parser("trace", help="route a text through a built MoE and show each layer's choice")
+    cmd.add_argument("model", help="built MoE: folder, hub id or demo:NAME")
+    cmd.add_argument("--text", required=True, help="text to route")
+    cmd.add_argument("--device", default="auto", choices=DEVICES)
+    cmd.add_argument("--json", action="store_true", help="print the trace as JSON")
+    cmd.add_argument("--html", metavar="FILE", help="also write the token-by-layer heatmap to FILE (HTML)")
+    cmd.set_defaults(run=cmd_trace)
+
+    cmd = subparsers.add_parser("chat", help="one reply from MODEL (and from BASE to compare), with stats")
+    cmd.add_argument("model", help="model to chat with: folder, hub id or demo:NAME")
+    cmd.add_argument("--base", help="a second model answering the same prompt, e.g. the MoE's base")
+    cmd.add_argument("--prompt", required=True, help="the user message")
+    cmd.add_argument("--system", help="optional system message")
+    cmd.add_argument("--seed", type=int, default=0)
+    cmd.add_argument("--max-new-tokens", type=int, default=128)
+    cmd.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
+    cmd.add_argument("--top-p", type=float, default=0.95)
+    cmd.add_argument("--top-k", type=int, default=50, help="0 = off")
+    cmd.add_argument("--repetition-penalty", type=float, default=1.0)
+    cmd.add_argument("--device", default="auto", choices=DEVICES)
+    cmd.add_argument("--trace", action="store_true", help="also trace the model's routing (a MoE only)")
+    cmd.add_argument("--json", action="store_true", help="print replies and stats as JSON")
+    cmd.set_defaults(run=cmd_chat)
+
+
+def _token() -> str | None:
+    import os
+
+    return os.environ.get("HF_TOKEN") or None
+
+
+def _emit(data: dict[str, Any]) -> None:
+    print(json.dumps(data, ensure_ascii=False))
+
+
+def _print_grid(trace: Any) -> None:
+    """One line per token: its top expert at each layer as a character (0-9, a-z, A-Z)."""
+    print(f"top expert per layer (columns: layers 0-{trace.layers - 1}); experts:")
+    for e, name in enumerate(trace.expert_names):
+        print(f"  {_GLYPHS[e] if e < len(_GLYPHS) else '?'} = {name}")
+    top = trace.topk_ids[:, :, 0].tolist()
+    for t, token in enumerate(trace.tokens):
+        glyphs = "".join(_GLYPHS[e] if e < len(_GLYPHS) else "?" for e in top[t])
+        mark = " " if bool(trace.is_prefill[t]) else "+"
+        print(f"{t:5d}{mark}{json.dumps(token, ensure_ascii=False)[:18]:<18} {glyphs}")
+
+
+def _print_summary(summary: dict[str, Any], names: list[str]) -> None:
+    load = summary["load"]["overall"]
+    layers = len(load)
+    print("expert load (share of top-k choices, mean over layers):")
+    for e, name in enumerate(names):
+        share = sum(row[e] for row in load) / max(layers, 1)
+        print(f"  e{e} {share:6.1%}  {name}")
+    entropy = [v for v in summary["entropy"]["overall"] if v is not None]
+    if entropy:
+        print(f"routing entropy (0 decided .. 1 uniform): mean {sum(entropy) / len(entropy):.3f}")
+
+
+def cmd_preview(args: argparse.Namespace) -> int:
+    from workbench.analysis import alignment, routing_summary
+    from workbench.engine import registry
+    from workbench.gates import compute_gates
+    from workbench.preview import alignment_traces, preview_routing
+    from workbench.recipe import read_recipe
+
+    recipe, problems = read_recipe(args.recipe)
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    base = registry().get(recipe.base_model, device=args.device, token=_token())
+    gates = compute_gates(recipe, base.path, device=args.device, seed=args.seed, model=base.model,
+                          tokenizer=base.tokenizer)
+    names = [e.source_model for e in recipe.experts]
+    trace = preview_routing(gates, base, args.text, recipe.experts_per_token, expert_names=names)
+    summary = routing_summary(trace)
+    prompted = all(e.positive_prompts for e in recipe.experts)  # random modes may have none
+    aligned = alignment(alignment_traces(recipe, base, gates=gates)) if prompted else None
+    if args.json:
+        _emit({"command": "preview", "recipe": args.recipe, "base_model": recipe.base_model,
+               "gate_mode": gates.mode, "experts_per_token": recipe.experts_per_token,
+               "trace": trace.to_dict(), "summary": summary,
+               "alignment": aligned.to_dict() if aligned else None, "gates": gates.diagnostics.to_dict()})
+        return 0
+    print(f"preview of {args.recipe} (gate_mode {gates.mode}, top-{recipe.experts_per_token}); "
+          "layer 0 is exact, later layers assume the experts behave like the base")
+    _print_grid(trace)
+    _print_summary(summary, names)
+    if aligned is not None:
+        print(f"prompt-to-expert alignment: {aligned.score:.3f} (chance {aligned.chance:.3f})")
+    warnings = gates.diagnostics.warnings
+    for warning in warnings[:MAX_WARNINGS]:
+        print(f"warning: {warning}", file=sys.stderr)
+    if len(warnings) > MAX_WARNINGS:
+        more = len(warnings) - MAX_WARNINGS
+        print(f"warning: ... and {more} more layers like these (--json lists them all)", file=sys.stderr)
+    return 0
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    from workbench.analysis import routing_summary
+    from workbench.engine import registry
+    from workbench.trace import trace_text
+
+    entry = registry().get(args.model, device=args.device, token=_token())
+    trace = trace_text(entry, args.text)
+    summary = routing_summary(trace)
+    if args.html:
+        from workbench.plots import routing_heatmap
+
+        routing_heatmap(trace).write_html(args.html, include_plotlyjs=True, full_html=True)
+    if args.json:
+        _emit({"command": "trace", "model": args.model, "trace": trace.to_dict(), "summary": summary})
+        return 0
+    _print_grid(trace)
+    _print_summary(summary, trace.expert_names)
+    if args.html:
+        print(f"heatmap written to {args.html}")
+    return 0
+
+
+def _messages(args: argparse.Namespace) -> list[dict[str, str]]:
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    return system + [{"role": "user", "content": args.prompt}]
+
+
+def _stats_line(stats: Any) -> str:
+    return (f"[{stats.new_tokens} tokens, first token {stats.time_to_first_token_s:.2f} s, "
+            f"{stats.tokens_per_s:.1f} tokens/s, {stats.finish_reason}]")
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from workbench.chat import SamplingSettings
+    from workbench.engine import registry
+    from workbench.generate import chat_streams
+
+    settings = SamplingSettings(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                                max_new_tokens=args.max_new_tokens,
+                                repetition_penalty=args.repetition_penalty, seed=args.seed)
+    settings.check()
+    entries = [registry().get(args.model, device=args.device, token=_token())]
+    if args.base:
+        entries.append(registry().get(args.base, device=args.device, token=_token()))
+    streams = chat_streams(entries[0], _messages(args), settings, base=entries[1] if args.base else None,
+                           trace=args.trace)
+    for i, (entry, stream) in enumerate(zip(entries, streams, strict=True)):
+        if args.json:
+            for _ in stream:
+                pass
+            continue
+        print(f"== {'model' if i == 0 else 'base'}: {entry.ref}")
+        for delta in stream:
+            print(delta, end="", flush=True)
+        print(f"\n{_stats_line(stream.result.stats)}")
+    replies = [stream.result for stream in streams]
+    if args.json:
+        _emit(_chat_json(settings, streams[0].prompt.text, entries, replies))
+    return 0
+
+
+def _chat_json(settings: Any, prompt: str, entries: list[Any], replies: list[Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "command": "chat", "prompt": prompt, "settings": settings.to_dict(),
+        "replies": [{"role": "model" if i == 0 else "base", "model": r.model, "text": r.text,
+                     "token_ids": r.token_ids, "stats": r.stats.to_dict()} for i, r in enumerate(replies)],
+    }
+    trace = replies[0].trace
+    if trace is not None:
+        out["trace"] = trace.to_dict()
+        vocabs = {e.model.config.vocab_size for e in entries}
+        same_vocab = len(entries) > 1 and len(vocabs) == 1
+        if same_vocab and replies[0].token_ids:
+            from workbench.analysis import divergence
+            from workbench.generate import reply_logits
+
+            prompt_ids = trace.token_ids[: int(trace.is_prefill.sum())]
+            logits = [reply_logits(e, prompt_ids, replies[0].token_ids) for e in entries]
+            out["divergence"] = divergence(trace, logits[0], logits[1]).to_dict()
+    return out

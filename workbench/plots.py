@@ -1,0 +1,218 @@
+"""Plotly figures of router traces and their analysis; no routing is computed here.
+
+Figures use only heatmap, bar and scatter traces and long-standing properties, because the
+browser renders them with the plotly.js that Gradio bundles (3.3.1 in gradio 6.31), older
+than the one plotly 7 for Python targets; tests check every property against that bundle.
+Big arrays go in as numpy arrays (plotly validates those without a Python loop), so the
+token-by-layer heatmap of 1,024 tokens x 30 layers builds in well under 0.2 s.
+
+Legend: T tokens, L layers, E experts, k experts per token.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import html
+
+import numpy as np
+import plotly.graph_objects as go
+import plotly.io as pio
+from plotly.subplots import make_subplots
+
+from workbench.analysis import Alignment, Divergence, Entropy, ExpertLoad
+from workbench.gates import CONDITION_WARN, GateDiagnostics
+from workbench.trace import RouterTrace
+
+# Plotly's qualitative palette, then evenly spread hues for recipes with more experts.
+PALETTE = ["#636EFA", "#EF553B", "#00CC96", "#AB63FA", "#FFA15A", "#19D3F3", "#FF6692", "#B6E880",
+           "#FF97FF", "#FECB52"]
+MAX_TICK_LABELS = 80
+TEMPLATE = "plotly_white"
+
+
+def expert_colors(n: int) -> list[str]:
+    if n <= len(PALETTE):
+        return PALETTE[:n]
+    out = []
+    for i in range(n):
+        r, g, b = colorsys.hls_to_rgb(i / n, 0.55, 0.65)
+        out.append(f"#{int(r * 255):02x}{int(g * 255):02x}{int(b * 255):02x}")
+    return out
+
+
+def token_label(text: str, width: int = 14) -> str:
+    """A token as it can be read in a tick or a hover: whitespace made visible, HTML escaped."""
+    shown = text.replace("\n", "↵").replace("\t", "⇥").replace("\r", "␍")
+    if shown.strip() != shown or not shown:
+        shown = shown.replace(" ", "·") or "∅"
+    if len(shown) > width:
+        shown = shown[: width - 1] + "…"
+    return html.escape(shown)
+
+
+def expert_label(e: int, names: list[str], width: int = 40) -> str:
+    name = names[e] if e < len(names) else ""
+    short = name if len(name) <= width else "…" + name[-(width - 1):]
+    return html.escape(f"e{e} {short}".strip())
+
+
+def _token_axis(fig: go.Figure, tokens: list[str], **where: int) -> None:
+    """Token strings as x tick labels, thinned so that at most MAX_TICK_LABELS show."""
+    step = max(1, -(-len(tokens) // MAX_TICK_LABELS))
+    ticks = list(range(0, len(tokens), step))
+    fig.update_xaxes(tickmode="array", tickvals=ticks, ticktext=[token_label(tokens[i]) for i in ticks],
+                     tickangle=-60, **where)
+
+
+def _discrete_scale(colors: list[str]) -> list[list]:
+    n = len(colors)
+    scale = []
+    for i, c in enumerate(colors):
+        scale += [[i / n, c], [(i + 1) / n, c]]
+    return scale
+
+
+def _prompt_boundary(fig: go.Figure, trace: RouterTrace) -> None:
+    prompt = int(trace.is_prefill.sum())
+    if 0 < prompt < trace.num_tokens:
+        fig.add_vline(x=prompt - 0.5, line_width=2, line_dash="dash", line_color="#333")
+
+
+def routing_heatmap(trace: RouterTrace, *, title: str | None = None) -> go.Figure:
+    """Tokens (x) by layers (y), each cell coloured by its top expert; hover lists the top-k."""
+    top = trace.topk_ids.numpy()  # (T, L, k)
+    percent = np.rint(trace.topk_weights.numpy() * 100).astype(np.int64)  # (T, L, k)
+    labels = [expert_label(e, trace.expert_names) for e in range(trace.experts)]
+    # Fixed-width unicode arrays, not Python strings: plotly copies them as one block, and
+    # the hover lines are looked up and joined by numpy rather than formatted cell by cell.
+    names, numbers = np.array(labels), np.array([f"{i / 100:.2f}" for i in range(101)])
+    text = None
+    for slot in range(trace.k):
+        line = np.strings.add(np.strings.add(names[top[:, :, slot].T], " "), numbers[percent[:, :, slot].T])
+        text = line if text is None else np.strings.add(np.strings.add(text, "<br>"), line)  # (L, T)
+    tokens = np.array([token_label(t, 24) for t in trace.tokens])
+    custom = np.broadcast_to(tokens, (trace.layers, trace.num_tokens))
+    colors = expert_colors(trace.experts)
+    heatmap = {
+        "type": "heatmap", "z": top[:, :, 0].T, "zmin": -0.5, "zmax": trace.experts - 0.5,
+        "colorscale": _discrete_scale(colors), "text": text, "customdata": custom,
+        "hovertemplate": "token %{x}: %{customdata}<br>layer %{y}<br>%{text}<extra></extra>",
+        "colorbar": {"title": {"text": "top expert"}, "tickmode": "array",
+                     "tickvals": list(range(trace.experts)), "ticktext": labels},
+    }
+    # Unvalidated: plotly's validators turn the 30k-cell string tables into Python objects and
+    # deep-copy them (~0.2 s for 1,024 tokens); this dict is fixed and tested against plotly.js.
+    # A template name is resolved only by validation, so the template goes in as its JSON.
+    fig = go.Figure({"data": [heatmap], "layout": {"template": pio.templates[TEMPLATE].to_plotly_json()}},
+                    _validate=False)
+    _token_axis(fig, trace.tokens)
+    _prompt_boundary(fig, trace)
+    kind = "preview (no build)" if trace.source == "preview" else "built model"
+    fig.update_layout(title={"text": title or f"Top expert per token and layer: {kind}"},
+                      yaxis={"title": {"text": "layer"}, "autorange": "reversed"},
+                      xaxis={"title": {"text": "token"}}, margin={"b": 120})
+    return fig
+
+
+def layer_probs_heatmap(trace: RouterTrace, layer: int) -> go.Figure:
+    """Tokens (x) by experts (y) for one layer: the router's probability of each expert."""
+    if not 0 <= layer < trace.layers:
+        raise ValueError(f"layer {layer} does not exist; this trace has layers 0 to {trace.layers - 1}")
+    labels = [expert_label(e, trace.expert_names) for e in range(trace.experts)]
+    tokens = np.array([token_label(t, 24) for t in trace.tokens])
+    fig = go.Figure(go.Heatmap(
+        z=trace.probs[:, layer, :].numpy().T, zmin=0, zmax=1, colorscale="Viridis", y=labels,
+        customdata=np.broadcast_to(tokens, (trace.experts, trace.num_tokens)),
+        hovertemplate="token %{x}: %{customdata}<br>%{y}<br>p = %{z:.3f}<extra></extra>",
+        colorbar={"title": {"text": "probability"}},
+    ))
+    _token_axis(fig, trace.tokens)
+    _prompt_boundary(fig, trace)
+    fig.update_layout(template=TEMPLATE, title={"text": f"Router probabilities at layer {layer}"},
+                      margin={"b": 120})
+    return fig
+
+
+def expert_load_figure(load: ExpertLoad, names: list[str]) -> go.Figure:
+    """Stacked bars per layer: each expert's share of top-k choices, prompt and reply apart."""
+    phases = [("prompt", load.prefill, load.prefill_tokens), ("reply", load.decode, load.decode_tokens)]
+    phases = [p for p in phases if p[2]] or [("all", load.overall, 0)]
+    fig = make_subplots(rows=len(phases), cols=1, shared_xaxes=True,
+                        subplot_titles=[f"{name} ({n} tokens)" for name, _, n in phases])
+    colors = expert_colors(load.overall.shape[1])
+    layers = list(range(load.overall.shape[0]))
+    for row, (_, share, _) in enumerate(phases, start=1):
+        for e, color in enumerate(colors):
+            fig.add_trace(go.Bar(x=layers, y=share[:, e].numpy(), name=expert_label(e, names),
+                                 marker={"color": color}, legendgroup=f"e{e}", showlegend=row == 1,
+                                 hovertemplate=f"{expert_label(e, names)}<br>layer %{{x}}: %{{y:.1%}}"
+                                               "<extra></extra>"), row=row, col=1)
+    fig.update_layout(template=TEMPLATE, barmode="stack", title={"text": "Expert load per layer"})
+    fig.update_yaxes(range=[0, 1], tickformat=".0%")
+    fig.update_xaxes(title={"text": "layer"}, row=len(phases), col=1)
+    return fig
+
+
+def entropy_figure(entropy: Entropy) -> go.Figure:
+    """Normalised routing entropy per layer: 0 = decided, 1 = uniform."""
+    fig = go.Figure()
+    for name, values in (("prompt", entropy.prefill), ("reply", entropy.decode), ("all", entropy.overall)):
+        if not bool(values.isnan().all()):
+            fig.add_trace(go.Scatter(x=list(range(len(values))), y=values.numpy(), mode="lines+markers",
+                                     name=name, hovertemplate="layer %{x}: %{y:.3f}<extra></extra>"))
+    fig.update_layout(template=TEMPLATE, title={"text": "Routing entropy per layer (1 = uniform)"},
+                      xaxis={"title": {"text": "layer"}}, yaxis={"range": [0, 1.05]})
+    return fig
+
+
+def alignment_figure(result: Alignment, names: list[str]) -> go.Figure:
+    """Rows: each expert's positive prompts; columns: where their tokens were routed."""
+    labels = [expert_label(e, names, 24) for e in range(len(names))]
+    fig = go.Figure(go.Heatmap(
+        z=result.overall.numpy(), x=labels, y=labels, zmin=0, zmax=1, colorscale="Blues",
+        texttemplate="%{z:.2f}", hovertemplate="prompts of %{y}<br>routed to %{x}: %{z:.1%}<extra></extra>",
+        colorbar={"title": {"text": "share"}},
+    ))
+    fig.update_layout(template=TEMPLATE, yaxis={"autorange": "reversed", "title": {"text": "prompts of"}},
+                      xaxis={"title": {"text": "routed to"}},
+                      title={"text": f"Prompt-to-expert alignment: {result.score:.2f} "
+                                     f"(chance {result.chance:.2f})"})
+    return fig
+
+
+def gate_similarity_figure(diag: GateDiagnostics, names: list[str]) -> go.Figure:
+    """Mean expert-expert cosine of the gates, and each layer's condition number."""
+    labels = [expert_label(e, names, 24) for e in range(len(names))]
+    conds = np.array([c if np.isfinite(c) else np.nan for c in diag.condition_numbers])
+    fig = make_subplots(rows=1, cols=2, column_widths=[0.45, 0.55],
+                        subplot_titles=["gate cosine (mean over layers)", "condition number per layer"])
+    fig.add_trace(go.Heatmap(z=diag.mean_cosine.numpy(), x=labels, y=labels, zmin=-1, zmax=1,
+                             colorscale="RdBu", reversescale=True, texttemplate="%{z:.2f}", showscale=False,
+                             hovertemplate="%{y} vs %{x}: %{z:.3f}<extra></extra>"), row=1, col=1)
+    fig.add_trace(go.Bar(x=list(range(len(conds))), y=conds, name="condition number",
+                         marker={"color": np.where(conds > CONDITION_WARN, "#EF553B", "#636EFA")},
+                         hovertemplate="layer %{x}: %{y:.2f}<extra></extra>", showlegend=False), row=1, col=2)
+    fig.add_hline(y=CONDITION_WARN, line_dash="dash", line_color="#EF553B", row=1, col=2)
+    fig.update_yaxes(autorange="reversed", row=1, col=1)
+    fig.update_xaxes(title={"text": "layer"}, row=1, col=2)
+    fig.update_layout(template=TEMPLATE, title={"text": f"Gate similarity (condition > {CONDITION_WARN:g}: "
+                                                        "prompts too similar)"})
+    return fig
+
+
+def divergence_figure(div: Divergence) -> go.Figure:
+    """KL(MoE || base) per reply token, each bar coloured by the expert that produced it."""
+    colors = expert_colors(len(div.expert_names))
+    experts = div.top_expert.tolist()
+    tokens = [token_label(t, 24) for t in div.tokens]
+    fig = go.Figure(go.Bar(
+        x=list(range(len(tokens))), y=div.kl.numpy(), marker={"color": [colors[e] for e in experts]},
+        customdata=np.array([[tok, expert_label(e, div.expert_names)] for tok, e in zip(tokens, experts,
+                                                                                         strict=True)],
+                            dtype=object).reshape(len(tokens), 2),
+        hovertemplate="%{customdata[0]}<br>KL %{y:.4f} nats<br>top expert %{customdata[1]}<extra></extra>",
+    ))
+    _token_axis(fig, div.tokens)
+    fig.update_layout(template=TEMPLATE, title={"text": "Base vs MoE: KL of next-token distributions"},
+                      yaxis={"title": {"text": "KL (nats)"}}, margin={"b": 120})
+    return fig
