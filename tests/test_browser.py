@@ -1,0 +1,251 @@
+"""The app in a real browser (Debian's headless Chromium through Playwright), on the demo model.
+
+One server (`python app.py` on a free port, outputs in a temporary folder) and one page walk
+through what a user does, in order: the page loads with the demo preset; a bad YAML edit
+shows an inline error; the preview heatmap appears; the demo preset builds to the end with
+its progress bar; both chat panes stream a reply; the routing heatmap of that reply renders.
+A second browser context checks that sessions keep their own state. Screenshots of each
+tab go to assets/screenshots/ (the README shows them).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+
+pytestmark = [pytest.mark.browser, pytest.mark.demo]
+
+ROOT = Path(__file__).resolve().parent.parent
+SHOTS = ROOT / "assets" / "screenshots"
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", "--no-first-run"]
+VIEWPORT = {"width": 1400, "height": 1100}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, demo_model_path):
+    folder = tmp_path_factory.mktemp("browser")
+    port = free_port()
+    env = {**os.environ, "GRADIO_SERVER_PORT": str(port), "GRADIO_SERVER_NAME": "127.0.0.1",
+           "MOE_WORKBENCH_OUTPUTS": str(folder / "outputs")}
+    log = open(folder / "server.log", "w")  # noqa: SIM115 (closed below)
+    proc = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                log.close()
+                pytest.fail(f"app did not start: {(folder / 'server.log').read_text()[-3000:]}")
+            time.sleep(0.5)
+    yield url
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not Path(CHROMIUM).exists():
+        pytest.skip("Chromium is not installed: run 'make browser' (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture(scope="module")
+def page(browser, server):
+    context = browser.new_context(viewport=VIEWPORT)
+    page = context.new_page()
+    page.requests = []
+    page.on("request", lambda request: page.requests.append(request.url))
+    page.goto(server, wait_until="load")
+    page.wait_for_selector("#wb-expert-3", timeout=60_000)
+    yield page
+    context.close()
+
+
+def wait_for_text(page, selector: str, words: tuple[str, ...], timeout: float = 120) -> str:
+    deadline = time.monotonic() + timeout
+    text = ""
+    while time.monotonic() < deadline:
+        text = page.inner_text(selector)
+        if any(w in text for w in words):
+            return text
+        time.sleep(0.2)
+    raise AssertionError(f"{selector} never showed {words}; it shows: {text[:500]}")
+
+
+def shot(page, name: str) -> None:
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.mouse.move(0, 0)  # no hover tooltips in the picture
+    page.evaluate("window.scrollTo(0, 0)")
+    page.screenshot(path=str(SHOTS / f"{name}.png"))
+
+
+def open_tab(page, name: str) -> None:
+    page.get_by_role("tab", name=name).click()
+
+
+def test_page_loads_offline_with_the_demo_preset(page, server):
+    assert page.title() == "MoE Workbench"
+    assert page.input_value("#wb-base-model textarea") == "demo:smollm2-135m-instruct"
+    assert "Write a Python function" in page.locator("#wb-expert-0 textarea").nth(1).input_value()
+    summary = wait_for_text(page, "#wb-summary", ("PARAMETERS",), 60)  # sizes shown in capitals
+    assert "Ready" in summary and "ACTIVE PER TOKEN" in summary
+    hosts = {urlparse(url).hostname for url in page.requests if url.startswith("http")}
+    assert hosts <= {"127.0.0.1"}, f"the page fetched from {hosts}"
+    shot(page, "design")
+
+
+def test_bad_yaml_shows_an_inline_error_and_a_good_edit_updates_the_form(page):
+    original = page.locator("#wb-yaml .cm-content").inner_text()
+    editor = page.locator("#wb-yaml .cm-content")
+    editor.click()
+    page.keyboard.press("Control+End")
+    page.keyboard.type("\nexperts_per_token: [oops\n")
+    problems = wait_for_text(page, "#wb-yaml-problems", ("YAML syntax error",), 20)
+    assert "line" in problems and "column" in problems
+    assert page.input_value("#wb-base-model textarea") == "demo:smollm2-135m-instruct"  # form kept
+    editor.click()
+    page.keyboard.press("Control+a")
+    page.keyboard.insert_text(original.replace("demo:smollm2-135m-instruct", "demo:typo-model", 1))
+    wait_for_text(page, "#wb-yaml-problems", ("unknown demo model",), 20)
+    page.wait_for_function("document.querySelector('#wb-base-model textarea').value === 'demo:typo-model'",
+                           timeout=20_000)
+    editor.click()
+    page.keyboard.press("Control+a")
+    page.keyboard.insert_text(original)
+    page.wait_for_function("document.querySelector('#wb-base-model textarea').value === "
+                           "'demo:smollm2-135m-instruct'", timeout=20_000)
+    wait_for_text(page, "#wb-summary", ("Ready",), 30)
+
+
+def test_a_field_edit_shows_its_problem_next_to_the_field(page):
+    source = page.locator("#wb-expert-1 textarea").first
+    source.fill("")
+    card = wait_for_text(page, "#wb-expert-1", ("is empty",), 20)
+    assert "name a hub id" in card
+    assert "source_model: ''" in page.locator("#wb-yaml .cm-content").inner_text()
+    source.fill("demo:smollm2-135m-instruct")
+    wait_for_text(page, "#wb-summary", ("Ready",), 30)
+
+
+def test_preview_heatmap_appears(page):
+    open_tab(page, "2 · Preview")
+    page.wait_for_selector("#wb-preview-heatmap .js-plotly-plot", timeout=180_000)
+    plot = "document.querySelector('#wb-preview-heatmap .js-plotly-plot')"
+    kinds = page.evaluate(f"{plot}.data.map(t => t.type)")
+    assert kinds == ["heatmap"]
+    assert "exactly" in page.inner_text("#wb-preview-note")
+    page.wait_for_selector("#wb-preview-alignment .js-plotly-plot", timeout=180_000)
+    assert "Alignment" in page.inner_text("#wb-preview-alignment-score")
+    shot(page, "preview")
+
+
+def test_demo_build_runs_to_the_end_with_its_progress_bar(page):
+    open_tab(page, "3 · Build")
+    page.fill("#wb-output-name textarea", "browser-moe")
+    page.click("#wb-build")
+    seen_bar, deadline = False, time.monotonic() + 300
+    while time.monotonic() < deadline:
+        status = page.inner_text("#wb-build-status")
+        if page.locator("#wb-build-status .progress-level, #wb-build-status .progress-bar").count():
+            seen_bar = True
+            if not (SHOTS / "build-progress.png").exists() or "Writing" in status:
+                SHOTS.mkdir(parents=True, exist_ok=True)
+                page.screenshot(path=str(SHOTS / "build-progress.png"))
+        if "finished" in status or "failed" in status:
+            break
+        time.sleep(0.2)
+    assert "Build finished" in status, status
+    assert seen_bar, "no progress bar was shown during the build"
+    assert "model.safetensors" in page.inner_text("#wb-build-summary")
+    shot(page, "build")
+
+
+def test_both_chat_panes_stream_a_reply(page):
+    open_tab(page, "4 · Chat")
+    page.wait_for_function("document.querySelector('#wb-chat-moe input').value.includes('browser-moe')",
+                           timeout=20_000)
+    assert page.input_value("#wb-chat-base textarea") == "demo:smollm2-135m-instruct"
+    page.get_by_text("System prompt and sampling").click()
+    tokens = page.locator("#wb-max-new input[type=number]")
+    tokens.fill("24")
+    tokens.press("Enter")
+    page.fill("#wb-chat-input textarea", "Write a haiku about the sea.")
+    page.click("#wb-send")
+    # Streaming means the page shows a reply growing: several lengths before the stats arrive.
+    seen: dict[str, set[int]] = {"base": set(), "moe": set()}
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        for side, lengths in seen.items():
+            lengths.add(page.evaluate(f"(b => b.length ? b[b.length - 1].innerText.length : 0)"
+                                      f"(document.querySelectorAll('#wb-chat-{side} [data-testid=bot]'))"))
+        if all("tokens/s" in page.inner_text(f"#wb-stats-{side}") for side in seen):
+            break
+        time.sleep(0.03)
+    for side, lengths in seen.items():
+        assert "tokens/s" in page.inner_text(f"#wb-stats-{side}"), f"the {side} pane never finished"
+        assert len(lengths - {0}) >= 2, f"the {side} reply did not stream (lengths seen: {sorted(lengths)})"
+    base_reply = page.locator("#wb-chat-base [data-testid='bot']").last.inner_text()
+    moe_reply = page.locator("#wb-chat-moe [data-testid='bot']").last.inner_text()
+    assert base_reply.strip() and moe_reply.strip()
+    page.get_by_text("System prompt and sampling").click()  # closed again for the screenshot
+    shot(page, "chat")
+
+
+def test_routing_heatmap_of_the_reply_renders_with_traces(page):
+    page.click("#wb-open-routing")
+    page.wait_for_selector("#wb-routing-heatmap .js-plotly-plot", timeout=120_000)
+    plot = "document.querySelector('#wb-routing-heatmap .js-plotly-plot')"
+    kinds = page.evaluate(f"{plot}.data.map(t => t.type)")
+    drawn = page.locator("#wb-routing-heatmap .heatmaplayer .hm").count()  # the painted heatmap
+    rows = page.evaluate(f"(r => Math.round(Math.abs(r[0] - r[1])))({plot}._fullLayout.yaxis.range)")
+    assert kinds == ["heatmap"] and drawn >= 1 and rows == 30  # one row per layer
+    summary = page.inner_text("#wb-routing-summary")
+    assert "generated" in summary and "KL" in summary
+    page.wait_for_selector("#wb-routing-divergence .js-plotly-plot", timeout=60_000)
+    shot(page, "routing")
+
+
+def test_two_sessions_keep_their_own_state(browser, server, page):
+    other = browser.new_context(viewport=VIEWPORT).new_page()
+    other.goto(server, wait_until="load")
+    other.wait_for_selector("#wb-expert-3", timeout=60_000)
+    open_tab(page, "1 · Design")
+    page.fill("#wb-base-model textarea", "demo:first-session-only")
+    page.wait_for_function("document.querySelector('#wb-yaml .cm-content').innerText"
+                           ".includes('first-session-only')", timeout=20_000)
+    time.sleep(1)
+    assert "first-session-only" not in other.locator("#wb-yaml .cm-content").inner_text()
+    assert other.input_value("#wb-base-model textarea") == "demo:smollm2-135m-instruct"
+    open_tab(other, "4 · Chat")
+    assert other.locator("#wb-chat-moe [data-testid='bot']").count() == 0  # the first session's chat
+    assert page.locator("#wb-chat-moe [data-testid='bot']").count() >= 1
+    other.context.close()

@@ -1,0 +1,191 @@
+"""The build runner: subprocess per build, one at a time, queue places, cancel, crash isolation.
+
+Most tests run a fake build (`fake_build` below, imported by the child process) whose
+behaviour the output folder's name picks; one runs the real build on pico models.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from workbench.jobs import BuildQueue, BuildRequest, QueueFull, child_environment
+from workbench.progress import Progress
+
+FAKE = "tests.test_jobs:fake_build"
+RECIPE = """
+base_model: org/base
+experts:
+  - source_model: org/a
+    positive_prompts: ["code"]
+  - source_model: org/b
+    positive_prompts: ["math"]
+"""
+
+
+def fake_build(recipe, out: Path, *, token, on_progress, cancel, **options):
+    """Runs in the child. The out folder's name says what to do."""
+    kind = out.name.split("-")[0]
+    if kind == "hang":  # ignores cancel: must be killed
+        on_progress(Progress("write", 0.5, "stuck"))
+        time.sleep(120)
+    for step in range(200 if kind == "slow" else 5):
+        on_progress(Progress("write", step / 5 if kind != "slow" else 0.01, f"tensor {step}"))
+        if kind == "crash" and step == 2:
+            os.kill(os.getpid(), signal.SIGSEGV)
+        time.sleep(0.05)
+        cancel.check()
+    out.mkdir(parents=True)
+    (out / "token.txt").write_text("yes" if token == "hf_secret_for_test" else "no")
+    (out / "options.txt").write_text(repr(sorted(options.items())))
+    return SimpleNamespace(path=out, files=[("token.txt", 3)], total_bytes=3, seconds=0.25, gates=None)
+
+
+def request(tmp_path: Path, name: str) -> BuildRequest:
+    return BuildRequest(recipe_yaml=RECIPE, out=str(tmp_path / name), device="cpu", seed=7)
+
+
+def finish(job, timeout: float = 60.0) -> list:
+    events, deadline = [], time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        event = job.next_event(timeout=1.0)
+        if event is not None:
+            events.append(event)
+            if event.kind in ("done", "error", "cancelled"):
+                return events
+    raise AssertionError(f"job {job.id} did not finish; events so far: {events}")
+
+
+def test_build_runs_in_child_and_reports_progress_and_result(tmp_path):
+    jobs = BuildQueue(FAKE)
+    job = jobs.submit(request(tmp_path, "ok-1"))
+    events = finish(job)
+    kinds = [e.kind for e in events]
+    assert kinds[0] == "queued" and kinds[-1] == "done" and "progress" in kinds
+    done = events[-1]
+    assert done.result["path"] == str(tmp_path / "ok-1") and done.result["total_bytes"] == 3
+    assert job.state == "done"
+    options = (tmp_path / "ok-1" / "options.txt").read_text()
+    assert "('device', 'cpu')" in options and "('seed', 7)" in options
+
+
+def test_second_build_waits_and_sees_its_place(tmp_path):
+    jobs = BuildQueue(FAKE)
+    first = jobs.submit(request(tmp_path, "slow-a"))
+    second = jobs.submit(request(tmp_path, "ok-b"))
+    queued = second.next_event(timeout=5)
+    assert queued.kind == "queued" and queued.position == 2
+    while first.state == "queued":
+        time.sleep(0.05)
+    assert jobs.position(second) == 2 and second.state == "queued"
+    jobs.cancel(first.id)
+    assert finish(first)[-1].kind == "cancelled"
+    assert finish(second)[-1].kind == "done"
+
+
+def test_cancel_stops_the_child_and_leaves_no_output(tmp_path):
+    jobs = BuildQueue(FAKE)
+    job = jobs.submit(request(tmp_path, "slow-c"))
+    while job.next_event(timeout=10).kind != "progress":
+        pass
+    started = time.monotonic()
+    assert jobs.cancel(job.id)
+    assert finish(job)[-1].kind == "cancelled"
+    assert time.monotonic() - started < 5
+    assert not (tmp_path / "slow-c").exists()
+    assert not jobs.cancel(job.id)  # already over
+
+
+def test_cancel_while_waiting_removes_from_queue(tmp_path):
+    jobs = BuildQueue(FAKE)
+    first = jobs.submit(request(tmp_path, "slow-d"))
+    second = jobs.submit(request(tmp_path, "ok-e"))
+    assert jobs.cancel(second.id)
+    assert finish(second)[-1].kind == "cancelled"
+    jobs.cancel(first.id)
+    finish(first)
+    assert not (tmp_path / "ok-e").exists()
+
+
+def test_a_child_that_ignores_cancel_is_killed(tmp_path):
+    jobs = BuildQueue(FAKE, grace_seconds=1.0)
+    job = jobs.submit(request(tmp_path, "hang-f"))
+    while job.next_event(timeout=10).kind != "progress":
+        pass
+    jobs.cancel(job.id)
+    assert finish(job, timeout=20)[-1].kind == "cancelled"
+
+
+def test_crash_in_child_is_an_error_and_the_queue_goes_on(tmp_path):
+    jobs = BuildQueue(FAKE)
+    crashed = jobs.submit(request(tmp_path, "crash-g"))
+    after = jobs.submit(request(tmp_path, "ok-h"))
+    last = finish(crashed)[-1]
+    assert last.kind == "error" and "ended unexpectedly" in last.message
+    assert finish(after)[-1].kind == "done"
+
+
+def test_queue_limit_answers_quickly(tmp_path):
+    jobs = BuildQueue(FAKE, max_waiting=1)
+    running = jobs.submit(request(tmp_path, "slow-i"))
+    while running.state == "queued":
+        time.sleep(0.05)
+    waiting = jobs.submit(request(tmp_path, "ok-j"))
+    with pytest.raises(QueueFull, match="already waiting"):
+        jobs.submit(request(tmp_path, "ok-k"))
+    jobs.cancel(waiting.id)
+    jobs.cancel(running.id)
+    finish(running)
+
+
+def test_token_reaches_child_by_environment_only(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_owner_token_must_not_leak")
+    assert "HF_TOKEN" not in child_environment(None)
+    assert child_environment(None)["HF_HUB_DISABLE_IMPLICIT_TOKEN"] == "1"
+    assert child_environment("hf_user")["HF_TOKEN"] == "hf_user"
+    jobs = BuildQueue(FAKE)
+    with_token = jobs.submit(request(tmp_path, "ok-l"), token="hf_secret_for_test")
+    finish(with_token)
+    without = jobs.submit(request(tmp_path, "ok-m"))
+    finish(without)
+    assert (tmp_path / "ok-l" / "token.txt").read_text() == "yes"
+    assert (tmp_path / "ok-m" / "token.txt").read_text() == "no"
+    assert with_token.token is None  # not kept after the job
+
+
+def test_real_build_of_a_pico_moe(tmp_path, pico_factory):
+    base = pico_factory("jobs-base", seed=1)
+    recipe = (f"base_model: {base}\nexperts:\n"
+              f"  - source_model: {base}\n    positive_prompts: [code]\n"
+              f"  - source_model: {base}\n    positive_prompts: [story]\n")
+    jobs = BuildQueue()
+    job = jobs.submit(BuildRequest(recipe, str(tmp_path / "pico-moe"), device="cpu"))
+    events = finish(job, timeout=120)
+    assert events[-1].kind == "done", events[-1].message
+    stages = {e.stage for e in events if e.kind == "progress"}
+    assert {"gates", "write"} <= stages
+    assert (tmp_path / "pico-moe" / "workbench_manifest.json").is_file()
+    names = [name for name, _ in events[-1].result["files"]]
+    assert "config.json" in names and "model.safetensors" in names
+
+
+def test_child_stops_when_the_server_goes_away(tmp_path):
+    child = subprocess.Popen([sys.executable, "-m", "workbench.jobs_child"], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                             env=child_environment(None))
+    child.stdin.write(json.dumps({"runner": FAKE, **asdict(request(tmp_path, "slow-o"))}) + "\n")
+    child.stdin.flush()
+    assert json.loads(child.stdout.readline())["kind"] == "progress"
+    child.stdin.close()  # what a dead server looks like from the child
+    kinds = [json.loads(line)["kind"] for line in child.stdout]
+    assert kinds[-1] == "cancelled" and child.wait(timeout=10) == 0
+    assert not (tmp_path / "slow-o").exists()

@@ -1,0 +1,138 @@
+"""The app as a whole: importing does nothing, the UI never imports torch, errors become messages."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import gradio as gr
+import pytest
+
+from workbench.errors import BuildError
+from workbench.spaces_compat import gpu
+from workbench.ui import shared
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def python(code: str) -> str:
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout.strip()
+
+
+def test_importing_app_launches_nothing_and_loads_nothing_heavy():
+    out = python("import sys, threading, app; "
+                 "print(sorted(m for m in ('gradio', 'torch', 'transformers') if m in sys.modules), "
+                 "threading.active_count())")
+    assert out == "[] 1"
+
+
+def test_building_the_app_keeps_torch_out_of_the_server_until_used():
+    out = python("import sys; from workbench.ui.blocks import create_app; demo = create_app(); "
+                 "print([m for m in ('torch', 'transformers', 'safetensors') if m in sys.modules])")
+    assert out == "[]"
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "workbench" / "ui").glob("*.py")), ids=lambda p: p.name)
+def test_ui_modules_never_import_torch_transformers_or_safetensors(path):
+    tree = ast.parse(path.read_text())
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree)
+                 if isinstance(node, ast.ImportFrom) and node.module}
+    assert not imported & {"torch", "transformers", "safetensors"}
+
+
+def test_the_app_has_the_five_tabs_in_order():
+    from workbench.ui.blocks import create_app
+
+    demo = create_app()
+    labels = [b.label for b in demo.blocks.values() if isinstance(b, gr.Tab)]
+    assert labels == ["1 · Design", "2 · Preview", "3 · Build", "4 · Chat", "5 · Routing"]
+
+
+def test_on_a_space_without_oauth_there_is_no_sign_in_and_no_owner_token(monkeypatch):
+    from workbench.ui.blocks import create_app
+
+    monkeypatch.setenv("SPACE_ID", "someone/workbench")
+    monkeypatch.setenv("HF_TOKEN", "hf_owner")
+    monkeypatch.setattr(shared, "oauth_available", lambda: False)
+    demo = create_app()
+    assert not demo.expects_oauth  # no LoginButton that would fail to start without gradio[oauth]
+    assert shared.user_token(None) is None
+
+
+def test_on_a_space_local_folders_are_refused_in_validation(monkeypatch, pico_llama):
+    monkeypatch.setenv("SPACE_ID", "someone/workbench")
+    found = shared.ConfigCache().get([str(pico_llama)], None)[str(pico_llama)]
+    assert "local model folders are not allowed" in found.reason
+    monkeypatch.delenv("SPACE_ID")
+    assert isinstance(shared.ConfigCache().get([str(pico_llama)], None)[str(pico_llama)], dict)
+
+
+def test_launch_is_local_by_default_and_configurable(monkeypatch):
+    from workbench.ui.blocks import launch_options
+
+    monkeypatch.delenv("GRADIO_SERVER_NAME", raising=False)
+    monkeypatch.delenv("GRADIO_SERVER_PORT", raising=False)
+    options = launch_options()
+    assert (options["server_name"], options["server_port"]) == ("127.0.0.1", 7860)
+    assert options["show_error"] is False
+    assert ".wb-problem" in options["css"]
+    monkeypatch.setenv("GRADIO_SERVER_NAME", "0.0.0.0")
+    monkeypatch.setenv("GRADIO_SERVER_PORT", "7999")
+    assert (launch_options()["server_name"], launch_options()["server_port"]) == ("0.0.0.0", 7999)
+
+
+def test_errors_become_messages_without_tracebacks():
+    @shared.user_errors
+    def known():
+        raise BuildError("output name <x> is bad\nchoose another")
+
+    @shared.user_errors
+    def bug():
+        raise KeyError("internal detail")
+
+    @shared.user_errors
+    def streaming():
+        yield 1
+        raise BuildError("half way")
+
+    with pytest.raises(gr.Error) as info:
+        known()
+    assert info.value.message == "output name &lt;x&gt; is bad<br>choose another"
+    with pytest.raises(gr.Error) as info:
+        bug()
+    assert "KeyError" in info.value.message and "internal detail" not in info.value.message
+    stream = streaming()
+    assert next(stream) == 1
+    with pytest.raises(gr.Error, match="half way"):
+        next(stream)
+
+
+@pytest.mark.parametrize("content, text", [
+    ("plain", "plain"),
+    ([{"type": "text", "text": "a"}, {"type": "text", "text": "b"}], "ab"),
+    ({"type": "text", "text": "one block"}, "one block"),
+    (None, ""),
+])
+def test_chat_content_is_normalised(content, text):
+    assert shared.message_text(content) == text
+
+
+def test_gpu_decorator_is_a_no_op_without_spaces_and_uses_it_when_present(tmp_path, monkeypatch):
+    def work():
+        return 42
+
+    assert gpu(work) is work and gpu(duration=5)(work) is work
+    package = tmp_path / "spaces"
+    package.mkdir()
+    (package / "__init__.py").write_text(
+        "def GPU(duration=60):\n    def wrap(fn):\n        fn.zero_gpu = duration\n        return fn\n"
+        "    return wrap\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    decorated = gpu(duration=77)(lambda: 1)
+    assert decorated.zero_gpu == 77

@@ -1,0 +1,118 @@
+"""Build tab handlers: early refusals, queue place, progress views, summary, whose builds are shown."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.test_jobs import FAKE, RECIPE
+from workbench import jobs
+from workbench.errors import BuildError, WorkbenchError
+from workbench.recipe import RecipeError
+from workbench.ui import build_logic, shared
+
+
+@pytest.fixture
+def outputs(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOE_WORKBENCH_OUTPUTS", str(tmp_path / "outputs"))
+    return tmp_path / "outputs"
+
+
+@pytest.mark.parametrize("name", ["../escape", "/etc", "a/b", ".hidden", "bad\u202ename", ""])
+def test_output_names_never_leave_the_output_folder(outputs, name):
+    with pytest.raises(BuildError):
+        build_logic.make_request(RECIPE, name, "cpu", "", "5GB", False)
+
+
+def test_request_is_checked_before_queueing(outputs):
+    with pytest.raises(RecipeError) as info:
+        build_logic.make_request(RECIPE.replace("org/a", ""), "ok", "cpu", "", "5GB", False)
+    assert any(p.path == "experts[0].source_model" for p in info.value.problems)
+    with pytest.raises(BuildError, match="shard size"):
+        build_logic.make_request(RECIPE, "ok", "cpu", "", "lots", False)
+    (outputs / "taken").mkdir(parents=True)
+    with pytest.raises(BuildError, match="exists"):
+        build_logic.make_request(RECIPE, "taken", "cpu", "", "5GB", False)
+    request = build_logic.make_request(RECIPE, "taken", "cpu", "float16", "500MB", True)
+    assert request.out == str(outputs.resolve() / "taken") and request.force
+    assert request.shard_size == 500 * 10**6 and request.dtype == "float16"
+
+
+def test_follower_shows_queue_place_progress_and_summary(outputs):
+    queue = jobs.BuildQueue(FAKE)
+    first = queue.submit(jobs.BuildRequest(RECIPE, str(outputs / "slow-x")))
+    second = queue.submit(jobs.BuildRequest(RECIPE, str(outputs / "ok-y")))
+    views = build_logic.Follower(second, queue, interval=0.0).views()
+    waiting = next(views)
+    assert "number **2** in the queue" in waiting.status
+    queue.cancel(first.id)
+    rest = list(views)
+    assert any(v.fraction is not None and "Writing tensors" in v.description for v in rest)
+    final = rest[-1]
+    assert final.finished and final.output == str(outputs / "ok-y") and "token.txt" in final.summary
+    assert "[write]" in final.log
+
+
+def test_cancelled_and_failed_builds_say_so(outputs):
+    queue = jobs.BuildQueue(FAKE)
+    job = queue.submit(jobs.BuildRequest(RECIPE, str(outputs / "crash-z")))
+    final = list(build_logic.Follower(job, queue).views())[-1]
+    assert final.finished and final.output is None and "failed" in final.status
+    job = queue.submit(jobs.BuildRequest(RECIPE, str(outputs / "slow-w")))
+    views = build_logic.Follower(job, queue, interval=0.0).views()
+    next(views)
+    queue.cancel(job.id)
+    assert "cancelled" in list(views)[-1].status
+
+
+def test_summary_lists_files_and_folds_gate_warnings():
+    text = build_logic.summary_markdown({"path": "/o/moe", "files": [["model.safetensors", 2_000_000_000]],
+                                         "total_bytes": 2_000_000_000, "seconds": 75.0,
+                                         "gate_warnings": ["layer 0: x", "layer 1: x", "layer 2: x"]})
+    assert "2.00 GB" in text and "1 min 15 s" in text and "2 more" in text and "layer 1" not in text
+
+
+def make_build(folder: Path) -> str:
+    folder.mkdir(parents=True)
+    (folder / "workbench_manifest.json").write_text(json.dumps({"files": []}))
+    return str(folder)
+
+
+def test_a_space_shows_only_the_sessions_own_builds(outputs, monkeypatch):
+    mine, theirs = make_build(outputs / "mine"), make_build(outputs / "theirs")
+    (outputs / "half").mkdir()  # no manifest: not a finished build
+    assert build_logic.visible_builds([mine]) == [theirs, mine]  # locally: all, own newest last
+    monkeypatch.setenv("SPACE_ID", "someone/workbench")
+    assert build_logic.visible_builds([mine]) == [mine]
+
+
+def test_token_comes_from_the_signed_in_user_on_a_space(monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_owner")
+    assert shared.user_token(None) == "hf_owner"  # locally
+    monkeypatch.setenv("SPACE_ID", "someone/workbench")
+    assert shared.user_token(None) is None  # a logged-out visitor never gets the owner's token
+    assert shared.user_token(type("T", (), {"token": "hf_visitor"})()) == "hf_visitor"
+
+
+def test_recipe_download_is_per_session_file():
+    a = build_logic.recipe_file("base_model: a\n", "session/../A")
+    b = build_logic.recipe_file("base_model: b\n", "B")
+    assert a != b and Path(a).read_text() == "base_model: a\n" and ".." not in a
+    assert oct(os.stat(a).st_mode & 0o777) == "0o644"
+
+
+def test_a_folder_sent_by_the_browser_must_be_one_of_the_sessions_builds(outputs, tmp_path, monkeypatch):
+    mine = make_build(outputs / "mine")
+    elsewhere = make_build(tmp_path / "private-model")
+    assert build_logic.check_build(mine, [mine]) == mine
+    with pytest.raises(WorkbenchError, match="not one of your finished builds"):
+        build_logic.check_build(elsewhere, [mine])
+    with pytest.raises(WorkbenchError, match="choose a finished build"):
+        build_logic.check_build("", [mine])
+    monkeypatch.setenv("SPACE_ID", "someone/workbench")
+    theirs = make_build(outputs / "theirs")
+    with pytest.raises(WorkbenchError):
+        build_logic.check_build(theirs, [mine])  # another visitor's build

@@ -1,0 +1,152 @@
+"""Chat tab handlers with a fake backend of canned replies: streaming, stop, sessions apart."""
+
+from __future__ import annotations
+
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from workbench.chat import SamplingSettings
+from workbench.errors import WorkbenchError
+from workbench.ui import chat_logic
+
+SETTINGS = SamplingSettings(temperature=0.0, max_new_tokens=32)
+
+
+class FakeStream:
+    def __init__(self, words: list[str], cancel, trace: bool, delay: float):
+        self.words, self.cancel, self.trace, self.delay = words, cancel, trace, delay
+        self.result = None
+        self.prompt = SimpleNamespace(token_ids=[1, 2, 3])
+
+    def __iter__(self):
+        sent = []
+        try:
+            for word in self.words:
+                self.cancel.check()
+                time.sleep(self.delay)
+                sent.append(word)
+                yield word
+        finally:
+            stats = {"time_to_first_token_s": 0.01, "tokens_per_s": 99.0, "new_tokens": len(sent),
+                     "finish_reason": "cancelled" if self.cancel.cancelled else "stop"}
+            trace = SimpleNamespace(kind="fake-trace") if self.trace else None
+            self.result = SimpleNamespace(text="".join(sent), token_ids=list(range(len(sent))), stats=stats,
+                                          trace=trace)
+
+
+class FakeBackend:
+    """Canned replies that name the model, so each pane's text shows who answered."""
+
+    def __init__(self, delay: float = 0.0, length: int = 5):
+        self.delay, self.length, self.opened = delay, length, []
+
+    def open(self, ref, base_ref, messages, settings, *, trace, cancel, token, device):
+        self.opened.append({"ref": ref, "base": base_ref, "messages": messages, "trace": trace})
+        words = [f"{ref.split('/')[-1]} "] + [f"w{i} " for i in range(self.length)]
+        return FakeStream(words, cancel, trace, self.delay)
+
+    def prompt_ids(self, stream):
+        return list(stream.prompt.token_ids)
+
+
+@pytest.fixture
+def fake():
+    backend = FakeBackend()
+    old = chat_logic.use_backend(backend)
+    yield backend
+    chat_logic.use_backend(old)
+
+
+def run(side, history, session="s1", moe="out/my-moe", base="org/base", system=""):
+    return list(chat_logic.reply(side, session, history, moe, base, system, SETTINGS))
+
+
+def test_both_panes_stream_their_own_model(fake):
+    base_history, moe_history = chat_logic.add_user("Hello", [], [])
+    base_updates, moe_updates = run("base", base_history), run("moe", moe_history)
+    assert len(base_updates) > 2  # streamed: one update per piece, then the stats
+    assert base_updates[-1].history[-1] == {"role": "assistant", "content": "base w0 w1 w2 w3 w4 "}
+    assert moe_updates[-1].history[-1]["content"].startswith("my-moe")
+    assert "tokens/s" in moe_updates[-1].stats and moe_updates[-1].last["trace"].kind == "fake-trace"
+    assert base_updates[-1].last is None  # only the MoE has routing to show
+    assert moe_updates[-1].last["prompt_ids"] == [1, 2, 3] and moe_updates[-1].last["base"] == "org/base"
+    assert [o["trace"] for o in fake.opened] == [False, True]
+
+
+def test_content_blocks_are_normalised_and_history_and_system_reach_the_model(fake):
+    history = [{"role": "user", "content": [{"type": "text", "text": "first"}]},
+               {"role": "assistant", "content": [{"type": "text", "text": "answer"}]}]
+    base_history, _ = chat_logic.add_user([{"type": "text", "text": "second"}], history, history)
+    run("base", base_history, system="Be brief.")
+    assert fake.opened[-1]["messages"] == [
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "first"},
+        {"role": "assistant", "content": "answer"}, {"role": "user", "content": "second"}]
+
+
+def test_empty_message_and_missing_model_are_messages_not_crashes(fake):
+    with pytest.raises(WorkbenchError, match="empty"):
+        chat_logic.add_user("   ", [], [])
+    with pytest.raises(WorkbenchError, match="choose a built MoE"):
+        run("moe", [{"role": "user", "content": "hi"}], moe="")
+
+
+def test_stop_one_side_of_one_session_only(fake):
+    fake.delay, fake.length = 0.05, 200
+    results = {}
+
+    def go(name, side, session):
+        results[name] = run(side, [{"role": "user", "content": "hi"}], session=session)
+
+    threads = [threading.Thread(target=go, args=args) for args in
+               (("a-moe", "moe", "A"), ("a-base", "base", "A"), ("b-moe", "moe", "B"))]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)
+    assert chat_logic.stop("A", ("moe",)) == 1
+    threads[0].join(timeout=5)
+    assert not threads[0].is_alive() and results["a-moe"][-1].history[-1]["content"].endswith("(stopped)")
+    assert threads[1].is_alive() and threads[2].is_alive()  # A's base and all of B go on
+    chat_logic.stop("A")
+    chat_logic.stop("B")
+    for t in threads[1:]:
+        t.join(timeout=5)
+    assert "cancelled" in results["b-moe"][-1].stats
+
+
+def test_regenerate_drops_only_the_last_answer():
+    history = [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"},
+               {"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2"}]
+    assert chat_logic.drop_last_reply(history) == history[:3]
+
+
+def test_the_gradio_handler_yields_pane_updates(fake, tmp_path):
+    from workbench.ui.tab_chat import _streamer
+
+    moe = tmp_path / "my-moe"
+    moe.mkdir()
+    (moe / "workbench_manifest.json").write_text("{}")
+    request = SimpleNamespace(session_hash="handler")
+    stream = _streamer("moe")
+    history = [{"role": "user", "content": "hi"}]
+    outputs = list(stream(history, str(moe), "org/base", "", 0.0, 1.0, 0, 16, 1.0, 0, "cpu", [str(moe)],
+                          request))
+    final_history, stats, last = outputs[-1]
+    assert final_history[-1]["content"].startswith("my-moe") and "tokens/s" in stats
+    assert last["moe"] == str(moe)
+
+
+def test_base_of_reads_the_recipe_copy(tmp_path):
+    (tmp_path / "mergekit_moe_config.yml").write_text(
+        "base_model: org/base\nexperts:\n  - source_model: org/a\n    positive_prompts: [x]\n")
+    assert chat_logic.base_of(str(tmp_path)) == "org/base"
+    assert chat_logic.base_of("") == "" and chat_logic.base_of(str(tmp_path / "none")) == ""
+
+
+def test_a_moe_the_session_may_not_use_is_refused(fake, tmp_path):
+    with pytest.raises(WorkbenchError, match="not one of your finished builds"):
+        list(chat_logic.reply("moe", "s", [{"role": "user", "content": "hi"}], str(tmp_path), "org/base", "",
+                              SETTINGS, session_builds=[]))
+    assert fake.opened == []

@@ -1,0 +1,163 @@
+"""Design tab handlers: form <-> recipe round trips, problems next to their fields, sizes."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from workbench.recipe import Problem, parse_recipe
+from workbench.ui import design_logic, form, sizes
+
+PRESETS = sorted(Path(__file__).parent.parent.joinpath("presets").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("prompts", [
+    ["plain", "two\nlines", "back\\slash", "", '""', "  spaced  ", 'say "hi"'],
+    None,
+    [""],
+])
+def test_prompts_survive_the_textbox(prompts):
+    assert form.decode_prompts(form.encode_prompts(prompts)) == prompts
+
+
+def test_blank_lines_are_ignored_and_empty_prompt_is_explicit():
+    assert form.decode_prompts("a\n\n\nb\n") == ["a", "b"]
+    assert form.decode_prompts('""\n""') == ["", ""]
+    assert form.decode_prompts("") is None
+
+
+HUB_RECIPE = """
+base_model: org/base
+experts:
+  - source_model: org/a
+    positive_prompts: [code first]
+  - source_model: org/b
+    positive_prompts: [math second]
+  - source_model: org/c
+    positive_prompts: [story third]
+  - source_model: org/d
+    positive_prompts: [chat fourth]
+"""
+
+
+def form_values(data: dict) -> tuple[list, list]:
+    top = [data.get(k, "") if k != "experts_per_token" else data.get(k, 2) for k in form.TOP_KEYS]
+    cards = [form.expert_fields(e) for e in data["experts"]]
+    # The textboxes hand numbers back as text.
+    cards = [[*c[:3], "" if c[3] is None else str(c[3]), "" if c[4] is None else str(c[4])] for c in cards]
+    return top, cards
+
+
+@pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.name)
+def test_every_preset_round_trips_through_the_form(path):
+    recipe, _ = parse_recipe(path.read_text())
+    data = form.recipe_data(recipe)
+    top, cards = form_values(data)
+    again, problems = parse_recipe(form.data_yaml(form.form_data(data, top, cards), None))
+    assert again == recipe
+
+
+def test_form_keeps_scales_and_reports_bad_numbers_at_their_path():
+    data = {"base_model": "org/base", "experts": [{"source_model": "org/a", "positive_prompts": ["x"]},
+                                                  {"source_model": "org/b", "positive_prompts": ["y"]}]}
+    top, cards = form_values(data)
+    cards[0][3], cards[1][4] = "0.01", "abc"
+    checked = design_logic.check(form.form_data(data, top, cards), None)
+    assert checked.recipe is None
+    assert {p.path for p in checked.problems} == {"experts[1].residual_scale"}
+    assert checked.slots()["experts[1].scales"] and not checked.slots()["experts[0].scales"]
+    cards[1][4] = ""
+    fixed = design_logic.check(form.form_data(data, top, cards), None)
+    assert fixed.recipe.experts[0].noise_scale == 0.01 and fixed.recipe.experts[1].residual_scale is None
+
+
+@pytest.mark.parametrize("path, slot", [
+    ("base_model", "base_model"),
+    ("experts[1].positive_prompts[3]", "experts[1].positive_prompts"),
+    ("experts[0].noise_scale", "experts[0].scales"),
+    ("experts[2]", "experts[2]"),
+    ("experts[9].source_model", "experts"),  # beyond the cards shown
+    ("gate_mode", "settings"),
+    ("experts_per_token", "settings"),
+    ("", "experts"),
+])
+def test_problem_paths_map_to_form_slots(path, slot):
+    assert form.slot_for(path, 3) == slot
+
+
+def test_problems_html_escapes_and_shows_the_fix():
+    html = form.problems_html([Problem("error", "base_model", "bad <b>name</b>", "use org/name")])
+    assert "&lt;b&gt;" in html and "wb-error" in html and "use org/name" in html
+
+
+def test_bad_yaml_keeps_the_form_and_says_where():
+    checked, problems = design_logic.from_yaml("base_model: x\nexperts: [oops\n", None)
+    assert checked is None
+    assert "line" in problems[0].message and "column" in problems[0].message
+
+
+def test_yaml_typo_is_reported_not_ignored():
+    text = HUB_RECIPE.replace("base_model: org/base", "base_model: org/base\ngate_mod: hidden")
+    checked, _ = design_logic.from_yaml(text, None)
+    assert any(p.path == "gate_mod" and "gate_mode" in p.fix for p in checked.problems)
+
+
+
+
+def test_add_remove_duplicate_move_experts():
+    start, _ = design_logic.from_yaml(HUB_RECIPE, None)  # hub ids: offline, configs fail fast
+    names = lambda c: [e["positive_prompts"][0][:10] for e in c.data["experts"]]  # noqa: E731
+    first = names(start)
+    moved = design_logic.restructure(start.draft, "down", 0, None)
+    assert names(moved) == [first[1], first[0], *first[2:]]
+    copied = design_logic.restructure(start.draft, "duplicate", 1, None)
+    assert names(copied) == [first[0], first[1], first[1], *first[2:]]
+    removed = design_logic.restructure(start.draft, "remove", 0, None)
+    assert names(removed) == first[1:]
+    added = design_logic.restructure(start.draft, "add", -1, None)
+    assert len(added.data["experts"]) == 5
+    assert any(p.path == "experts[4].source_model" for p in added.problems)  # the new card needs a model
+    assert any(p.path == "experts" and "power of two" in p.message for p in added.problems)
+
+
+def test_compatibility_problem_lands_on_the_expert_card(pico_factory):
+    base, wide = pico_factory("ui-base"), pico_factory("ui-wide", hidden=96)
+    data = {"base_model": str(base), "experts": [
+        {"source_model": str(base), "positive_prompts": ["code"]},
+        {"source_model": str(wide), "positive_prompts": ["story"]}]}
+    checked = design_logic.check(data, None)
+    slots = checked.slots()
+    assert "hidden_size" in slots["experts[1].source_model"]
+    assert not slots["experts[0].source_model"]
+    assert "Parameters" in checked.summary()
+
+
+def test_size_estimate_counts_every_parameter_of_a_real_build(pico_factory, tmp_path):
+    from safetensors import safe_open
+
+    from workbench.build import build
+
+    base = pico_factory("ui-size", tie=True)
+    recipe, _ = parse_recipe(f"base_model: {base}\nexperts_per_token: 1\nexperts:\n"
+                             f"  - source_model: {base}\n    positive_prompts: [a]\n"
+                             f"  - source_model: {base}\n    positive_prompts: [b]\n"
+                             f"  - source_model: {base}\n    positive_prompts: [c]\n")
+    result = build(recipe, tmp_path / "moe", device="cpu")
+    config = json.loads((base / "config.json").read_text())
+    estimate = sizes.estimate(recipe, config)
+    with safe_open(str(result.path / "model.safetensors"), framework="pt") as f:
+        counted = sum(math.prod(f.get_slice(name).get_shape()) for name in f.keys())
+    assert estimate.total_params == counted
+    one_expert = 3 * config["hidden_size"] * config["intermediate_size"] * config["num_hidden_layers"]
+    assert estimate.total_params - estimate.active_params == 2 * one_expert  # 3 experts, 1 active
+    assert estimate.disk_bytes == counted * 4  # float32 pico
+
+
+def test_sizes_say_why_they_are_missing():
+    recipe, _ = parse_recipe(design_logic.preset_text("demo"))
+    assert "config.json" in sizes.estimate_html(recipe, "offline")
+    assert "parses" in sizes.estimate_html(None, None)
+    assert sizes.human(1_234_567) == "1.23 M" and sizes.human(2.5e9, "B") == "2.50 GB"

@@ -1,0 +1,299 @@
+"""The build runner: one build at a time, each in its own subprocess, progress streamed back.
+
+A build reads and writes gigabytes through native code; a crash there (out of memory,
+a segfault in a reader) must not take the web server down, so every build runs in a
+child `python -m workbench.jobs_child`. The parent sends the request as one JSON line on the
+child's stdin and later, to cancel, the line "cancel"; the child answers with JSON lines
+on stdout (progress, then one of done / error / cancelled). Closing the child's stdin also
+cancels it, so a dead server never leaves a build running. The build itself is
+crash-safe (staging folder, rename into place), so killing the child leaves no output.
+
+Jobs wait in a FIFO; a waiting user can read their place in the queue. Hub tokens reach
+the child through its environment only (never its command line, which `ps` shows), and
+a job without a token gets an environment with every inherited token removed, so a
+logged-out visitor never builds with the server owner's token.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from workbench.errors import WorkbenchError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_RUNNER = "workbench.build:build"
+TOKEN_VARIABLES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_API_TOKEN")
+FINAL_KINDS = ("done", "error", "cancelled")
+State = Literal["queued", "running", "done", "error", "cancelled"]
+
+
+class QueueFull(WorkbenchError):
+    """Too many builds are waiting; the caller should try again later."""
+
+
+@dataclass(frozen=True)
+class BuildRequest:
+    recipe_yaml: str
+    out: str  # absolute output folder, already checked with build.output_path
+    device: str = "auto"
+    dtype: str | None = None
+    shard_size: int = 5 * 10**9
+    seed: int = 0
+    force: bool = False
+
+
+@dataclass(frozen=True)
+class JobEvent:
+    kind: Literal["queued", "progress", "log", "done", "error", "cancelled"]
+    stage: str = ""
+    fraction: float = 0.0
+    message: str = ""
+    position: int = 0  # place in line, the running build being number 1 ("queued" only)
+    eta_seconds: float | None = None  # time left in the current stage, when it can be told
+    result: dict[str, Any] | None = None  # "done" only: path, files, total_bytes, seconds, gates
+
+
+@dataclass(eq=False)
+class Job:
+    id: str
+    request: BuildRequest
+    token: str | None = field(default=None, repr=False)
+    state: State = "queued"
+    events: queue.Queue = field(default_factory=queue.Queue, repr=False)
+    _cancel: threading.Event = field(default_factory=threading.Event, repr=False)
+    _stage: str = ""
+    _stage_started: float = 0.0
+
+    @property
+    def finished(self) -> bool:
+        return self.state in FINAL_KINDS
+
+    def next_event(self, timeout: float | None = None) -> JobEvent | None:
+        """The next event, or None when `timeout` seconds pass without one."""
+        try:
+            return self.events.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def stream(self, poll: float = 0.5) -> Iterator[JobEvent | None]:
+        """Events until the final one; None every `poll` seconds of silence (for queue updates)."""
+        while True:
+            event = self.next_event(poll)
+            yield event
+            if event is not None and event.kind in FINAL_KINDS:
+                return
+
+    def _emit(self, event: JobEvent) -> None:
+        if event.kind == "progress":
+            event = self._with_eta(event)
+        if event.kind in FINAL_KINDS:
+            self.state = event.kind
+        self.events.put(event)
+
+    def _with_eta(self, event: JobEvent) -> JobEvent:
+        now = time.monotonic()
+        if event.stage != self._stage:
+            self._stage, self._stage_started = event.stage, now
+        elapsed, fraction = now - self._stage_started, event.fraction
+        if 0.02 < fraction < 1.0 and elapsed > 0.5:
+            return JobEvent(**{**asdict(event), "eta_seconds": elapsed / fraction - elapsed})
+        return event
+
+
+class BuildQueue:
+    """Runs submitted builds one at a time, each in a child process."""
+
+    def __init__(self, runner: str = DEFAULT_RUNNER, *, max_waiting: int = 8, grace_seconds: float = 10.0):
+        self.runner = runner  # "module:function" the child calls; server-side only, never user input
+        self.max_waiting = max_waiting
+        self.grace_seconds = grace_seconds
+        self._waiting: deque[Job] = deque()
+        self._jobs: dict[str, Job] = {}
+        self._lock = threading.Condition()
+        self._ids = itertools.count(1)
+        self._worker: threading.Thread | None = None
+        self._child: subprocess.Popen | None = None
+        self._running: Job | None = None
+
+    def submit(self, request: BuildRequest, token: str | None = None) -> Job:
+        with self._lock:
+            if len(self._waiting) >= self.max_waiting:
+                raise QueueFull(f"{len(self._waiting)} builds are already waiting; "
+                                "try again in a few minutes")
+            job = Job(f"build-{next(self._ids)}", request, token)
+            self._jobs[job.id] = job
+            self._waiting.append(job)
+            place = self._place(job)
+            job._emit(JobEvent("queued", position=place, message=f"waiting: number {place} in the queue"))
+            if self._worker is None or not self._worker.is_alive():
+                self._worker = threading.Thread(target=self._work, name="build-queue", daemon=True)
+                self._worker.start()
+            self._lock.notify_all()
+        return job
+
+    def get(self, job_id: str) -> Job | None:
+        return self._jobs.get(job_id)
+
+    def position(self, job: Job) -> int:
+        """Place in line counting the running build as number 1; 0 once the job has started."""
+        with self._lock:
+            return self._place(job)
+
+    def _place(self, job: Job) -> int:
+        for i, waiting in enumerate(self._waiting):
+            if waiting is job:
+                return i + 1 + (self._running is not None)
+        return 0
+
+    def cancel(self, job_id: str) -> bool:
+        """Stop a job: drop it from the queue, or ask its child to stop. False if already over."""
+        with self._lock:
+            job = self._jobs.get(job_id)
+            if job is None or job.finished:
+                return False
+            job._cancel.set()
+            if job in self._waiting:
+                self._waiting.remove(job)
+                job._emit(JobEvent("cancelled", message="removed from the queue before it started"))
+                return True
+            child = self._child
+        if child is not None and child.stdin is not None:
+            try:
+                child.stdin.write("cancel\n")
+                child.stdin.flush()
+            except (BrokenPipeError, OSError, ValueError):
+                log.debug("build child already gone when cancelling %s", job_id)
+            # A child stuck in native code never reads the cancel: kill it after the grace period.
+            timer = threading.Timer(self.grace_seconds, _kill, args=(child, job_id))
+            timer.daemon = True
+            timer.start()
+        return True
+
+    def _work(self) -> None:
+        while True:
+            with self._lock:
+                while not self._waiting:
+                    self._lock.wait()
+                job = self._waiting.popleft()
+                job.state, self._running = "running", job
+            try:
+                self._run(job)
+            except Exception as exc:  # the queue must survive anything one job does
+                log.exception("build runner failed for %s", job.id)
+                job._emit(JobEvent("error", message=f"the build runner failed: {type(exc).__name__}: {exc}"))
+            finally:
+                job.token = None
+                with self._lock:
+                    self._child, self._running = None, None
+                    self._jobs = {k: v for k, v in self._jobs.items() if not v.finished or k == job.id}
+
+    def _run(self, job: Job) -> None:
+        child = subprocess.Popen(
+            [sys.executable, "-m", "workbench.jobs_child"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True, env=child_environment(job.token), start_new_session=True)
+        stderr_tail: deque[str] = deque(maxlen=20)
+        reader = threading.Thread(target=_drain, args=(child.stderr, stderr_tail, job), daemon=True)
+        reader.start()
+        try:
+            child.stdin.write(json.dumps({"runner": self.runner, **asdict(job.request)}) + "\n")
+            child.stdin.flush()
+        except (BrokenPipeError, OSError):
+            log.warning("build child for %s exited before reading its request", job.id)
+        with self._lock:  # only now may cancel() write to the child: the request line comes first
+            self._child = child
+        if job._cancel.is_set():
+            self.cancel(job.id)
+        final = self._relay(child, job)
+        self._stop(child, job)
+        reader.join(timeout=5)
+        if final is None:
+            code = child.returncode
+            tail = " | ".join(stderr_tail)
+            message = ("stopped" if job._cancel.is_set() else
+                       f"the build process ended unexpectedly (exit code {code}); nothing was written. "
+                       + (f"Last output: {tail}" if tail else "Check the server log"))
+            job._emit(JobEvent("cancelled" if job._cancel.is_set() else "error", message=message))
+
+    def _relay(self, child: subprocess.Popen, job: Job) -> JobEvent | None:
+        """Forward the child's events; return the final one (None if the child died silently)."""
+        for line in child.stdout:
+            try:
+                data = json.loads(line)
+                event = JobEvent(**data)
+            except (ValueError, TypeError):
+                log.debug("build child wrote a non-event line: %.200s", line)
+                continue
+            job._emit(event)
+            if event.kind in FINAL_KINDS:
+                return event
+        return None
+
+    def _stop(self, child: subprocess.Popen, job: Job) -> None:
+        """Wait for the child; one that ignores a cancel is killed after the grace period."""
+        try:
+            child.stdin.close()
+        except OSError:
+            pass
+        try:
+            child.wait(timeout=self.grace_seconds)
+        except subprocess.TimeoutExpired:
+            _kill(child, job.id)
+            child.wait()
+
+
+def _kill(child: subprocess.Popen, job_id: str) -> None:
+    if child.poll() is not None:
+        return
+    log.warning("build child of %s did not stop when asked; killing it", job_id)
+    try:
+        os.killpg(child.pid, signal.SIGKILL)  # its own session: takes any helpers it started too
+    except ProcessLookupError:
+        pass
+
+
+def child_environment(token: str | None) -> dict[str, str]:
+    """The server's environment with inherited Hub tokens replaced by the job's own (or none)."""
+    env = {k: v for k, v in os.environ.items() if k not in TOKEN_VARIABLES}
+    if token:
+        env["HF_TOKEN"] = token
+    else:
+        # Without this, huggingface_hub would fall back to a token saved on disk by `hf auth login`.
+        env["HF_HUB_DISABLE_IMPLICIT_TOKEN"] = "1"
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def _drain(stream: Any, tail: deque[str], job: Job) -> None:
+    """Keep the child's stderr (its log) flowing; its last lines explain a crash."""
+    for line in stream:
+        line = line.rstrip()
+        if line:
+            tail.append(line[:300])
+            job._emit(JobEvent("log", message=line[:500]))
+
+
+_default: BuildQueue | None = None
+_default_lock = threading.Lock()
+
+
+def default_queue() -> BuildQueue:
+    """The server's one build queue, created on first use (importing starts nothing)."""
+    global _default
+    with _default_lock:
+        if _default is None:
+            _default = BuildQueue()
+        return _default

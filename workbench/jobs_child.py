@@ -1,0 +1,101 @@
+"""The child side of a build job: `python -m workbench.jobs_child` (started by workbench.jobs).
+
+Reads one JSON request line on stdin, runs the build, and writes JSON event lines on
+stdout: progress (at most every 0.1 s per stage), then exactly one of done / error /
+cancelled. A later stdin line "cancel", or stdin closing because the server went away,
+cancels the build at its next check. The Hub token comes from this process's environment
+(HF_TOKEN, set by the parent for this job only) and is scrubbed from every message.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import threading
+import time
+import traceback
+from dataclasses import asdict
+from typing import Any
+
+from workbench.errors import WorkbenchError
+from workbench.jobs import JobEvent
+
+log = logging.getLogger(__name__)
+
+
+class _Emitter:
+    """Writes events as JSON lines; progress at most every 0.1 s unless the stage changes."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream, self.stage, self.last = stream, None, 0.0
+
+    def progress(self, event: Any) -> None:
+        now = time.monotonic()
+        if event.stage == self.stage and event.fraction < 1.0 and now - self.last < 0.1:
+            return
+        self.stage, self.last = event.stage, now
+        self.send(JobEvent("progress", event.stage, float(event.fraction), str(event.message)[:300]))
+
+    def send(self, event: JobEvent) -> None:
+        self.stream.write(json.dumps(asdict(event)) + "\n")
+        self.stream.flush()
+
+
+def _watch_stdin(stream: Any, cancel: Any) -> None:
+    """Cancel on a "cancel" line or when the parent goes away (stdin closes)."""
+    for line in stream:
+        if line.strip() == "cancel":
+            break
+    cancel.cancel()
+
+
+def _result_dict(result: Any) -> dict[str, Any]:
+    diagnostics = getattr(getattr(result, "gates", None), "diagnostics", None)
+    return {"path": str(result.path), "files": [list(f) for f in result.files],
+            "total_bytes": int(result.total_bytes), "seconds": float(result.seconds),
+            "gate_warnings": list(diagnostics.warnings) if diagnostics is not None else []}
+
+
+def child_main(stdin: Any = None, stdout: Any = None) -> int:
+    """Run one build request read from stdin; report on stdout. Always exits 0 after a report."""
+    import importlib
+    from pathlib import Path
+
+    from workbench.errors import Cancelled
+    from workbench.hub_source import scrub
+    from workbench.progress import CancelToken
+    from workbench.recipe import RecipeError, errors, parse_recipe
+
+    stdin, emitter = stdin or sys.stdin, _Emitter(stdout or sys.stdout)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    request = json.loads(stdin.readline())
+    module, _, name = request.pop("runner").partition(":")
+    runner = getattr(importlib.import_module(module), name)
+    cancel = CancelToken()
+    threading.Thread(target=_watch_stdin, args=(stdin, cancel), daemon=True).start()
+    token = os.environ.get("HF_TOKEN") or None
+    try:
+        recipe, problems = parse_recipe(request.pop("recipe_yaml"))
+        if recipe is None or errors(problems):
+            raise RecipeError(problems)
+        out = Path(request.pop("out"))
+        result = runner(recipe, out, token=token, on_progress=emitter.progress, cancel=cancel, **request)
+    except Cancelled:
+        emitter.send(JobEvent("cancelled", message="stopped on request; nothing was written"))
+    except WorkbenchError as exc:
+        emitter.send(JobEvent("error", message=scrub(str(exc), token)))
+    except MemoryError:
+        emitter.send(JobEvent("error", message="the build ran out of memory; close other programs "
+                                               "or build on a machine with more RAM"))
+    except Exception as exc:  # a bug: report it readably, log the traceback for the server log
+        log.error("build failed: %s", scrub("".join(traceback.format_exception(exc)), token))
+        emitter.send(JobEvent("error", message=scrub(f"unexpected {type(exc).__name__}: {exc}", token)))
+    else:
+        emitter.send(JobEvent("done", "done", 1.0, f"built {result.path}", result=_result_dict(result)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(child_main())

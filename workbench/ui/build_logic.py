@@ -1,0 +1,168 @@
+"""The Build tab's handlers as plain functions: a checked request in, views of the job out."""
+
+from __future__ import annotations
+
+import html
+import os
+import tempfile
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from workbench import jobs
+from workbench.errors import BuildError, WorkbenchError
+from workbench.hub import MANIFEST
+from workbench.recipe import RecipeError, errors, parse_recipe, validate
+from workbench.ui import shared
+from workbench.ui.sizes import human
+
+STAGES = {"resolve": "Fetching models", "demo": "Preparing the demo model", "gates": "Computing gates",
+          "write": "Writing tensors", "verify": "Verifying", "done": "Done"}
+
+
+def make_request(yaml_text: str, name: str, device: str, dtype: str | None, shard_size: str,
+                 replace: bool) -> jobs.BuildRequest:
+    """A build request from the tab's fields, refused early for anything the user can fix now."""
+    from workbench.build import output_path, parse_size  # imports torch: only when a build starts
+
+    recipe, problems = parse_recipe(yaml_text or "")
+    problems = problems + (validate(recipe) if recipe is not None else [])
+    if recipe is None or errors(problems):
+        raise RecipeError(errors(problems) or problems)
+    out = output_path(shared.outputs_root(), (name or "").strip())
+    if out.exists() and not replace:
+        raise BuildError(f"an output named {out.name!r} exists; tick 'replace' or choose another name")
+    return jobs.BuildRequest(yaml_text, str(out), device=device or "auto", dtype=dtype or None,
+                             shard_size=parse_size(shard_size or "5GB"), force=bool(replace))
+
+
+@dataclass
+class BuildView:
+    """What the tab shows at one moment of a job."""
+
+    status: str
+    log: str
+    fraction: float | None = None  # None: no progress bar
+    description: str = ""
+    summary: str = ""
+    output: str | None = None  # the finished build's folder
+    finished: bool = False
+
+
+@dataclass
+class Follower:
+    """Turns a job's events into views, at most a few per second while progress streams."""
+
+    job: jobs.Job
+    queue: jobs.BuildQueue
+    interval: float = 0.25
+    lines: deque = field(default_factory=lambda: deque(maxlen=300))
+    _last: float = 0.0
+
+    def views(self) -> Iterator[BuildView]:
+        fraction, description = None, ""
+        for event in self.job.stream(poll=0.5):
+            if event is None or event.kind == "queued":
+                place = self.queue.position(self.job)
+                if place:
+                    yield BuildView(f"Waiting: you are number **{place}** in the queue "
+                                    f"({place - 1} build(s) ahead).", self.log)
+                continue
+            if event.kind == "log":
+                self.lines.append(event.message)
+            elif event.kind == "progress":
+                fraction, description = event.fraction, progress_text(event)
+                self.lines.append(f"[{event.stage}] {event.message}")
+            if event.kind in jobs.FINAL_KINDS:
+                yield self.final(event)
+                return
+            if time.monotonic() - self._last >= self.interval:
+                self._last = time.monotonic()
+                # The progress bar drawn over the status box carries the stage and time left.
+                yield BuildView("", self.log, fraction, description)
+
+    @property
+    def log(self) -> str:
+        return "\n".join(self.lines)
+
+    def final(self, event: jobs.JobEvent) -> BuildView:
+        if event.kind == "done" and event.result:
+            self.lines.append(event.message)
+            return BuildView("✔ Build finished.", self.log, None, "", summary_markdown(event.result),
+                             event.result["path"], True)
+        if event.kind == "cancelled":
+            return BuildView("■ Build cancelled; nothing was written.", self.log, finished=True)
+        self.lines.append(f"error: {event.message}")
+        return BuildView(f"✖ Build failed: {html.escape(event.message)}", self.log, finished=True)
+
+
+def progress_text(event: jobs.JobEvent) -> str:
+    stage = STAGES.get(event.stage, event.stage.capitalize())
+    eta = f" · about {format_seconds(event.eta_seconds)} left" if event.eta_seconds else ""
+    return f"{stage} ({event.fraction:.0%}){eta}"
+
+
+def format_seconds(seconds: float) -> str:
+    if seconds < 1:
+        return "under a second"
+    seconds = int(round(seconds))
+    return f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s"
+
+
+def summary_markdown(result: dict) -> str:
+    rows = "\n".join(f"| `{html.escape(name)}` | {human(size, 'B')} |" for name, size in result["files"])
+    warnings = _warnings(result.get("gate_warnings") or [])
+    return (f"**{Path(result['path']).name}**: {len(result['files'])} files, "
+            f"{human(result['total_bytes'], 'B')}, built in {format_seconds(result['seconds'])}.\n\n"
+            f"| file | size |\n|---|---|\n{rows}{warnings}")
+
+
+def _warnings(found: list[str]) -> str:
+    """Gate warnings, folded: mergekit's condition-number warning comes once per layer."""
+    if not found:
+        return ""
+    more = f" (and {len(found) - 1} more like it; see the Preview tab)" if len(found) > 1 else ""
+    return f"\n\n> ▲ {html.escape(found[0])}{more}"
+
+
+def visible_builds(session_builds: list[str]) -> list[str]:
+    """Builds this session may chat with or push, newest of its own last: on a Space only its
+    own; locally also every finished build in the output folder."""
+    mine = [p for p in dict.fromkeys(session_builds) if (Path(p) / MANIFEST).is_file()]
+    root = shared.outputs_root()
+    others = []
+    if not shared.on_space() and root.is_dir():
+        others = sorted(str(p) for p in root.iterdir() if (p / MANIFEST).is_file() and str(p) not in mine)
+    return others + mine
+
+
+def check_build(folder: str | None, session_builds: list[str]) -> str:
+    """A build folder sent by the browser, accepted only if this session may see it.
+
+    Dropdown values come from the client; without this check a crafted request could name
+    any folder on the server (another visitor's build, a model the server keeps privately).
+    """
+    if not folder:
+        raise WorkbenchError("choose a finished build first (build one on the Build tab)")
+    if folder not in visible_builds(session_builds):
+        raise WorkbenchError(f"{Path(folder).name!r} is not one of your finished builds; choose one "
+                             "from the list")
+    return folder
+
+
+def build_choices(session_builds: list[str]) -> list[tuple[str, str]]:
+    """(folder name, path) pairs for a dropdown."""
+    return [(Path(p).name, p) for p in visible_builds(session_builds)]
+
+
+def recipe_file(yaml_text: str, session: str) -> str:
+    """The editor's YAML as a file to download (one per session, rewritten each time)."""
+    safe = "".join(c for c in session if c.isalnum()) or "local"
+    folder = Path(tempfile.gettempdir()) / "moe-workbench-recipes" / safe
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "recipe.yaml"
+    path.write_text(yaml_text or "", encoding="utf-8")
+    os.chmod(path, 0o644)
+    return str(path)

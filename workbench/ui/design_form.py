@@ -1,0 +1,155 @@
+"""The Design form: base model, settings and one card per expert, rendered from the draft.
+
+The form re-renders only when the recipe's *structure* changes (a preset, a YAML edit, a
+card added, removed, duplicated or moved), signalled by the `revision` state; typing in a
+field never re-renders, so focus and cursor stay put. Every field edit sends the whole
+form, which becomes the new draft and rewrites the YAML.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import gradio as gr
+
+from workbench.recipe import GATE_MODES
+from workbench.ui import design_logic, form, shared
+
+GATE_HELP = {"hidden": "mergekit default", "hidden_avg": "averaged states", "cheap_embed": "embeddings only",
+             "random": "no prompts", "uniform_random": "no prompts", "router_input": "workbench"}
+DTYPE_CHOICES = [("from the base model", ""), ("bfloat16", "bfloat16"), ("float16", "float16"),
+                 ("float32", "float32")]
+FAMILY_CHOICES = [("Mixtral (default)", ""), ("Mixtral", "mixtral")]
+MODEL_HELP = "a Hub id (org/name[@revision]), a local folder, or demo:smollm2-135m-instruct"
+
+
+@dataclass
+class DesignOutputs:
+    """Components outside the form that form handlers update."""
+
+    draft: gr.State
+    revision: gr.State
+    yaml: gr.Code
+    yaml_problems: gr.HTML
+    summary: gr.HTML
+
+
+def render_form(out: DesignOutputs, demo: gr.Blocks) -> None:
+    """Attach the re-rendering form to the current Blocks context."""
+
+    # One render at a time: two running at once (page load + a first edit) race on the event table.
+    @gr.render(inputs=[out.draft], triggers=[out.revision.change, demo.load], show_progress="hidden",
+               concurrency_limit=1)
+    def _form(draft: dict[str, Any]) -> None:
+        data = draft["data"]
+        experts = data.get("experts") or []
+        problems = [form.problem_from_dict(p) for p in draft["problems"]]
+        html = form.slot_html(problems, len(experts))
+        slots: dict[str, gr.HTML] = {}
+
+        def slot(key: str) -> None:
+            slots[key] = gr.HTML(html[key], elem_classes="wb-slot")
+
+        with gr.Group(elem_classes="wb-section"):
+            base = gr.Textbox(data.get("base_model", ""), label="Base model", info="donates attention, "
+                              "embeddings and the tokenizer; " + MODEL_HELP, elem_id="wb-base-model",
+                              interactive=True)
+        slot("base_model")
+        with gr.Row(equal_height=True):
+            mode = data.get("gate_mode", "hidden")
+            gate = gr.Dropdown([(f"{m} ({GATE_HELP[m]})", m) for m in GATE_MODES], value=mode, scale=3,
+                               label="Gate mode", info="how router rows come from the prompts",
+                               interactive=True)
+            k = gr.Number(data.get("experts_per_token", 2), label="Experts per token", precision=0,
+                          minimum=1, scale=1, info="top-k", interactive=True)
+            dtype = gr.Dropdown(DTYPE_CHOICES, value=data.get("dtype", ""), label="Output dtype", scale=1,
+                                info="of the weights", interactive=True)
+            family = gr.Dropdown(FAMILY_CHOICES, value=data.get("architecture", ""), label="Output family",
+                                 scale=1, info="Qwen/DeepSeek later", interactive=True)
+        slot("settings")
+        top = [base, gate, dtype, k, family]  # form.TOP_KEYS order
+        cards = [_card(i, expert, slot) for i, expert in enumerate(experts)]
+        slot("experts")
+        add = gr.Button("+ Add expert", size="sm", elem_id="wb-add-expert")
+        _wire(out, top, cards, slots, add)
+
+
+@dataclass
+class _Card:
+    fields: list[Any]  # source, positives, negatives, noise, residual
+    buttons: dict[str, gr.Button]
+
+
+def _card(i: int, expert: dict[str, Any], slot: Callable[[str], None]) -> _Card:
+    source, positive, negative, noise, residual = form.expert_fields(expert)
+    with gr.Column(elem_classes="wb-card", elem_id=f"wb-expert-{i}"):
+        with gr.Row(elem_classes="wb-card-head"):
+            gr.Markdown(f"### Expert {i + 1}", elem_classes="wb-card-title")
+            buttons = {action: gr.Button(label, size="sm", min_width=width, scale=0, elem_classes="wb-icon")
+                       for action, label, width in (("up", "↑", 40), ("down", "↓", 40),
+                                                    ("duplicate", "Duplicate", 96), ("remove", "Remove", 84))}
+        slot(f"experts[{i}]")
+        fields = [gr.Textbox(source, label="Source model", interactive=True,
+                             info="its MLPs become this expert; " + MODEL_HELP)]
+        slot(f"experts[{i}].source_model")
+        with gr.Row():
+            with gr.Column():
+                fields.append(gr.Textbox(positive, label="Positive prompts", lines=3, max_lines=12,
+                                         interactive=True, info='one per line; "" is the empty prompt'))
+                slot(f"experts[{i}].positive_prompts")
+            with gr.Column():
+                fields.append(gr.Textbox(negative, label="Negative prompts", lines=3, max_lines=12,
+                                         interactive=True, info="one per line; optional"))
+                slot(f"experts[{i}].negative_prompts")
+        with gr.Row():
+            # Text, not gr.Number: an unset scale must stay unset (a Number shows and returns 0).
+            fields.append(gr.Textbox(_number(noise), label="Noise scale", placeholder="none",
+                                     interactive=True, info="adds scale·N(0,1) to its MLPs"))
+            fields.append(gr.Textbox(_number(residual), label="Residual scale", placeholder="none",
+                                     interactive=True, info="multiplies its down projection"))
+        slot(f"experts[{i}].scales")
+    return _Card(fields, buttons)
+
+
+def _number(value: float | None) -> str:
+    return "" if value is None else repr(value)
+
+
+def _wire(out: DesignOutputs, top: list[Any], cards: list[_Card], slots: dict[str, gr.HTML],
+          add: gr.Button) -> None:
+    fields = top + [f for card in cards for f in card.fields]
+    keys = form.slot_keys(len(cards))
+
+    @shared.user_errors
+    def edited(values: dict, oauth_token: gr.OAuthToken | None = None) -> dict:
+        checked = design_logic.from_form(values[out.draft], [values[c] for c in top],
+                                         [[values[f] for f in card.fields] for card in cards],
+                                         shared.user_token(oauth_token))
+        html = checked.slots()
+        return {out.draft: checked.draft, out.yaml: checked.yaml, out.yaml_problems: checked.problems_html,
+                out.summary: checked.summary(), **{slots[key]: html[key] for key in keys}}
+
+    updates = {out.draft, out.yaml, out.yaml_problems, out.summary, *slots.values()}
+    # `.change`, not `.input`: Gradio fires `input` on key presses only, so a deletion or a paste
+    # would go unvalidated. Nothing writes to these fields but the user (a new form is a new render).
+    for component in fields:
+        component.change(edited, {out.draft, *fields}, updates, show_progress="hidden",
+                         trigger_mode="always_last")
+
+    def structural(action: str, index: int) -> Callable[..., dict]:
+        @shared.user_errors
+        def change(current: dict, oauth_token: gr.OAuthToken | None = None) -> dict:
+            checked = design_logic.restructure(current, action, index, shared.user_token(oauth_token))
+            return {out.draft: checked.draft, out.revision: design_logic.next_revision(),
+                    out.yaml: checked.yaml, out.yaml_problems: checked.problems_html,
+                    out.summary: checked.summary()}
+
+        return change
+
+    changed = {out.draft, out.revision, out.yaml, out.yaml_problems, out.summary}
+    for i, card in enumerate(cards):
+        for action, button in card.buttons.items():
+            button.click(structural(action, i), [out.draft], changed, show_progress="hidden")
+    add.click(structural("add", -1), [out.draft], changed, show_progress="hidden")

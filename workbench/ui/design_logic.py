@@ -1,0 +1,165 @@
+"""The Design tab's handlers as plain functions: recipe text or form values in, what to show out.
+
+The session holds a *draft*: {"data": recipe as a dict, "problems": [problem dicts]}.
+The form and the YAML editor both edit it: form edits rewrite the YAML; YAML edits that
+parse replace the data and re-render the form. Validation (with the models' config.json,
+read through a cache) runs on every edit and its problems go next to their fields.
+"""
+
+from __future__ import annotations
+
+import copy
+import html
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from workbench.recipe import Problem, Recipe, errors, parse_recipe, recipe_from_dict, validate
+from workbench.ui import form, shared, sizes
+
+BLANK = "blank"
+BLANK_TEXT = """# A blank recipe: name a base model and give each expert a source model and prompts.
+base_model: ""
+gate_mode: hidden
+experts_per_token: 2
+experts:
+  - source_model: ""
+    positive_prompts: []
+  - source_model: ""
+    positive_prompts: []
+"""
+NEW_EXPERT = {"source_model": "", "positive_prompts": []}
+_revisions = itertools.count(1)
+
+
+def next_revision() -> int:
+    """A value the form's `revision` state has never had, so setting it always re-renders.
+
+    Not `revision + 1`: two handlers started from the same revision (the page's load check
+    and a first edit) would both write the same number, the state would not change, and
+    the form would keep showing the old recipe.
+    """
+    return next(_revisions)
+
+
+@dataclass
+class Checked:
+    data: dict[str, Any]
+    recipe: Recipe | None
+    problems: list[Problem] = field(default_factory=list)
+    base_config: dict | str | None = None  # the base's config.json, or why it is unavailable
+
+    @property
+    def draft(self) -> dict[str, Any]:
+        return {"data": self.data, "problems": [p.to_dict() for p in self.problems]}
+
+    @property
+    def yaml(self) -> str:
+        return form.data_yaml(self.data, self.recipe)
+
+    @property
+    def problems_html(self) -> str:
+        return form.problems_html(self.problems, show_path=True)
+
+    def slots(self) -> dict[str, str]:
+        return form.slot_html(self.problems, len(self.data.get("experts") or []))
+
+    def summary(self) -> str:
+        return status_line(self.recipe, self.problems) + sizes.estimate_html(self.recipe, self.base_config)
+
+
+def check(data: dict[str, Any], token: str | None, earlier: list[Problem] | None = None) -> Checked:
+    """Validate recipe data: structure, rules, and compatibility from the models' configs."""
+    recipe, problems = recipe_from_dict(data)
+    problems = list(earlier or []) + [p for p in problems if p not in (earlier or [])]
+    base_config: dict | str | None = None
+    if recipe is not None:
+        configs = shared.configs.get(recipe.model_refs(), token)
+        problems += validate(recipe, configs)
+        found = configs.get(recipe.base_model)
+        base_config = found if isinstance(found, dict) else getattr(found, "reason", None)
+    return Checked(data, recipe, problems, base_config)
+
+
+def status_line(recipe: Recipe | None, problems: list[Problem]) -> str:
+    """One line over the sizes: ready, or how many errors stand in the way."""
+    bad, warn = len(errors(problems)), len(problems) - len(errors(problems))
+    warned = f" · {warn} warning(s)" if warn else ""
+    if recipe is None or bad:
+        return (f'<div class="wb-status-line wb-status-bad">✖ {bad} error(s) to fix before preview or '
+                f"build{warned}</div>")
+    mode = html.escape(recipe.gate_mode)
+    return (f'<div class="wb-status-line wb-status-ok">✔ Ready: {len(recipe.experts)} experts, '
+            f"top-{recipe.experts_per_token}, gate mode <code>{mode}</code>{warned}</div>")
+
+
+def preset_names() -> list[str]:
+    names = sorted(p.stem for p in shared.PRESETS.glob("*.yaml"))
+    return (["demo"] if "demo" in names else []) + [n for n in names if n != "demo"] + [BLANK]
+
+
+def preset_text(name: str) -> str:
+    if name == BLANK:
+        return BLANK_TEXT
+    path = shared.PRESETS / f"{Path(name).name}.yaml"  # a name, never a path from the browser
+    if not path.is_file():
+        raise FileNotFoundError(f"no preset named {name!r}")
+    return path.read_text(encoding="utf-8")
+
+
+def preset_description(text: str) -> str:
+    """The preset's leading comment block, as one paragraph."""
+    lines = []
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line.lstrip("# ").strip())
+    return " ".join(lines)
+
+
+def from_yaml(text: str, token: str | None) -> tuple[Checked | None, list[Problem]]:
+    """Parse editor text; (None, problems) when it does not parse into a recipe."""
+    recipe, problems = parse_recipe(text or "")
+    if recipe is None:
+        return None, problems
+    return check(form.recipe_data(recipe), token, earlier=problems), problems
+
+
+def from_form(draft: dict[str, Any], top: list[Any], cards: list[list[Any]], token: str | None) -> Checked:
+    return check(form.form_data(draft["data"], top, cards), token)
+
+
+def restructure(draft: dict[str, Any], action: str, index: int, token: str | None) -> Checked:
+    """Add, remove, duplicate or move an expert card."""
+    data = copy.deepcopy(draft["data"])
+    experts = data.setdefault("experts", [])
+    if action == "add":
+        experts.append(dict(NEW_EXPERT))
+    elif not 0 <= index < len(experts):
+        raise IndexError(f"no expert {index}")
+    elif action == "remove":
+        experts.pop(index)
+    elif action == "duplicate":
+        experts.insert(index + 1, copy.deepcopy(experts[index]))
+    elif action in ("up", "down"):
+        other = index - 1 if action == "up" else index + 1
+        if 0 <= other < len(experts):
+            experts[index], experts[other] = experts[other], experts[index]
+    else:
+        raise ValueError(f"unknown action {action!r}")
+    return check(data, token)
+
+
+def initial(token: str | None = None, *, with_configs: bool = False) -> tuple[str, Checked]:
+    """The embedded default (the demo preset): its text and its checked draft.
+
+    At app creation the models' configs are not read (the demo model may still need
+    dequantising); the page's load event re-checks with them.
+    """
+    text = preset_text(preset_names()[0])
+    if with_configs:
+        checked, _ = from_yaml(text, token)
+        return text, checked
+    recipe, problems = parse_recipe(text)
+    return text, Checked(form.recipe_data(recipe), recipe, problems + validate(recipe))

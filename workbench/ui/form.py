@@ -1,0 +1,162 @@
+"""The Design form's data: a recipe as form values and back, and where each problem shows.
+
+Pure functions, no Gradio, so both directions are unit-tested. The form shows prompts
+one per line; a prompt can itself contain a line break, so prompts are escaped the way
+a YAML/JSON string would be: a newline is written `\\n`, a backslash `\\\\`, and the
+empty prompt (mergekit's "zero positive prompting", `[""]`) is the line `""`. Blank
+lines are ignored, so a user can space prompts out.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import yaml
+
+from workbench.recipe import Problem, Recipe, dump_recipe
+
+EMPTY_PROMPT = '""'
+TOP_KEYS = ("base_model", "gate_mode", "dtype", "experts_per_token", "architecture")
+EXPERT_KEYS = ("source_model", "positive_prompts", "negative_prompts", "noise_scale", "residual_scale")
+_ESCAPE = re.compile(r"\\(.)", re.DOTALL)
+
+
+def encode_prompts(prompts: Sequence[str] | None) -> str:
+    """A prompt list as textbox text, one prompt per line."""
+    lines = []
+    for prompt in prompts or ():
+        if prompt == "":
+            lines.append(EMPTY_PROMPT)
+            continue
+        line = prompt.replace("\\", "\\\\").replace("\n", "\\n")
+        lines.append('\\"\\"' if line == EMPTY_PROMPT else line)
+    return "\n".join(lines)
+
+
+def decode_prompts(text: str | None) -> list[str] | None:
+    """Textbox text back to a prompt list; None when there is no prompt at all."""
+    prompts = []
+    for line in (text or "").split("\n"):
+        if line.strip() == EMPTY_PROMPT:
+            prompts.append("")
+        elif line.strip():
+            prompts.append(_ESCAPE.sub(lambda m: "\n" if m[1] == "n" else m[1], line.rstrip("\r")))
+    return prompts or None
+
+
+def recipe_data(recipe: Recipe) -> dict[str, Any]:
+    """A recipe as the plain dict the form and the session state hold (None values dropped)."""
+    return recipe.model_dump(exclude_none=True)
+
+
+def expert_fields(expert: dict[str, Any]) -> list[Any]:
+    """One expert dict as the values of its card's fields, in EXPERT_KEYS order."""
+    return [expert.get("source_model", ""), encode_prompts(expert.get("positive_prompts")),
+            encode_prompts(expert.get("negative_prompts")), expert.get("noise_scale"),
+            expert.get("residual_scale")]
+
+
+def form_data(previous: dict[str, Any], top: Sequence[Any], cards: Sequence[Sequence[Any]]) -> dict[str, Any]:
+    """Form values to recipe data; keys the form does not show (shared_experts) are kept."""
+    data = {k: v for k, v in previous.items() if k not in TOP_KEYS and k != "experts"}
+    for key, value in zip(TOP_KEYS, top, strict=True):
+        if key == "experts_per_token" and isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if key == "base_model":
+            value = (value or "").strip()
+        if value not in (None, ""):
+            data[key] = value
+    data["experts"] = []
+    for values in cards:
+        source, positive, negative, noise, residual = values
+        expert = {"source_model": (source or "").strip(), "positive_prompts": decode_prompts(positive),
+                  "negative_prompts": decode_prompts(negative), "noise_scale": _scale(noise),
+                  "residual_scale": _scale(residual)}
+        data["experts"].append({k: v for k, v in expert.items() if v is not None})
+    return _ordered(data)
+
+
+def _scale(value: Any) -> Any:
+    """A scale field: empty means unset; a number stays a number; other text goes on to
+    validation, which reports it at the field's key path."""
+    if isinstance(value, str):
+        text = value.strip()
+        if not text:
+            return None
+        try:
+            return float(text)
+        except ValueError:
+            return text
+    return value
+
+
+def _ordered(data: dict[str, Any]) -> dict[str, Any]:
+    """mergekit-moe's key order, so the YAML reads the same as a hand-written recipe."""
+    order = ("base_model", "gate_mode", "dtype", "experts_per_token", "architecture", "experts")
+    return {**{k: data[k] for k in order if k in data}, **{k: v for k, v in data.items() if k not in order}}
+
+
+def data_yaml(data: dict[str, Any], recipe: Recipe | None) -> str:
+    """YAML for the editor: the canonical dump when the data is a recipe, else the raw data."""
+    if recipe is not None:
+        return dump_recipe(recipe)
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True, width=100)
+
+
+# ---- where problems show ----------------------------------------------------------------
+
+_EXPERT_PATH = re.compile(r"^experts\[(\d+)\](?:\.(\w+))?")
+SCALE_KEYS = ("noise_scale", "residual_scale")
+
+
+def slot_keys(expert_count: int) -> list[str]:
+    """Every place in the form a problem can show, in a fixed order."""
+    keys = ["base_model", "settings", "experts"]
+    for i in range(expert_count):
+        keys += [f"experts[{i}]", f"experts[{i}].source_model", f"experts[{i}].positive_prompts",
+                 f"experts[{i}].negative_prompts", f"experts[{i}].scales"]
+    return keys
+
+
+def slot_for(path: str, expert_count: int) -> str:
+    """The form slot of a problem's key path, e.g. experts[1].positive_prompts[3] -> that textbox."""
+    if path.startswith("base_model"):
+        return "base_model"
+    match = _EXPERT_PATH.match(path)
+    if match is None:
+        return "settings" if path.split(".")[0] in TOP_KEYS + ("shared_experts",) else "experts"
+    index, key = int(match[1]), match[2]
+    if index >= expert_count:
+        return "experts"
+    if key in SCALE_KEYS:
+        return f"experts[{index}].scales"
+    if key in ("source_model", "positive_prompts", "negative_prompts"):
+        return f"experts[{index}].{key}"
+    return f"experts[{index}]"
+
+
+def problems_html(problems: Iterable[Problem], *, show_path: bool = False) -> str:
+    """Problems as small inline notes: errors red, warnings amber, each with its fix."""
+    items = []
+    for p in problems:
+        where = f"<code>{html.escape(p.path or 'recipe')}</code> " if show_path else ""
+        fix = f' <span class="wb-fix">{html.escape(p.fix)}</span>' if p.fix else ""
+        icon = "✖" if p.level == "error" else "▲"
+        items.append(f'<div class="wb-problem wb-{p.level}" role="alert">{icon} {where}'
+                     f"{html.escape(p.message)}.{fix}</div>")
+    return "".join(items)
+
+
+def slot_html(problems: Sequence[Problem], expert_count: int) -> dict[str, str]:
+    """HTML for every slot of `slot_keys(expert_count)`; empty where nothing is wrong."""
+    grouped: dict[str, list[Problem]] = {key: [] for key in slot_keys(expert_count)}
+    for problem in problems:
+        grouped[slot_for(problem.path, expert_count)].append(problem)
+    return {key: problems_html(found) for key, found in grouped.items()}
+
+
+def problem_from_dict(data: dict[str, str]) -> Problem:
+    return Problem(data["level"], data["path"], data["message"], data.get("fix", ""))  # type: ignore[arg-type]

@@ -1,0 +1,89 @@
+"""The Routing tab's work as plain functions: a trace (the last chat reply, or any text) to figures."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from workbench.errors import WorkbenchError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RoutingView:
+    trace: Any  # RouterTrace
+    divergence: Any = None  # analysis.Divergence against the base, for a chat reply
+    note: str = ""
+
+    def summary(self) -> str:
+        t = self.trace
+        prompt = int(t.is_prefill.sum())
+        what = "the preview" if t.source == "preview" else f"`{Path(t.model).name or t.model}`"
+        parts = [f"{t.num_tokens} tokens ({prompt} prompt, {t.num_tokens - prompt} generated) · {t.layers} "
+                 f"layers · {t.experts} experts, top-{t.k} · routed by {what}"]
+        if self.divergence is not None and len(self.divergence.kl):
+            kl = self.divergence.kl
+            parts.append(f"mean KL(MoE ‖ base) {float(kl.mean()):.4f} nats, largest {float(kl.max()):.4f}")
+        if self.note:
+            parts.append(self.note)
+        return " · ".join(parts)
+
+    def figures(self, layer: int) -> dict[str, Any]:
+        from workbench import analysis, plots
+
+        t = self.trace
+        return {
+            "heatmap": plots.routing_heatmap(t),
+            "layer": self.layer_figure(layer),
+            "load": plots.expert_load_figure(analysis.expert_load(t), t.expert_names),
+            "entropy": plots.entropy_figure(analysis.routing_entropy(t)),
+            "divergence": plots.divergence_figure(self.divergence) if self.divergence is not None else None,
+        }
+
+
+    def layer_figure(self, layer: float) -> Any:
+        from workbench import plots
+
+        return plots.layer_probs_heatmap(self.trace, max(0, min(int(layer or 0), self.trace.layers - 1)))
+
+
+def from_reply(last: dict[str, Any] | None, *, token: str | None = None, device: str = "auto") -> RoutingView:
+    """The last MoE chat reply's trace, with its divergence from the base model when both load."""
+    if not last or last.get("trace") is None:
+        raise WorkbenchError("no chat reply yet: send a message on the Chat tab first")
+    trace = last["trace"]
+    if not last.get("reply_ids"):
+        return RoutingView(trace, note="the reply is empty, so there is nothing to compare")
+    try:
+        return RoutingView(trace, divergence_of(last, token=token, device=device))
+    except (WorkbenchError, ValueError) as exc:
+        log.info("no divergence for this reply: %s", exc)
+        return RoutingView(trace, note=f"no base comparison: {exc}")
+
+
+def divergence_of(last: dict[str, Any], *, token: str | None, device: str) -> Any:
+    """Teacher-forced next-token distributions of both models on the same prompt and reply."""
+    from workbench.analysis import divergence
+    from workbench.engine import registry
+    from workbench.generate import reply_logits
+
+    models = registry()
+    moe = models.get(last["moe"], device=device, token=token)
+    base = models.get(last["base"], device=device, token=token)
+    moe_logits = reply_logits(moe, last["prompt_ids"], last["reply_ids"])
+    base_logits = reply_logits(base, last["prompt_ids"], last["reply_ids"])
+    return divergence(last["trace"], moe_logits, base_logits)
+
+
+def from_text(moe: str, text: str, *, token: str | None = None, device: str = "auto") -> RoutingView:
+    """Route any text through a built MoE in one forward."""
+    from workbench.engine import registry
+    from workbench.trace import trace_text
+
+    if not moe:
+        raise WorkbenchError("choose a built MoE on the Chat tab first (or build one)")
+    entry = registry().get(moe, device=device, token=token)
+    return RoutingView(trace_text(entry, text))

@@ -1,0 +1,168 @@
+"""What every tab needs: where outputs go, whose token to use, errors as messages, chat text.
+
+Handlers are thin: parse inputs, call one workbench function, format the result. Errors
+cross into the page only through `user_errors`, which turns a WorkbenchError into a
+gr.Error carrying its message and anything unexpected into a short note (the traceback
+goes to the server log, never to the page).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import html
+import inspect
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import gradio as gr
+
+from workbench.errors import WorkbenchError
+from workbench.recipe import ConfigUnavailable
+
+log = logging.getLogger(__name__)
+
+ASSETS = Path(__file__).resolve().parent.parent.parent / "assets"
+PRESETS = Path(__file__).resolve().parent.parent.parent / "presets"
+F = TypeVar("F", bound=Callable[..., Any])
+# The default of a handler's progress parameter: Gradio recognises a parameter by this default
+# and hands each call its own tracker, so one module-level instance serves every handler.
+PROGRESS = gr.Progress()
+
+
+def outputs_root() -> Path:
+    """Where builds go: $MOE_WORKBENCH_OUTPUTS, else ./outputs."""
+    return Path(os.environ.get("MOE_WORKBENCH_OUTPUTS") or "outputs").expanduser().resolve()
+
+
+def on_space() -> bool:
+    """Running as a Hugging Face Space: visitors are strangers (no local paths, own tokens)."""
+    return bool(os.environ.get("SPACE_ID"))
+
+
+def oauth_available() -> bool:
+    """Gradio's Hugging Face sign-in needs the `gradio[oauth]` extras (authlib, itsdangerous)."""
+    import importlib.util
+
+    return all(importlib.util.find_spec(name) is not None for name in ("authlib", "itsdangerous"))
+
+
+def user_token(oauth: gr.OAuthToken | None) -> str | None:
+    """The token to act with: the signed-in user's on a Space, HF_TOKEN locally.
+
+    On a Space a logged-out visitor gets None, never the Space owner's HF_TOKEN.
+    """
+    if on_space():
+        return oauth.token if oauth is not None else None
+    return os.environ.get("HF_TOKEN") or None
+
+
+def user_errors(fn: F) -> F:
+    """Show errors as messages: WorkbenchError verbatim, anything else as a short note."""
+
+    def translate(exc: Exception) -> gr.Error:
+        if isinstance(exc, gr.Error):
+            return exc
+        if isinstance(exc, WorkbenchError):
+            return gr.Error(html.escape(str(exc)).replace("\n", "<br>"), print_exception=False)
+        log.exception("unexpected error in %s", fn.__qualname__)
+        return gr.Error(f"Something went wrong ({type(exc).__name__}); the server log has the details.",
+                        print_exception=False)
+
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def stream(*args: Any, **kwargs: Any) -> Any:
+            try:
+                yield from fn(*args, **kwargs)
+            except Exception as exc:
+                raise translate(exc) from None
+
+        return stream  # type: ignore[return-value]
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:
+            raise translate(exc) from None
+
+    return call  # type: ignore[return-value]
+
+
+def message_text(content: Any) -> str:
+    """Chat message content as plain text: Gradio 6 sends a string or a list of content blocks."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, dict):
+        return str(content.get("text") or content.get("content") or "")
+    if isinstance(content, (list, tuple)):
+        return "".join(message_text(block) for block in content)
+    return str(content)
+
+
+def chat_messages(history: list[Any] | None) -> list[dict[str, str]]:
+    """Chatbot history as [{"role", "content": str}], dropping anything that is not a chat turn."""
+    out = []
+    for item in history or []:
+        message = item if isinstance(item, dict) else getattr(item, "__dict__", {})
+        role = message.get("role")
+        if role in ("user", "assistant", "system"):
+            out.append({"role": role, "content": message_text(message.get("content"))})
+    return out
+
+
+# ---- config.json of models, cached across sessions ------------------------------------------
+
+
+class ConfigCache:
+    """read_configs with memory: a model's config is read once; a failure is retried after a while.
+
+    Validation runs on every edit; without this each keystroke would hit the Hub.
+    """
+
+    def __init__(self, retry_after: float = 60.0) -> None:
+        self.retry_after = retry_after
+        self._found: dict[tuple[str, str], dict | ConfigUnavailable] = {}
+        self._when: dict[tuple[str, str], float] = {}
+        self._lock = threading.Lock()
+
+    def get(self, refs: list[str], token: str | None) -> dict[str, dict | ConfigUnavailable]:
+        from workbench.sources import parse_ref, read_configs
+
+        out: dict[str, dict | ConfigUnavailable] = {}
+        for ref in dict.fromkeys(refs):
+            if on_space():
+                try:
+                    parse_ref(ref, allow_local=False)
+                except WorkbenchError as exc:
+                    out[ref] = ConfigUnavailable(str(exc))
+                    continue
+            # Per token (by its hash, never the token itself): one user's access to a private
+            # model must not show its config to another.
+            key = (ref, hashlib.sha256(token.encode()).hexdigest() if token else "")
+            with self._lock:
+                cached, when = self._found.get(key), self._when.get(key, 0.0)
+            fresh = time.monotonic() - when < self.retry_after
+            if isinstance(cached, dict) or (cached is not None and fresh):
+                out[ref] = cached
+                continue
+            found = read_configs([ref], token=token)[ref]
+            with self._lock:
+                self._found[key], self._when[key] = found, time.monotonic()
+            out[ref] = found
+        return out
+
+
+configs = ConfigCache()
+
+
+def read_asset(name: str) -> str:
+    path = ASSETS / name
+    return path.read_text(encoding="utf-8") if path.is_file() else ""

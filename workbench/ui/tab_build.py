@@ -1,0 +1,163 @@
+"""Build tab: output settings, build with progress / cancel / log / summary, download, push to the Hub."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import gradio as gr
+
+from workbench import hub, jobs
+from workbench.ui import build_logic, shared
+from workbench.ui.tab_design import DesignTab
+
+DTYPES = [("as the recipe says", ""), ("bfloat16", "bfloat16"), ("float16", "float16"),
+          ("float32", "float32")]
+
+
+@dataclass
+class BuildTab:
+    builds: gr.State  # folders built in this session, newest last; other tabs watch it
+
+
+@dataclass
+class _Controls:
+    name: gr.Textbox
+    device: gr.Dropdown
+    dtype: gr.Dropdown
+    shard: gr.Textbox
+    replace: gr.Checkbox
+    start: gr.Button
+    stop: gr.Button
+    status: gr.Markdown
+    summary: gr.Markdown
+    log: gr.Textbox
+    job_id: gr.State
+    builds: gr.State
+
+
+def render(design: DesignTab, tab: gr.Tab) -> BuildTab:
+    builds = gr.State([])
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=3):
+            ui = _controls(builds)
+        with gr.Column(scale=2):
+            download = gr.DownloadButton("Download recipe YAML", value=str(shared.PRESETS / "demo.yaml"),
+                                         elem_id="wb-download", variant="secondary")
+            model = _push_panel(builds)
+    _wire_build(design, ui)
+
+    def recipe_download(text: str, request: gr.Request) -> str:
+        return build_logic.recipe_file(text, request.session_hash or "local")
+
+    def refresh(mine: list[str]) -> gr.Dropdown:
+        found = build_logic.build_choices(mine)
+        return gr.Dropdown(choices=found, value=found[-1][1] if found else None)
+
+    tab.select(recipe_download, [design.yaml], [download], show_progress="hidden")
+    for event in (tab.select, builds.change):
+        event(refresh, [builds], [model], show_progress="hidden")
+    return BuildTab(builds)
+
+
+def _controls(builds: gr.State) -> _Controls:
+    with gr.Group():
+        name = gr.Textbox("demo-moe", label="Output name", elem_id="wb-output-name",
+                          info=f"a plain folder name; builds go to {shared.outputs_root()}")
+        with gr.Row():
+            device = gr.Dropdown(["auto", "cpu", "cuda"], value="auto", label="Device",
+                                 info="where the gates are computed")
+            dtype = gr.Dropdown(DTYPES, value="", label="dtype", info="of the written weights")
+            shard = gr.Textbox("5GB", label="Largest shard", info="e.g. 5GB, 500MB")
+        replace = gr.Checkbox(False, label="Replace an existing output of this name "
+                              "(the old one stays until the new one is verified)")
+    with gr.Row():
+        start = gr.Button("Build", variant="primary", elem_id="wb-build")
+        stop = gr.Button("Cancel", variant="stop", interactive=False, elem_id="wb-cancel")
+    # Tall enough for Gradio's progress bar, which is drawn over this box while a build runs.
+    status = gr.Markdown("Ready. One build runs at a time; others wait in a queue.",
+                         elem_id="wb-build-status", elem_classes="wb-status", min_height=96, container=True)
+    summary = gr.Markdown(elem_id="wb-build-summary")
+    log = gr.Textbox(label="Log", lines=8, max_lines=8, autoscroll=True, interactive=False,
+                     elem_id="wb-build-log")
+    return _Controls(name, device, dtype, shard, replace, start, stop, status, summary, log, gr.State(""),
+                     builds)
+
+
+def _wire_build(design: DesignTab, ui: _Controls) -> None:
+    @shared.user_errors
+    def run(yaml_text: str, name: str, device: str, dtype: str, shard: str, replace: bool, mine: list,
+            oauth_token: gr.OAuthToken | None = None, progress: gr.Progress = shared.PROGRESS):
+        request = build_logic.make_request(yaml_text, name, device, dtype, shard, replace)
+        queue = jobs.default_queue()
+        job = queue.submit(request, token=shared.user_token(oauth_token))
+        yield {ui.job_id: job.id, ui.start: gr.Button(interactive=False),
+               ui.stop: gr.Button(interactive=True), ui.status: "Queued…", ui.summary: "", ui.log: ""}
+        try:
+            for view in build_logic.Follower(job, queue).views():
+                if view.fraction is not None:
+                    progress(view.fraction, desc=view.description)
+                update = {ui.status: view.status, ui.log: view.log}
+                if view.finished:
+                    update.update({ui.summary: view.summary, ui.job_id: "",
+                                   ui.start: gr.Button(interactive=True),
+                                   ui.stop: gr.Button(interactive=False)})
+                    if view.output:
+                        update[ui.builds] = [*mine, view.output]
+                yield update
+        finally:
+            if not job.finished:  # the page went away mid-build: free the queue for others
+                queue.cancel(job.id)
+
+    def cancel(job_id: str) -> str:
+        if job_id and jobs.default_queue().cancel(job_id):
+            return "■ Cancelling…"
+        return gr.skip()
+
+    inputs = [design.yaml, ui.name, ui.device, ui.dtype, ui.shard, ui.replace, ui.builds]
+    outputs = [ui.job_id, ui.start, ui.stop, ui.status, ui.summary, ui.log, ui.builds]
+    # Many sessions may wait here at once (each shows its queue place); jobs.py runs one build at a time.
+    ui.start.click(run, inputs, outputs, show_progress_on=[ui.status], concurrency_limit=8)
+    ui.stop.click(cancel, [ui.job_id], [ui.status], show_progress="hidden")
+
+
+def _push_panel(builds: gr.State) -> gr.Dropdown:
+    with gr.Accordion("Push to the Hugging Face Hub", open=False, elem_id="wb-push"):
+        if shared.on_space() and shared.oauth_available():
+            gr.LoginButton()
+        elif shared.on_space():
+            gr.Markdown("Sign-in is not set up on this Space (it needs `gradio[oauth]` and "
+                        "`hf_oauth: true`), so pushing is off: a visitor never pushes with the Space "
+                        "owner's token.",
+                        elem_classes="wb-muted")
+        else:
+            gr.Markdown("Uses the `HF_TOKEN` environment variable (never shown, logged or saved).",
+                        elem_classes="wb-muted")
+        model = gr.Dropdown([], label="Build to push")
+        repo = gr.Textbox(label="Repo id", placeholder="your-name/my-moe")
+        with gr.Row():
+            private = gr.Checkbox(True, label="Private")
+            overwrite = gr.Checkbox(False, label="Replace the repo if it exists")
+        card_button = gr.Button("Show the model card", size="sm")
+        card = gr.Markdown(elem_classes="wb-card-preview")
+        push = gr.Button("Push", variant="primary")
+        status = gr.Markdown()
+
+    @shared.user_errors
+    def show_card(folder: str, mine: list) -> str:
+        card = hub.model_card(Path(build_logic.check_build(folder, mine)))
+        return card or "_This build has no model card._"
+
+    @shared.user_errors
+    def do_push(folder: str, mine: list, repo_id: str, private: bool, overwrite: bool,
+                oauth_token: gr.OAuthToken | None = None, progress: gr.Progress = shared.PROGRESS) -> str:
+        folder = build_logic.check_build(folder, mine)
+        result = hub.push(Path(folder), (repo_id or "").strip(), token=shared.user_token(oauth_token) or "",
+                          private=private, overwrite=overwrite,
+                          on_progress=lambda e: progress(e.fraction, desc=f"{e.stage}: {e.message}"))
+        made = "new repo" if result.created else "replaced"
+        return f"✔ Pushed {len(result.files)} files ({made}): [{result.repo_id}]({result.url})"
+
+    card_button.click(show_card, [model, builds], [card])
+    push.click(do_push, [model, builds, repo, private, overwrite], [status], concurrency_limit=2)
+    return model

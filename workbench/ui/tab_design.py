@@ -1,0 +1,76 @@
+"""Design tab: pick a preset or start blank, edit the recipe as a form or as YAML, see problems and sizes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import gradio as gr
+
+from workbench.ui import design_logic, form, shared
+from workbench.ui.design_form import DesignOutputs, render_form
+
+
+@dataclass
+class DesignTab:
+    yaml: gr.Code  # the recipe as text: Preview and Build read it
+    draft: gr.State
+
+
+def render(demo: gr.Blocks) -> DesignTab:
+    text, checked = design_logic.initial()
+    names = design_logic.preset_names()
+    out = DesignOutputs(
+        draft=gr.State(checked.draft),
+        revision=gr.State(0),
+        yaml=gr.Code(text, language="yaml", label="Recipe YAML (mergekit-moe format)", interactive=True,
+                     lines=18, max_lines=40, elem_id="wb-yaml", wrap_lines=True, render=False),
+        yaml_problems=gr.HTML(checked.problems_html, elem_id="wb-yaml-problems", elem_classes="wb-slot",
+                              render=False),
+        summary=gr.HTML(checked.summary(), elem_id="wb-summary", render=False),
+    )
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=3, elem_classes="wb-form-col"):
+            with gr.Row(equal_height=True, elem_classes="wb-preset-row"):
+                preset = gr.Dropdown(names, value=names[0], label="Start from", scale=1, elem_id="wb-preset",
+                                     info="a preset recipe, or blank")
+                about = gr.Markdown(design_logic.preset_description(text), elem_classes="wb-muted")
+            render_form(out, demo)
+        with gr.Column(scale=2, elem_classes="wb-side-col"):
+            out.summary.render()
+            out.yaml.render()
+            out.yaml_problems.render()
+    _wire(demo, out, preset, about)
+    return DesignTab(out.yaml, out.draft)
+
+
+def _wire(demo: gr.Blocks, out: DesignOutputs, preset: gr.Dropdown, about: gr.Markdown) -> None:
+    @shared.user_errors
+    def yaml_edited(text: str, draft: dict, oauth_token: gr.OAuthToken | None = None) -> dict:
+        checked, problems = design_logic.from_yaml(text, shared.user_token(oauth_token))
+        if checked is None:  # not a recipe yet: keep the form, show why next to the editor
+            return {out.yaml_problems: form.problems_html(problems, show_path=True),
+                    out.summary: design_logic.status_line(None, problems)}
+        update: dict[Any, Any] = {out.draft: checked.draft, out.yaml_problems: checked.problems_html,
+                                  out.summary: checked.summary()}
+        if checked.draft != draft:
+            update[out.revision] = design_logic.next_revision()  # re-render the form
+        return update
+
+    everything = {out.draft, out.revision, out.yaml_problems, out.summary}
+    out.yaml.input(yaml_edited, [out.yaml, out.draft], everything, show_progress="hidden",
+                   trigger_mode="always_last")
+
+    @shared.user_errors
+    def preset_chosen(name: str, oauth_token: gr.OAuthToken | None = None) -> dict:
+        text = design_logic.preset_text(name)
+        checked, problems = design_logic.from_yaml(text, shared.user_token(oauth_token))
+        return {out.yaml: text, out.draft: checked.draft, out.revision: design_logic.next_revision(),
+                out.yaml_problems: checked.problems_html, out.summary: checked.summary(),
+                about: design_logic.preset_description(text)}
+
+    preset.input(preset_chosen, [preset], everything | {out.yaml, about})
+
+    # The form renders at once on load; the models' configs (the demo model may first need
+    # dequantising) are read after, and may add compatibility problems.
+    demo.load(yaml_edited, [out.yaml, out.draft], everything, show_progress="hidden")
