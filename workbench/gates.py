@@ -31,7 +31,6 @@ import gc
 import json
 import logging
 import math
-import re
 import shutil
 import tempfile
 import weakref
@@ -53,7 +52,6 @@ log = logging.getLogger(__name__)
 
 MAX_PROMPT_TOKENS = 512  # per prompt; attention memory grows with T^2 (RELIABILITY.md)
 CONDITION_WARN = 5.0  # mergekit's threshold for "experts may not be distinguishable"
-_POST_ATTN_NORM = re.compile(r"(?:^|\.)layers\.(\d+)\.post_attention_layernorm$")
 
 
 @dataclass
@@ -202,28 +200,15 @@ def _expert_batches(recipe: Recipe, tokenizer: Any) -> list[tuple[dict, dict | N
 
 
 @contextmanager
-def router_input_capture(model: torch.nn.Module) -> Iterator[list[Tensor]]:
-    """Collect each layer's post_attention_layernorm output at the last position, (B, 1, H)
-    per layer in layer order, for forwards run inside the block; hooks always come off."""
-    modules = model.named_modules()
-    found = [(int(m.group(1)), mod) for name, mod in modules if (m := _POST_ATTN_NORM.search(name))]
-    if not found:
-        raise GateError(
-            "gate_mode router_input needs decoder layers with a post_attention_layernorm and this "
-            "base model has none: use gate_mode hidden"
-        )
-    found.sort(key=lambda item: item[0])
-    captured: list[Tensor] = []
+def _router_inputs(model: torch.nn.Module) -> Iterator[list[Tensor]]:
+    """The router's real input at the last position of each prompt, (B, 1, H) per layer."""
+    from workbench.trace import TraceError, router_inputs
 
-    def keep_last(module: torch.nn.Module, args: Any, output: Tensor) -> None:
-        captured.append(output[:, -1:, :].detach())  # last position only: the rest is never used
-
-    handles = [mod.register_forward_hook(keep_last) for _, mod in found]
     try:
-        yield captured
-    finally:
-        for handle in handles:
-            handle.remove()
+        with router_inputs(model, last_only=True) as captured:
+            yield captured
+    except TraceError as exc:
+        raise GateError(f"gate_mode router_input: {exc}; use gate_mode hidden") from exc
 
 
 def _model_states(model: torch.nn.Module, mode: str, batch: dict[str, Tensor]) -> Tensor:
@@ -234,7 +219,7 @@ def _model_states(model: torch.nn.Module, mode: str, batch: dict[str, Tensor]) -
     # logits_to_keep=1: the lm_head output is unused, and full (B, T, V) logits can be gigabytes.
     with torch.no_grad():
         if mode == "router_input":
-            with router_input_capture(model) as captured:
+            with _router_inputs(model) as captured:
                 model(**inputs, use_cache=False, logits_to_keep=1)
             states = reduce_states(torch.stack(captured), mask, average=False)
         else:

@@ -15,39 +15,20 @@ Legend: T tokens, L layers, E experts, k experts per token, H hidden.
 
 from __future__ import annotations
 
-import re
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from workbench.trace import RouterTrace, TraceError, encode_text, route, token_strings, trace_text
-
-_POST_ATTN_NORM = re.compile(r"(?:^|\.)layers\.(\d+)\.post_attention_layernorm$")
-
-
-@contextmanager
-def router_inputs(model: nn.Module) -> Iterator[list[Tensor]]:
-    """Capture each layer's post_attention_layernorm output (B, T, H), in layer order; hooks
-    always come off."""
-    found = sorted(((int(m.group(1)), mod) for name, mod in model.named_modules()
-                    if (m := _POST_ATTN_NORM.search(name))), key=lambda item: item[0])
-    if not found:
-        raise TraceError("the base model's layers have no post_attention_layernorm, so the router "
-                         "input cannot be captured; the preview supports Llama/Mistral-style bases")
-    captured: list[Tensor] = []
-
-    def keep(module: nn.Module, args: Any, output: Tensor) -> None:
-        captured.append(output.detach())
-
-    handles = [mod.register_forward_hook(keep) for _, mod in found]
-    try:
-        yield captured
-    finally:
-        for handle in handles:
-            handle.remove()
+from workbench.trace import (
+    RouterTrace,
+    TraceError,
+    encode_text,
+    route,
+    router_inputs,
+    token_strings,
+    trace_text,
+)
 
 
 def route_states(states: list[Tensor], vectors: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
