@@ -24,11 +24,11 @@ def run_one(base: Path, mode: str, out: Path) -> None:
     sys.path.insert(0, str(ROOT))
     import torch
 
-    from workbench import gates
+    from workbench import base_forward, gates
     from workbench.recipe import Recipe
 
     if mode == "whole":
-        gates.STREAM_ABOVE_BYTES = 10**15
+        base_forward.STREAM_ABOVE_BYTES = 10**15
     recipe = Recipe.model_validate({"base_model": str(base), "experts": [
         {"source_model": str(base), "positive_prompts": ["def add(a, b):", "import numpy as np"],
          "negative_prompts": ["Once upon a time"]},

@@ -12,17 +12,16 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from workbench import gates as gates_module
+from workbench import base_forward
+from workbench.base_forward import MAX_PROMPT_TOKENS, tokenize_prompts
 from workbench.device import pick_device
 from workbench.errors import Cancelled, GateError, WorkbenchError
 from workbench.gates import (
-    MAX_PROMPT_TOKENS,
     compute_gates,
     diagnose,
     gate_rows,
     prompt_states,
     reduce_states,
-    tokenize_prompts,
 )
 from workbench.progress import CancelToken
 from workbench.recipe import Expert, Recipe
@@ -350,10 +349,10 @@ def test_large_base_streams_layers_from_disk_with_the_same_gates(pico_factory, m
          "negative_prompts": ["Once"]},
         {"source_model": str(base), "positive_prompts": ["Hello there"]},
     ]})
-    loaded = gates_module._load_model(base, "cpu")
+    loaded = base_forward.load_base(base, "cpu")
     assert loaded.model.layers[0].mlp.up_proj.weight.device.type == "cpu"
     expected = compute_gates(recipe, base, device="cpu").vectors
-    monkeypatch.setattr(gates_module, "STREAM_ABOVE_BYTES", 0)
-    streamed = gates_module._load_model(base, "cpu")
+    monkeypatch.setattr(base_forward, "STREAM_ABOVE_BYTES", 0)
+    streamed = base_forward.load_base(base, "cpu")
     assert streamed.model.layers[0].mlp.up_proj.weight.device.type == "meta"
     assert torch.allclose(compute_gates(recipe, base, device="cpu").vectors, expected, atol=1e-6)

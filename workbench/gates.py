@@ -31,11 +31,7 @@ import gc
 import json
 import logging
 import math
-import shutil
-import tempfile
-import weakref
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,14 +39,21 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from workbench.device import pick_device
+from workbench.base_forward import (
+    LAST_POSITION_MODES,
+    all_states,
+    expert_batches,
+    last_states_by_set,
+    load_base,
+    load_tokenizer,
+    read_embedding,
+)
 from workbench.errors import GateError
 from workbench.progress import CancelToken, Progress, ProgressFn, ignore_progress
 from workbench.recipe import PROMPTLESS_MODES, Recipe
 
 log = logging.getLogger(__name__)
 
-MAX_PROMPT_TOKENS = 512  # per prompt; attention memory grows with T^2 (RELIABILITY.md)
 CONDITION_WARN = 5.0  # mergekit's threshold for "experts may not be distinguishable"
 
 
@@ -149,155 +152,6 @@ def diagnose(vectors: Tensor) -> GateDiagnostics:
     return GateDiagnostics(conditions, cosine, cosine.mean(dim=0), warnings)
 
 
-# ---- prompts to token batches ----------------------------------------------------------
-
-
-def tokenize_prompts(
-    tokenizer: Any, prompts: Sequence[str], *, where: str = "prompts", max_tokens: int = MAX_PROMPT_TOKENS
-) -> dict[str, Tensor]:
-    """One prompt set -> a left-padded batch {input_ids, attention_mask}, each (B, T).
-
-    Each prompt is the BOS text + the prompt, no special tokens added, no chat template,
-    padded on the left with BOS (EOS without BOS) so that the last position is every
-    prompt's own last token. `where` is the key path used in errors.
-    """
-    if not prompts:
-        raise GateError(f'{where} is empty: give at least one prompt ([""] stands for just the BOS token)')
-    bos_text = tokenizer.bos_token or ""
-    rows = tokenizer([bos_text + p for p in prompts], add_special_tokens=False)["input_ids"]
-    for j, row in enumerate(rows):
-        if len(row) > max_tokens:
-            raise GateError(
-                f"{where}[{j}] is {len(row)} tokens long; the cap is {max_tokens} tokens per prompt: "
-                "shorten it"
-            )
-        if not row:
-            raise GateError(f"{where}[{j}] is empty and the base tokenizer has no BOS token: write some text")
-    width = max(len(row) for row in rows)
-    candidates = (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
-    pad = next((i for i in candidates if i is not None), None)
-    if pad is None and any(len(row) < width for row in rows):
-        raise GateError(f"{where}: the base tokenizer has no BOS, EOS or pad token to pad prompts with")
-    ids = [[pad] * (width - len(row)) + row for row in rows]
-    mask = [[0] * (width - len(row)) + [1] * len(row) for row in rows]
-    return {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask)}
-
-
-def _expert_batches(recipe: Recipe, tokenizer: Any) -> list[tuple[dict, dict | None]]:
-    """Tokenise every set before any model runs, so a bad prompt fails in a second."""
-    batches = []
-    for e, expert in enumerate(recipe.experts):
-        where = f"experts[{e}]"
-        pos = tokenize_prompts(tokenizer, expert.positive_prompts or [], where=f"{where}.positive_prompts")
-        neg = None
-        if expert.negative_prompts:
-            neg = tokenize_prompts(tokenizer, expert.negative_prompts, where=f"{where}.negative_prompts")
-        batches.append((pos, neg))
-    return batches
-
-
-# ---- running the base model ------------------------------------------------------------
-
-
-@contextmanager
-def _router_inputs(model: torch.nn.Module) -> Iterator[list[Tensor]]:
-    """The router's real input at the last position of each prompt, (B, 1, H) per layer."""
-    from workbench.trace import TraceError, router_inputs
-
-    try:
-        with router_inputs(model, last_only=True) as captured:
-            yield captured
-    except TraceError as exc:
-        raise GateError(f"gate_mode router_input: {exc}; use gate_mode hidden") from exc
-
-
-def _model_states(model: torch.nn.Module, mode: str, batch: dict[str, Tensor]) -> Tensor:
-    """(L, H) float32 state of one prompt set under `mode` (hidden, hidden_avg, router_input)."""
-    device = next(model.parameters()).device
-    inputs = {k: v.to(device) for k, v in batch.items()}
-    mask = batch["attention_mask"]
-    # logits_to_keep=1: the lm_head output is unused, and full (B, T, V) logits can be gigabytes.
-    with torch.no_grad():
-        if mode == "router_input":
-            with _router_inputs(model) as captured:
-                model(**inputs, use_cache=False, logits_to_keep=1)
-            states = reduce_states(torch.stack(captured), mask, average=False)
-        else:
-            out = model(**inputs, output_hidden_states=True, use_cache=False, logits_to_keep=1)
-            states = prompt_states(out.hidden_states, mask, average=mode == "hidden_avg")
-    return states.cpu()
-
-
-def _load_tokenizer(base_path: Path) -> Any:
-    from transformers import AutoTokenizer  # lazy: importing this module stays cheap
-
-    try:
-        return AutoTokenizer.from_pretrained(str(base_path), trust_remote_code=False)
-    except (OSError, ValueError) as exc:
-        raise GateError(f"cannot load the base tokenizer from {base_path}: {exc}; check the folder") from exc
-
-
-# Above this many bytes of weights on the CPU, decoder layers are streamed from the
-# safetensors files one at a time during each forward (accelerate's disk offload reads the
-# original files in place), so gates cost one layer of memory whatever the model size.
-STREAM_ABOVE_BYTES = 1_000_000_000
-
-
-def _load_model(base_path: Path, device: str) -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM
-
-    where, dtype = pick_device(device)
-    device_map: str | dict[str, str] = str(where)
-    extra: dict[str, Any] = {}
-    if where.type == "cpu" and _resident_bytes(base_path, dtype) > STREAM_ABOVE_BYTES:
-        device_map = _streaming_map(base_path)
-        # Required by accelerate; it stays empty when the weights are safetensors already.
-        extra["offload_folder"] = tempfile.mkdtemp(prefix="workbench-offload-")
-    log.info("loading %s on %s (%s) for gates%s", base_path, where, dtype,
-             ", streaming layers from disk" if extra else "")
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            str(base_path), dtype=dtype, use_safetensors=True, trust_remote_code=False,
-            device_map=device_map, **extra,
-        )
-    except (OSError, ValueError) as exc:
-        raise GateError(f"cannot load the base model from {base_path}: {exc}; check the folder") from exc
-    if "offload_folder" in extra:
-        weakref.finalize(model, shutil.rmtree, extra["offload_folder"], ignore_errors=True)
-    return model.eval()
-
-
-def _resident_bytes(base_path: Path, dtype: torch.dtype) -> int:
-    """Bytes the weights would take in memory at `dtype` (from the safetensors file sizes)."""
-    on_disk = sum(p.stat().st_size for p in base_path.glob("*.safetensors"))
-    config = json.loads((base_path / "config.json").read_text())
-    stored = str(config.get("dtype") or config.get("torch_dtype") or "float32")
-    stored_size = 2 if stored.removeprefix("torch.") in ("bfloat16", "float16") else 4
-    return on_disk * torch.finfo(dtype).bits // 8 // stored_size
-
-
-def _streaming_map(base_path: Path) -> dict[str, str]:
-    layers, _ = _dimensions(None, base_path)
-    tied = json.loads((base_path / "config.json").read_text()).get("tie_word_embeddings", False)
-    device_map = {name: "cpu" for name in ("model.embed_tokens", "model.rotary_emb", "model.norm")}
-    # An untied lm_head is as big as the embedding and runs for one position only: stream it too.
-    device_map["lm_head"] = "cpu" if tied else "disk"
-    device_map.update({f"model.layers.{i}": "disk" for i in range(layers)})
-    return device_map
-
-
-def _read_embedding(base_path: Path) -> Tensor:
-    """The (V, H) input embedding straight from safetensors, without loading the model."""
-    from safetensors import safe_open
-
-    for path in sorted(base_path.glob("*.safetensors")):
-        with safe_open(str(path), framework="pt") as f:
-            name = next((n for n in f.keys() if n.endswith("embed_tokens.weight")), None)
-            if name is not None:
-                return f.get_tensor(name)
-    raise GateError(f"no embed_tokens.weight in the safetensors files of {base_path}; cheap_embed needs it")
-
-
 def _dimensions(model: torch.nn.Module | None, base_path: Path) -> tuple[int, int]:
     """(L, H) of the base model, from the loaded model or config.json."""
     try:
@@ -358,21 +212,26 @@ def compute_gates(
         on_progress(Progress("gates", 1.0, f"{mode} gates, seed {seed}"))
         return Gates(vectors, mode, diagnose(vectors))
 
-    batches = _expert_batches(recipe, tokenizer if tokenizer is not None else _load_tokenizer(base_path))
+    batches = expert_batches(recipe, tokenizer if tokenizer is not None else load_tokenizer(base_path))
     cancel.check()
     owned = model is None and mode != "cheap_embed"
     if mode == "cheap_embed":
         layers, _ = _dimensions(model, base_path)
         embed = model.get_input_embeddings().weight.detach().cpu() if model is not None else None
-        embed = embed if embed is not None else _read_embedding(base_path)
+        embed = embed if embed is not None else read_embedding(base_path)
 
         def state(batch: dict[str, Tensor]) -> Tensor:
             return cheap_embedding(embed, batch["input_ids"], batch["attention_mask"])
     else:
-        model = model if model is not None else _load_model(base_path, device)
+        model = model if model is not None else load_base(base_path, device)
+        if mode in LAST_POSITION_MODES:
+            rows_of = last_states_by_set(model, mode, batches, cancel)  # id -> (L, B, H)
 
-        def state(batch: dict[str, Tensor]) -> Tensor:
-            return _model_states(model, mode, batch)
+            def state(batch: dict[str, Tensor]) -> Tensor:
+                return rows_of[id(batch)].mean(dim=1)
+        else:  # hidden_avg: every position, pad included, as mergekit averages
+            def state(batch: dict[str, Tensor]) -> Tensor:
+                return reduce_states(all_states(model, batch), batch["attention_mask"], average=True)
     try:
         rows = _expert_rows(batches, state, on_progress, cancel)
     finally:

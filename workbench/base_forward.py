@@ -1,0 +1,232 @@
+"""Running the base model on router prompts: tokenising sets, loading the base (streamed
+from disk when large), and collecting hidden states. `workbench.gates` turns these states
+into gate rows; this module holds no gate math.
+
+Legend: L layers, B prompts in a set, T tokens, H hidden size, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+import weakref
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from workbench.device import pick_device
+from workbench.errors import GateError
+from workbench.progress import CancelToken
+from workbench.recipe import Recipe
+
+log = logging.getLogger(__name__)
+
+MAX_PROMPT_TOKENS = 512  # per prompt; attention memory grows with T^2 (RELIABILITY.md)
+
+
+def tokenize_prompts(
+    tokenizer: Any, prompts: Sequence[str], *, where: str = "prompts", max_tokens: int = MAX_PROMPT_TOKENS
+) -> dict[str, Tensor]:
+    """One prompt set -> a left-padded batch {input_ids, attention_mask}, each (B, T).
+
+    Each prompt is the BOS text + the prompt, no special tokens added, no chat template,
+    padded on the left with BOS (EOS without BOS) so that the last position is every
+    prompt's own last token. `where` is the key path used in errors.
+    """
+    if not prompts:
+        raise GateError(f'{where} is empty: give at least one prompt ([""] stands for just the BOS token)')
+    bos_text = tokenizer.bos_token or ""
+    rows = tokenizer([bos_text + p for p in prompts], add_special_tokens=False)["input_ids"]
+    for j, row in enumerate(rows):
+        if len(row) > max_tokens:
+            raise GateError(
+                f"{where}[{j}] is {len(row)} tokens long; the cap is {max_tokens} tokens per prompt: "
+                "shorten it"
+            )
+        if not row:
+            raise GateError(f"{where}[{j}] is empty and the base tokenizer has no BOS token: write some text")
+    width = max(len(row) for row in rows)
+    candidates = (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    pad = next((i for i in candidates if i is not None), None)
+    if pad is None and any(len(row) < width for row in rows):
+        raise GateError(f"{where}: the base tokenizer has no BOS, EOS or pad token to pad prompts with")
+    ids = [[pad] * (width - len(row)) + row for row in rows]
+    mask = [[0] * (width - len(row)) + [1] * len(row) for row in rows]
+    return {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask)}
+
+
+def expert_batches(recipe: Recipe, tokenizer: Any) -> list[tuple[dict, dict | None]]:
+    """Tokenise every set before any model runs, so a bad prompt fails in a second."""
+    batches = []
+    for e, expert in enumerate(recipe.experts):
+        where = f"experts[{e}]"
+        pos = tokenize_prompts(tokenizer, expert.positive_prompts or [], where=f"{where}.positive_prompts")
+        neg = None
+        if expert.negative_prompts:
+            neg = tokenize_prompts(tokenizer, expert.negative_prompts, where=f"{where}.negative_prompts")
+        batches.append((pos, neg))
+    return batches
+
+
+
+@contextmanager
+def _router_inputs(model: torch.nn.Module) -> Iterator[list[Tensor]]:
+    """The router's real input at the last position of each prompt, (B, 1, H) per layer."""
+    from workbench.trace import TraceError, router_inputs
+
+    try:
+        with router_inputs(model, last_only=True) as captured:
+            yield captured
+    except TraceError as exc:
+        raise GateError(f"gate_mode router_input: {exc}; use gate_mode hidden") from exc
+
+
+def all_states(model: torch.nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    """(L, B, T, H) residual stream entering each decoder layer, for every position."""
+    device = next(model.parameters()).device
+    inputs = {k: v.to(device) for k, v in batch.items()}
+    # logits_to_keep=1: the lm_head output is unused, and full (B, T, V) logits can be gigabytes.
+    with torch.no_grad():
+        out = model(**inputs, output_hidden_states=True, use_cache=False, logits_to_keep=1)
+    # The last entry is the final norm's output, which feeds no router.
+    return torch.stack(tuple(out.hidden_states[:-1])).float().cpu()
+
+
+LAST_POSITION_MODES = ("hidden", "router_input")
+TOKENS_PER_FORWARD = 8192  # rows x width of one merged forward: bounds the hidden states kept
+
+
+def last_states_by_set(model: torch.nn.Module, mode: str, batches: list[tuple[dict, dict | None]],
+                    cancel: CancelToken) -> dict[int, Tensor]:
+    """(L, B, H) last-position states of every prompt set, keyed by id(batch), from as few
+    forwards as fit: left padding makes each prompt's last state independent of its batch,
+    so sets can share forwards and a streamed base reads its weights once."""
+    sets = [batch for pair in batches for batch in pair if batch is not None]
+    rows = [(k, r) for k, batch in enumerate(sets) for r in range(batch["input_ids"].shape[0])]
+    per_row: list[Tensor] = []  # (L, H) last-position state of each row, in `rows` order
+    start = 0
+    while start < len(rows):
+        width, stop = 0, start
+        while stop < len(rows):
+            grown = max(width, sets[rows[stop][0]]["input_ids"].shape[1])
+            if stop > start and grown * (stop - start + 1) > TOKENS_PER_FORWARD:
+                break
+            width, stop = grown, stop + 1
+        cancel.check()
+        merged = _left_pad([sets[k] for k, _ in rows[start:stop]], [r for _, r in rows[start:stop]], width)
+        states = _last_states(model, mode, merged)  # (L, B, H)
+        per_row += [states[:, b] for b in range(states.shape[1])]
+        start = stop
+    out, cursor = {}, 0
+    for batch in sets:
+        count = batch["input_ids"].shape[0]
+        out[id(batch)] = torch.stack(per_row[cursor:cursor + count], 1)
+        cursor += count
+    return out
+
+
+def _left_pad(batches: list[dict[str, Tensor]], rows: list[int], width: int) -> dict[str, Tensor]:
+    """Row r of each batch, re-padded on the left to `width` with that batch's own pad id."""
+    ids, masks = [], []
+    for batch, r in zip(batches, rows, strict=True):
+        row, mask = batch["input_ids"][r], batch["attention_mask"][r]
+        extra = width - row.shape[0]
+        pad = row[0] if mask[0] == 0 else row.new_tensor(_pad_id(batch))
+        ids.append(torch.cat([pad.expand(extra), row]))
+        masks.append(torch.cat([mask.new_zeros(extra), mask]))
+    return {"input_ids": torch.stack(ids), "attention_mask": torch.stack(masks)}
+
+
+def _pad_id(batch: dict[str, Tensor]) -> int:
+    """The pad id a set was padded with, or its first token (BOS) when no row needed padding."""
+    pads = batch["input_ids"][batch["attention_mask"] == 0]
+    return int(pads[0]) if pads.numel() else int(batch["input_ids"][0, 0])
+
+
+def _last_states(model: torch.nn.Module, mode: str, batch: dict[str, Tensor]) -> Tensor:
+    """(L, B, H) float32 last-position states of one left-padded batch."""
+    device = next(model.parameters()).device
+    inputs = {k: v.to(device) for k, v in batch.items()}
+    with torch.no_grad():
+        if mode == "router_input":
+            with _router_inputs(model) as captured:
+                model(**inputs, use_cache=False, logits_to_keep=1)
+            return torch.stack(captured)[:, :, -1, :].float().cpu()
+        out = model(**inputs, output_hidden_states=True, use_cache=False, logits_to_keep=1)
+        return torch.stack(tuple(out.hidden_states[:-1]))[:, :, -1, :].float().cpu()
+
+
+def load_tokenizer(base_path: Path) -> Any:
+    from transformers import AutoTokenizer  # lazy: importing this module stays cheap
+
+    try:
+        return AutoTokenizer.from_pretrained(str(base_path), trust_remote_code=False)
+    except (OSError, ValueError) as exc:
+        raise GateError(f"cannot load the base tokenizer from {base_path}: {exc}; check the folder") from exc
+
+
+# Above this many bytes of weights on the CPU, decoder layers are streamed from the
+# safetensors files one at a time during each forward (accelerate's disk offload reads the
+# original files in place), so gates cost one layer of memory whatever the model size.
+STREAM_ABOVE_BYTES = 1_000_000_000
+
+
+def load_base(base_path: Path, device: str) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    where, dtype = pick_device(device)
+    device_map: str | dict[str, str] = str(where)
+    extra: dict[str, Any] = {}
+    if where.type == "cpu" and _resident_bytes(base_path, dtype) > STREAM_ABOVE_BYTES:
+        device_map = _streaming_map(base_path)
+        # Required by accelerate; it stays empty when the weights are safetensors already.
+        extra["offload_folder"] = tempfile.mkdtemp(prefix="workbench-offload-")
+    log.info("loading %s on %s (%s) for gates%s", base_path, where, dtype,
+             ", streaming layers from disk" if extra else "")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(base_path), dtype=dtype, use_safetensors=True, trust_remote_code=False,
+            device_map=device_map, **extra,
+        )
+    except (OSError, ValueError) as exc:
+        raise GateError(f"cannot load the base model from {base_path}: {exc}; check the folder") from exc
+    if "offload_folder" in extra:
+        weakref.finalize(model, shutil.rmtree, extra["offload_folder"], ignore_errors=True)
+    return model.eval()
+
+
+def _resident_bytes(base_path: Path, dtype: torch.dtype) -> int:
+    """Bytes the weights would take in memory at `dtype` (from the safetensors file sizes)."""
+    on_disk = sum(p.stat().st_size for p in base_path.glob("*.safetensors"))
+    config = json.loads((base_path / "config.json").read_text())
+    stored = str(config.get("dtype") or config.get("torch_dtype") or "float32")
+    stored_size = 2 if stored.removeprefix("torch.") in ("bfloat16", "float16") else 4
+    return on_disk * torch.finfo(dtype).bits // 8 // stored_size
+
+
+def _streaming_map(base_path: Path) -> dict[str, str]:
+    config = json.loads((base_path / "config.json").read_text())
+    layers, tied = int(config["num_hidden_layers"]), config.get("tie_word_embeddings", False)
+    device_map = {name: "cpu" for name in ("model.embed_tokens", "model.rotary_emb", "model.norm")}
+    # An untied lm_head is as big as the embedding and runs for one position only: stream it too.
+    device_map["lm_head"] = "cpu" if tied else "disk"
+    device_map.update({f"model.layers.{i}": "disk" for i in range(layers)})
+    return device_map
+
+
+def read_embedding(base_path: Path) -> Tensor:
+    """The (V, H) input embedding straight from safetensors, without loading the model."""
+    from safetensors import safe_open
+
+    for path in sorted(base_path.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            name = next((n for n in f.keys() if n.endswith("embed_tokens.weight")), None)
+            if name is not None:
+                return f.get_tensor(name)
+    raise GateError(f"no embed_tokens.weight in the safetensors files of {base_path}; cheap_embed needs it")
