@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+from workbench.cli_inspect import add_commands
 from workbench.errors import WorkbenchError
 from workbench.progress import Progress
 from workbench.recipe import Problem, RecipeError, errors, read_recipe, validate
@@ -66,12 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     cmd.add_argument("--force", action="store_true", help="replace OUT once the new build is verified")
     cmd.set_defaults(run=cmd_build)
 
-    try:
-        from workbench.cli_inspect import add_commands
-    except ImportError:  # the chat/trace layer is optional for a build-only install
-        pass
-    else:
-        add_commands(commands)
+    add_commands(commands)
     return parser
 
 

@@ -16,6 +16,7 @@ logged-out visitor never builds with the server owner's token.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
@@ -244,10 +245,8 @@ class BuildQueue:
 
     def _stop(self, child: subprocess.Popen, job: Job) -> None:
         """Wait for the child; one that ignores a cancel is killed after the grace period."""
-        try:
+        with contextlib.suppress(OSError):  # the child may already be gone
             child.stdin.close()
-        except OSError:
-            pass
         try:
             child.wait(timeout=self.grace_seconds)
         except subprocess.TimeoutExpired:
@@ -259,10 +258,8 @@ def _kill(child: subprocess.Popen, job_id: str) -> None:
     if child.poll() is not None:
         return
     log.warning("build child of %s did not stop when asked; killing it", job_id)
-    try:
+    with contextlib.suppress(ProcessLookupError):  # it exited between poll() and here
         os.killpg(child.pid, signal.SIGKILL)  # its own session: takes any helpers it started too
-    except ProcessLookupError:
-        pass
 
 
 def child_environment(token: str | None) -> dict[str, str]:
