@@ -10,13 +10,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
 
 from workbench.cli_inspect import add_commands
 from workbench.errors import WorkbenchError
+from workbench.hub_source import env_token
 from workbench.progress import Progress
 from workbench.recipe import Problem, RecipeError, errors, read_recipe, validate
 
@@ -71,10 +71,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _token() -> str | None:
-    return os.environ.get("HF_TOKEN") or None
-
-
 def _print_problems(problems: list[Problem]) -> None:
     for problem in problems:
         print(problem, file=sys.stderr)
@@ -85,7 +81,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     try:
         recipe, problems = read_recipe(args.recipe)
-        problems = problems + validate(recipe, read_configs(recipe.model_refs(), token=_token()))
+        problems = problems + validate(recipe, read_configs(recipe.model_refs(), token=env_token()))
     except RecipeError as exc:
         problems = exc.problems
     failed = bool(errors(problems))
@@ -105,7 +101,7 @@ def cmd_gates(args: argparse.Namespace) -> int:
     recipe, problems = read_recipe(args.recipe)
     _print_problems(problems)
     bar = ProgressBar()
-    base = resolve(recipe.base_model, token=_token(), on_progress=bar)
+    base = resolve(recipe.base_model, token=env_token(), on_progress=bar)
     gates = compute_gates(recipe, base.path, device=args.device, seed=args.seed, on_progress=bar)
     bar.close()
     report = gates.diagnostics.to_dict()
@@ -138,7 +134,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     try:
         result = build(recipe, Path(args.out), device=args.device, dtype=args.dtype,
                        shard_size=shard_size, seed=args.seed, force=args.force,
-                       token=_token(), on_progress=bar)
+                       token=env_token(), on_progress=bar)
     finally:
         bar.close()
     size = result.total_bytes / 1e9

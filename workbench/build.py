@@ -137,7 +137,8 @@ def build(recipe: Recipe, out: Path, *, device: str = "auto", dtype: str | None 
     if out.parent.is_dir():
         clean_stale(out.parent)  # first: it may put back an output a dead build left aside
     check_final(out, force)
-    _refuse_problems(validate(recipe), "recipe has errors")  # before downloading anything
+    # Errors only: the check with configs below reports these warnings again, logged once there.
+    _refuse_problems(errors(validate(recipe)), "recipe has errors")  # before downloading anything
     out.parent.mkdir(parents=True, exist_ok=True)
     srcs = _resolve_all(recipe, sources or {}, token, on_progress, cancel)
     job = _Job.plan(recipe, srcs, dtype, seed)

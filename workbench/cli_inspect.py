@@ -46,6 +46,8 @@ import string
 import sys
 from typing import Any
 
+from workbench.hub_source import env_token
+
 DEVICES = ["auto", "cpu", "cuda"]
 MAX_WARNINGS = 3  # per-layer gate warnings printed before the rest are summed up
 _GLYPHS = string.digits + string.ascii_lowercase + string.ascii_uppercase  # expert id -> one character
@@ -86,12 +88,6 @@ def add_commands(subparsers: Any) -> None:
     cmd.set_defaults(run=cmd_chat)
 
 
-def _token() -> str | None:
-    import os
-
-    return os.environ.get("HF_TOKEN") or None
-
-
 def _emit(data: dict[str, Any]) -> None:
     print(json.dumps(data, ensure_ascii=False))
 
@@ -130,7 +126,7 @@ def cmd_preview(args: argparse.Namespace) -> int:
     recipe, problems = read_recipe(args.recipe)
     for problem in problems:
         print(problem, file=sys.stderr)
-    base = registry().get(recipe.base_model, device=args.device, token=_token())
+    base = registry().get(recipe.base_model, device=args.device, token=env_token())
     gates = compute_gates(recipe, base.path, device=args.device, seed=args.seed, model=base.model,
                           tokenizer=base.tokenizer)
     names = [e.source_model for e in recipe.experts]
@@ -164,7 +160,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
     from workbench.engine import registry
     from workbench.trace import trace_text
 
-    entry = registry().get(args.model, device=args.device, token=_token())
+    entry = registry().get(args.model, device=args.device, token=env_token())
     trace = trace_text(entry, args.text)
     summary = routing_summary(trace)
     if args.html:
@@ -200,15 +196,14 @@ def cmd_chat(args: argparse.Namespace) -> int:
                                 max_new_tokens=args.max_new_tokens,
                                 repetition_penalty=args.repetition_penalty, seed=args.seed)
     settings.check()
-    entries = [registry().get(args.model, device=args.device, token=_token())]
+    entries = [registry().get(args.model, device=args.device, token=env_token())]
     if args.base:
-        entries.append(registry().get(args.base, device=args.device, token=_token()))
+        entries.append(registry().get(args.base, device=args.device, token=env_token()))
     streams = chat_streams(entries[0], _messages(args), settings, base=entries[1] if args.base else None,
                            trace=args.trace)
     for i, (entry, stream) in enumerate(zip(entries, streams, strict=True)):
         if args.json:
-            for _ in stream:
-                pass
+            "".join(stream)  # run the reply to its end; the JSON below carries its text
             continue
         print(f"== {'model' if i == 0 else 'base'}: {entry.ref}")
         for delta in stream:

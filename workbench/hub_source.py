@@ -13,6 +13,7 @@ Sources decide *what* to download (`workbench.sources`); this module only fetche
 from __future__ import annotations
 
 import logging
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +23,11 @@ from typing import Any, TypeVar
 from workbench.errors import HubUnreachable, SourceError
 
 log = logging.getLogger(__name__)
+
+
+def env_token() -> str | None:
+    """The local Hub token: HF_TOKEN only (never argv, never a file we write)."""
+    return os.environ.get("HF_TOKEN") or None
 
 T = TypeVar("T")
 NO_NETWORK_HINT = "no network: use a local folder or the demo model (demo:smollm2-135m-instruct)"

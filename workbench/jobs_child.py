@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import threading
 import time
@@ -20,6 +19,7 @@ from dataclasses import asdict
 from typing import Any
 
 from workbench.errors import WorkbenchError
+from workbench.hub_source import env_token
 from workbench.jobs import JobEvent
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ def child_main(stdin: Any = None, stdout: Any = None) -> int:
     runner = getattr(importlib.import_module(module), name)
     cancel = CancelToken()
     threading.Thread(target=_watch_stdin, args=(stdin, cancel), daemon=True).start()
-    token = os.environ.get("HF_TOKEN") or None
+    token = env_token()
     try:
         recipe, problems = parse_recipe(request.pop("recipe_yaml"))
         if recipe is None or errors(problems):

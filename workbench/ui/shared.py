@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 import gradio as gr
 
 from workbench.errors import WorkbenchError
+from workbench.hub_source import env_token
 from workbench.recipe import ConfigUnavailable
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ def user_token(oauth: gr.OAuthToken | None) -> str | None:
     """
     if on_space():
         return oauth.token if oauth is not None else None
-    return os.environ.get("HF_TOKEN") or None
+    return env_token()
 
 
 def user_errors(fn: F) -> F:
