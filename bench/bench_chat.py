@@ -96,8 +96,9 @@ def memory_report(moe_path: Path) -> dict[str, float]:
             "both, separate MB": alone["base"] + alone["moe"]}
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def bench_args(description: str) -> argparse.Namespace:
+    """Arguments shared by the chat and trace benches; sets logging and torch threads."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--work", type=Path, default=Path("/tmp/moe-bench-chat"))
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--tokens", type=int, default=64, help="max new tokens per reply")
@@ -105,6 +106,11 @@ def main() -> int:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
+    return args
+
+
+def main() -> int:
+    args = bench_args(__doc__.splitlines()[0])
     moe_path = demo_moe(args.work)
 
     registry = Registry()

@@ -12,8 +12,6 @@
 
 from __future__ import annotations
 
-import argparse
-import logging
 import os
 import platform
 import statistics
@@ -27,7 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.bench_chat import DEMO, PROMPTS, demo_moe, interleaved_steps  # noqa: E402
+from bench.bench_chat import DEMO, PROMPTS, bench_args, demo_moe, interleaved_steps  # noqa: E402
 from workbench import plots  # noqa: E402
 from workbench.chat import SamplingSettings, prepare  # noqa: E402
 from workbench.engine import Registry  # noqa: E402
@@ -85,14 +83,7 @@ def synthetic_trace(tokens: int, layers: int, experts: int, k: int) -> RouterTra
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work", type=Path, default=Path("/tmp/moe-bench-chat"))
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--tokens", type=int, default=64, help="max new tokens per reply")
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING)
-    torch.set_num_threads(args.threads)
+    args = bench_args(__doc__.splitlines()[0])
     registry = Registry()
     base = registry.get(DEMO, device="cpu")
     moe = registry.get(str(demo_moe(args.work)), device="cpu")
