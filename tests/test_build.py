@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 from collections import namedtuple
 from pathlib import Path
 
@@ -22,12 +23,13 @@ from transformers import AutoModelForCausalLM
 
 from workbench import build as build_module
 from workbench.build import build, output_path, parse_size
-from workbench.errors import BuildError, Cancelled
+from workbench.errors import BuildError, Cancelled, GateError
 from workbench.gates import Gates, diagnose
 from workbench.portable import V5_ONLY_TOKENIZER_CLASSES
 from workbench.progress import CancelToken
 from workbench.recipe import Expert, Recipe, parse_recipe
 from workbench.sources import ModelSource
+from workbench.tensors import read_header
 
 REPO = Path(__file__).resolve().parent.parent
 # A few token sequences (pico vocabulary is 320; 0 is BOS).
@@ -250,12 +252,14 @@ def test_progress_goes_through_every_stage(pico_factory, tmp_path: Path) -> None
     build(make_recipe(base, [base] * 2), tmp_path / "p", device="cpu", on_progress=events.append)
     stages = [e.stage for e in events]
     order = [s for i, s in enumerate(stages) if i == 0 or stages[i - 1] != s]
+    # Gates run on a thread during the copy; the routers, written last, wait for them.
     assert [s for s in order if s in ("resolve", "gates", "write", "verify", "done")] == [
-        "resolve", "gates", "write", "verify", "done"]
+        "resolve", "write", "gates", "write", "verify", "done"]
+    assert [e.message for e in events if e.stage == "gates"][-1] == "hidden gates ready"
     writes = [e for e in events if e.stage == "write"]
     fractions = [e.fraction for e in writes]
     assert fractions == sorted(fractions) and fractions[-1] == 1.0
-    assert writes[0].message == "model.embed_tokens.weight"
+    assert writes[0].message.startswith("model.embed_tokens.weight")
 
 
 # ---- faults: nothing half-written under the final name -----------------------------------
@@ -297,6 +301,81 @@ def test_cancel_between_tensors_leaves_nothing(pico_factory, tmp_path: Path) -> 
     with pytest.raises(Cancelled):
         build(make_recipe(base, [base] * 2), tmp_path / "moe", device="cpu",
               on_progress=cancel_on_third_write, cancel=token)
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---- gates on a thread beside the copy ---------------------------------------------------
+
+
+def gates_that_wait_for(monkeypatch, until: threading.Event, error: Exception | None = None) -> list:
+    """compute_gates replaced by one that blocks until `until` is set (or the build cancels
+    it) and then raises `error` or returns random gates; returns the cancel tokens seen."""
+    from workbench import gates as gates_module
+
+    seen = []
+
+    def fake(recipe, base_path, *, cancel, **kwargs):
+        seen.append(cancel)
+        while not until.wait(0.01):
+            cancel.check()
+        if error is not None:
+            raise error
+        return random_gates(3, len(recipe.experts), 64)
+
+    monkeypatch.setattr(gates_module, "compute_gates", fake)
+    return seen
+
+
+def test_the_copy_runs_while_the_gates_are_computed(pico_factory, tmp_path: Path, monkeypatch) -> None:
+    # The gates may only finish once every non-router tensor is written: a build that
+    # computed the gates first would never get there (and fails on the timeout below).
+    base = pico_factory("identity", seed=1, family="llama")
+    copied = threading.Event()
+
+    def watch(event) -> None:
+        if event.stage == "write" and "gates:" in event.message and event.message.startswith("lm_head"):
+            copied.set()
+
+    gates_that_wait_for(monkeypatch, copied)
+    timed_out = []
+    timer = threading.Timer(60, lambda: (timed_out.append(True), copied.set()))  # never hang the suite
+    timer.start()
+    try:
+        result = build(make_recipe(base, [base] * 2), tmp_path / "moe", device="cpu", on_progress=watch)
+    finally:
+        timer.cancel()
+    assert not timed_out
+    infos = sorted(read_header(result.path / "model.safetensors").values(), key=lambda i: i.start)
+    routers = [f"model.layers.{i}.block_sparse_moe.gate.weight" for i in range(3)]
+    assert [i.name for i in infos[-3:]] == routers  # written last, once the gates were ready
+    with safe_open(str(result.path / "model.safetensors"), framework="pt") as f:
+        router = f.get_tensor(routers[0])
+    torch.testing.assert_close(router, random_gates(3, 2, 64).vectors[0])
+
+
+def test_a_gates_error_stops_the_copy_at_once_and_leaves_nothing(pico_factory, tmp_path: Path,
+                                                                 monkeypatch) -> None:
+    base = pico_factory("identity", seed=1, family="llama")
+    ready = threading.Event()
+    ready.set()
+    gates_that_wait_for(monkeypatch, ready, GateError("experts[1].positive_prompts[0] is too long"))
+    writes = []
+    with pytest.raises(GateError, match="too long"):
+        build(make_recipe(base, [base] * 2), tmp_path / "moe", device="cpu",
+              on_progress=lambda e: writes.append(e) if e.stage == "write" else None)
+    assert list(tmp_path.iterdir()) == []
+    assert len(writes) < 10  # reported at the next tensor, not after the whole copy
+
+
+def test_a_failed_copy_stops_the_gates_thread(pico_factory, tmp_path: Path, monkeypatch) -> None:
+    base = pico_factory("identity", seed=1, family="llama")
+    never = threading.Event()
+    seen = gates_that_wait_for(monkeypatch, never)
+    fail_on_call(monkeypatch, 3)
+    with pytest.raises(RuntimeError, match="injected"):
+        build(make_recipe(base, [base] * 2), tmp_path / "moe", device="cpu")
+    assert seen and seen[0].cancelled
+    assert not any(t.name == "gates" and t.is_alive() for t in threading.enumerate())
     assert list(tmp_path.iterdir()) == []
 
 

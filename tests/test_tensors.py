@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from workbench import tensors
 from workbench.errors import BuildError, SourceError
-from workbench.tensors import DTYPE_CODES, TensorFileError, WeightIndex, read_header, write_safetensors
+from workbench.tensors import TensorFileError, dtype_code, WeightIndex, read_header, write_safetensors
 
 TENSORS = {
     "model.embed_tokens.weight": torch.randn(7, 5),
@@ -36,7 +36,7 @@ def saved_order(path: Path) -> list[str]:
 
 
 def entries_of(order: list[str]) -> list[tuple[str, str, tuple[int, ...]]]:
-    return [(k, DTYPE_CODES[TENSORS[k].dtype], tuple(TENSORS[k].shape)) for k in order]
+    return [(k, dtype_code(TENSORS[k].dtype), tuple(TENSORS[k].shape)) for k in order]
 
 
 @pytest.fixture()

@@ -20,13 +20,13 @@ import time
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from safetensors import safe_open
 
 from workbench.card import render_card
 from workbench.errors import BuildError
-from workbench.gates import Gates, compute_gates
+from workbench.gate_thread import Compute, GateThread
 from workbench.layout import TensorSpec, mixtral_config, mixtral_plan, plan_shards, shard_names
 from workbench.portable import make_tokenizer_portable, portable_config
 from workbench.progress import CancelToken, Progress, ProgressFn, ignore_progress
@@ -46,14 +46,19 @@ from workbench.staging import (
 )
 from workbench.tensors import (
     DTYPE_NAMES,
-    TORCH_DTYPES,
     TensorInfo,
     WeightIndex,
     WrittenFile,
     header_bytes,
     tensor_nbytes,
+    torch_dtype,
     write_safetensors,
 )
+
+if TYPE_CHECKING:  # torch loads on the gates thread, while the copy runs (workbench.gate_thread)
+    import torch
+
+    from workbench.gates import Gates
 
 log = logging.getLogger(__name__)
 
@@ -142,16 +147,14 @@ def build(recipe: Recipe, out: Path, *, device: str = "auto", dtype: str | None 
     out.parent.mkdir(parents=True, exist_ok=True)
     srcs = _resolve_all(recipe, sources or {}, token, on_progress, cancel)
     job = _Job.plan(recipe, srcs, dtype, seed)
-    if gates is None:
-        gates = compute_gates(recipe, srcs[recipe.base_model].path, device=device, seed=seed,
-                              on_progress=on_progress, cancel=cancel)
-    else:
-        on_progress(Progress("gates", 1.0, f"using the given {gates.mode} gates"))
-    job.take_gates(gates)
+    if gates is not None:
+        job.take_gates(gates)  # a mismatch fails now, not after the copy
     shards = plan_shards([(s.out_name, job.nbytes(s)) for s in job.specs], shard_bytes)
     folder = new_staging(out, job.needed_bytes(len(shards)))
+    worker = None
     try:
-        written = job.write(folder, shards, on_progress, cancel)
+        worker = GateThread(_gates_job(recipe, srcs[recipe.base_model].path, device, seed, gates), cancel)
+        written = job.write(folder, shards, worker, on_progress, cancel)
         written += _write_extras(folder, job)
         written.append(write_manifest(folder, written))
         on_progress(Progress("verify", 0.0, "checking shards, index and manifest"))
@@ -159,6 +162,8 @@ def build(recipe: Recipe, out: Path, *, device: str = "auto", dtype: str | None 
         on_progress(Progress("verify", 1.0, "verified"))
         commit(folder, out, force)
     except BaseException:
+        if worker is not None:
+            worker.stop()
         discard(folder)
         raise
     seconds = time.monotonic() - started
@@ -166,7 +171,19 @@ def build(recipe: Recipe, out: Path, *, device: str = "auto", dtype: str | None 
     total = sum(size for _, size in files)
     on_progress(Progress("done", 1.0, f"{out.name}: {total / 1e9:.2f} GB in {seconds:.1f} s"))
     log.info("built %s: %d files, %d bytes, %.1f s", out, len(files), total, seconds)
-    return BuildResult(out, files, total, seconds, gates)
+    return BuildResult(out, files, total, seconds, job.gates)
+
+
+def _gates_job(recipe: Recipe, base_path: Path, device: str, seed: int, given: Gates | None) -> Compute:
+    """What the gates thread runs: the given gates, or a computation from the base model."""
+    def compute(on_progress: ProgressFn, cancel: CancelToken) -> Gates:
+        if given is not None:
+            return given
+        from workbench.gates import compute_gates  # imports torch, on the gates thread
+
+        return compute_gates(recipe, base_path, device=device, seed=seed, on_progress=on_progress,
+                             cancel=cancel)
+    return compute
 
 
 def _resolve_all(recipe: Recipe, given: dict[str, ModelSource], token: str | None,
@@ -209,6 +226,8 @@ class _Job:
         base_cfg = srcs[recipe.base_model].config
         indexes = {ref: WeightIndex(src.path) for ref, src in srcs.items()}
         specs = mixtral_plan(base_cfg, len(recipe.experts), indexes[recipe.base_model].names)
+        # Routers last: they wait for the gates thread, and everything before them does not.
+        specs.sort(key=lambda spec: spec.role == "router")
         job = cls(recipe, srcs, indexes, specs, output_dtype(dtype, recipe, base_cfg), seed)
         job.check_sources()
         return job
@@ -249,7 +268,7 @@ class _Job:
         if tuple(gates.vectors.shape) != want:
             raise BuildError(f"gates have shape {tuple(gates.vectors.shape)}, the MoE needs (L, E, H) = "
                              f"{want}; recompute them for this recipe")
-        if not bool(torch.isfinite(gates.vectors).all()):
+        if not bool(gates.vectors.isfinite().all()):
             raise BuildError("gates contain NaN or infinity; check the prompts and recompute them")
         self.gates = gates
 
@@ -262,7 +281,9 @@ class _Job:
 
     def fill(self, spec: TensorSpec) -> torch.Tensor | TensorInfo:
         """The bytes of one output tensor: a source byte range when unchanged, else a tensor."""
-        out_dtype = TORCH_DTYPES[self.code]
+        import torch
+
+        out_dtype = torch_dtype(self.code)
         if spec.source == "gate":
             return self.gates.vectors[spec.layer].to(out_dtype).contiguous()  # (E, H)
         index = self.indexes[self.ref(spec)]
@@ -284,11 +305,14 @@ class _Job:
 
     def _generator(self, spec: TensorSpec) -> torch.Generator:
         """Noise seeded by (seed, expert, tensor): the same build gives the same bytes."""
+        import torch
+
         digest = hashlib.sha256(f"{self.seed}/{spec.source}/{spec.out_name}".encode()).digest()
         return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
 
-    def write(self, folder: Path, shards: list[list[str]], on_progress: ProgressFn,
+    def write(self, folder: Path, shards: list[list[str]], worker: GateThread, on_progress: ProgressFn,
               cancel: CancelToken) -> list[WrittenFile]:
+        """The shards and their index; the routers (last) wait for `worker`'s gates."""
         by_name = {s.out_name: s for s in self.specs}
         total = sum(self.nbytes(s) for s in self.specs)
         done = 0
@@ -296,11 +320,16 @@ class _Job:
         def after(name: str, nbytes: int) -> None:
             nonlocal done
             done += nbytes
-            on_progress(Progress("write", done / total if total else 1.0, name))
+            message = f"{name}; {worker.status}" if worker.status else name
+            on_progress(Progress("write", done / total if total else 1.0, message))
             cancel.check()
+            worker.check()
 
         def fill(name: str) -> torch.Tensor | TensorInfo:
-            return self.fill(by_name[name])
+            spec = by_name[name]
+            if spec.role == "router" and self.gates is None:
+                self.take_gates(worker.result(on_progress))
+            return self.fill(spec)
 
         cancel.check()
         written = []

@@ -31,16 +31,22 @@ def ignore_progress(event: Progress) -> None:
 class CancelToken:
     """Thread-safe flag a caller sets to stop a job at its next check."""
 
-    def __init__(self) -> None:
+    def __init__(self, parent: CancelToken | None = None) -> None:
         self._event = threading.Event()
+        self._parent = parent
+
+    def child(self) -> CancelToken:
+        """A token cancelled with this one that can also be cancelled on its own, e.g. to
+        stop a helper thread when the job it serves fails."""
+        return CancelToken(self)
 
     def cancel(self) -> None:
         self._event.set()
 
     @property
     def cancelled(self) -> bool:
-        return self._event.is_set()
+        return self._event.is_set() or (self._parent is not None and self._parent.cancelled)
 
     def check(self) -> None:
-        if self._event.is_set():
+        if self.cancelled:
             raise Cancelled("stopped on request")

@@ -19,10 +19,12 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from workbench.errors import BuildError, SourceError
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -33,16 +35,30 @@ DTYPE_SIZES = {
     "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2,
     "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
 }
-TORCH_DTYPES = {
-    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,
-    "I64": torch.int64, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
-    "F64": torch.float64, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+# safetensors code -> torch dtype attribute. Names, not dtypes: torch is imported only when
+# a tensor passes through memory, so a build that only copies can start before torch loads.
+TORCH_DTYPE_NAMES = {
+    "BOOL": "bool", "U8": "uint8", "I8": "int8", "I16": "int16", "I32": "int32", "I64": "int64",
+    "F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64",
+    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
 }
-DTYPE_CODES = {dtype: code for code, dtype in TORCH_DTYPES.items()}
 # Recipe/config dtype names -> safetensors codes.
 DTYPE_NAMES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 COPY_CHUNK = 64 * 1024 * 1024
 HASH_CHUNK = 8 * 1024 * 1024
+
+
+def torch_dtype(code: str) -> torch.dtype:
+    """The torch dtype of a safetensors dtype code ("BF16" -> torch.bfloat16)."""
+    import torch
+
+    return getattr(torch, TORCH_DTYPE_NAMES[code])
+
+
+def dtype_code(dtype: torch.dtype) -> str:
+    """The safetensors code of a torch dtype (torch.bfloat16 -> "BF16"); str(dtype) if none."""
+    name = str(dtype).removeprefix("torch.")
+    return next((code for code, n in TORCH_DTYPE_NAMES.items() if n == name), str(dtype))
 
 
 class TensorFileError(SourceError):
@@ -185,9 +201,11 @@ class WeightIndex:
             f.seek(info.start)
             if f.readinto(buffer) != info.nbytes:
                 raise TensorFileError(f"{info.file}: tensor '{name}' is cut short; re-download it")
+        import torch
+
         if not info.nbytes:
-            return torch.empty(info.shape, dtype=TORCH_DTYPES[info.dtype])
-        return torch.frombuffer(buffer, dtype=TORCH_DTYPES[info.dtype]).reshape(info.shape)
+            return torch.empty(info.shape, dtype=torch_dtype(info.dtype))
+        return torch.frombuffer(buffer, dtype=torch_dtype(info.dtype)).reshape(info.shape)
 
 
 Entry = tuple[str, str, tuple[int, ...]]  # (name, safetensors dtype code, shape)
@@ -239,7 +257,7 @@ def write_safetensors(path: Path, entries: Sequence[Entry], fill: Fill,
                 _check_same(name, dtype, shape, source.dtype, source.shape)
                 _copy_range(source, fd, pos)
             else:
-                _check_same(name, dtype, shape, DTYPE_CODES.get(source.dtype, str(source.dtype)),
+                _check_same(name, dtype, shape, dtype_code(source.dtype),
                             tuple(source.shape))
                 _pwrite_all(fd, _tensor_bytes(source), pos)
             pos += nbytes
@@ -261,6 +279,8 @@ def _check_same(name: str, dtype: str, shape: tuple[int, ...], got_dtype: str, g
 
 
 def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    import torch
+
     flat = tensor.detach().to("cpu").contiguous().reshape(-1)
     return memoryview(flat.view(torch.uint8).numpy())
 
