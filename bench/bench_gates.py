@@ -1,4 +1,4 @@
-"""Hidden-gate memory and time: whole base in memory vs decoder layers streamed from disk.
+"""Hidden-gate memory and time: whole base in memory vs leaf modules streamed from disk.
 
 Each mode runs in its own process (max RSS is per process), side by side in one invocation:
 
@@ -27,8 +27,8 @@ def run_one(base: Path, mode: str, out: Path) -> None:
     from workbench import base_forward, gates
     from workbench.recipe import Recipe
 
-    if mode == "whole":
-        base_forward.STREAM_ABOVE_BYTES = 10**15
+    # Either way whatever the base's size: "whole" never streams, "stream" always does.
+    base_forward.STREAM_ABOVE_BYTES = 10**15 if mode == "whole" else 0
     recipe = Recipe.model_validate({"base_model": str(base), "experts": [
         {"source_model": str(base), "positive_prompts": ["def add(a, b):", "import numpy as np"],
          "negative_prompts": ["Once upon a time"]},

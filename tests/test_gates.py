@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
+import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from workbench import base_forward
@@ -339,20 +341,139 @@ def test_demo_model_gates_separate_clearly_different_experts(demo_model_path):
     assert len(gates.diagnostics.condition_numbers) == 30
 
 
-@pytest.mark.parametrize("tie", [False, True])
-def test_large_base_streams_layers_from_disk_with_the_same_gates(pico_factory, monkeypatch, tie):
-    # Past STREAM_ABOVE_BYTES the base's layers are read from safetensors during each forward,
-    # so memory stays at one layer whatever the model size; the gates must not change.
-    base = pico_factory("stream", tie=tie)
-    recipe = Recipe.model_validate({"base_model": str(base), "experts": [
+STATE_MODES = ("hidden", "hidden_avg", "router_input")
+
+
+def stream_recipe(base, mode: str) -> Recipe:
+    return Recipe.model_validate({"base_model": str(base), "gate_mode": mode, "experts": [
         {"source_model": str(base), "positive_prompts": ["def f(x):", "import os"],
          "negative_prompts": ["Once"]},
         {"source_model": str(base), "positive_prompts": ["Hello there"]},
     ]})
+
+
+def leaves(model) -> list[torch.nn.Module]:
+    """Every module that owns parameters itself."""
+    return [m for m in model.modules() if next(m.parameters(recurse=False), None) is not None]
+
+
+@pytest.mark.parametrize(("family", "tie", "dtype"), [
+    ("llama", False, torch.float32), ("llama", True, torch.bfloat16), ("mistral", False, torch.bfloat16),
+])
+def test_large_base_streams_leaves_from_disk_with_the_same_gates(pico_factory, monkeypatch, family, tie,
+                                                                  dtype):
+    # Past STREAM_ABOVE_BYTES each leaf module's weights are read from safetensors as it runs,
+    # so memory stays at one leaf whatever the model size; the gates must not change.
+    base = pico_factory("stream", family=family, tie=tie, dtype=dtype)
     loaded = base_forward.load_base(base, "cpu")
     assert loaded.model.layers[0].mlp.up_proj.weight.device.type == "cpu"
-    expected = compute_gates(recipe, base, device="cpu").vectors
+    expected = {mode: compute_gates(stream_recipe(base, mode), base, device="cpu").vectors
+                for mode in STATE_MODES}
     monkeypatch.setattr(base_forward, "STREAM_ABOVE_BYTES", 0)
     streamed = base_forward.load_base(base, "cpu")
-    assert streamed.model.layers[0].mlp.up_proj.weight.device.type == "meta"
-    assert torch.allclose(compute_gates(recipe, base, device="cpu").vectors, expected, atol=1e-6)
+    assert {p.device.type for p in streamed.parameters()} == {"meta"} and not streamed.training
+    for mode in STATE_MODES:
+        got = compute_gates(stream_recipe(base, mode), base, device="cpu").vectors
+        torch.testing.assert_close(got, expected[mode], atol=1e-6, rtol=0, msg=mode)
+
+
+def test_streamed_forward_holds_one_leaf_and_only_the_embedding_rows_it_needs(pico_factory, pico_tokenizer,
+                                                                                 monkeypatch):
+    base = pico_factory("stream", tie=True)
+    monkeypatch.setattr(base_forward, "STREAM_ABOVE_BYTES", 0)
+    model = base_forward.load_base(base, "cpu")
+    embed, vocab = model.get_input_embeddings(), model.config.vocab_size
+    calls = []  # (leaf, materialised parameters of the whole model, its own, embedding rows or None)
+
+    def check(module, args):  # registered after the streaming hooks: the leaf's weights are in
+        real = {id(p) for p in model.parameters() if p.device.type != "meta"}
+        own = {id(p) for p in module.parameters(recurse=False)}
+        rows = (module.weight.shape[0], args[0].unique().numel()) if module is embed else None
+        calls.append((module, real, own, rows))
+
+    for leaf in leaves(model):
+        leaf.register_forward_pre_hook(check)
+    for mode in STATE_MODES:
+        compute_gates(stream_recipe(base, mode), base, model=model, tokenizer=pico_tokenizer)
+    assert {id(m) for m, *_ in calls} >= {id(model.model.layers[0].mlp.down_proj), id(embed)}
+    for module, real, own, _ in calls:
+        assert real == own and own, module
+    embed_rows = [rows for *_, rows in calls if rows is not None]
+    assert embed_rows and all(table == used < vocab for table, used in embed_rows)  # rows only, never V
+    assert {p.device.type for p in model.parameters()} == {"meta"}  # all released after the forwards
+
+
+@pytest.mark.parametrize("mode", STATE_MODES)
+def test_gate_forwards_stop_before_the_last_layer_finishes(pico_llama, pico, mode):
+    model, tok = pico
+    last = model.model.layers[-1]
+    # router_input needs the last layer's attention (its norm's input); the other modes stop before it.
+    watched = [last.mlp, model.model.norm, model.lm_head]
+    if mode != "router_input":
+        watched.append(last.self_attn)
+    fired: list[torch.nn.Module] = []
+    handles = [m.register_forward_hook(lambda m, args, out: fired.append(m)) for m in watched]
+    try:
+        with torch.no_grad():
+            model(torch.tensor([ids_alone(tok, "Hello")]))
+        assert len(fired) == len(watched)  # the hooks do see a full forward
+        fired.clear()
+        gates = compute_gates(recipe_for(pico_llama, mode), pico_llama, model=model, tokenizer=tok)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert fired == []
+    assert all(not layer._forward_pre_hooks for layer in model.model.layers) and no_norm_hooks(model)
+    if mode == "hidden":
+        want = expected_rows(lambda prompts: last_states_alone(model, tok, prompts))
+        torch.testing.assert_close(gates.vectors, want, atol=1e-4, rtol=0)
+    assert gates.vectors.shape == (LAYERS, len(SETS), HIDDEN)
+
+
+def test_checkpoint_with_other_tensor_names_loads_whole(pico_factory, monkeypatch, caplog, tmp_path):
+    renamed = tmp_path / "renamed"
+    shutil.copytree(pico_factory("stream"), renamed)
+    tensors = load_file(renamed / "model.safetensors")
+    tensors["model.norm.scale"] = tensors.pop("model.norm.weight")
+    save_file(tensors, renamed / "model.safetensors", metadata={"format": "pt"})
+    monkeypatch.setattr(base_forward, "STREAM_ABOVE_BYTES", 0)
+    with caplog.at_level(logging.INFO, logger="workbench.base_forward"):
+        model = base_forward.load_base(renamed, "cpu")
+    assert model.model.layers[0].mlp.up_proj.weight.device.type == "cpu"
+    assert "'model.norm.weight'" in caplog.text and "loading it whole" in caplog.text
+
+
+def test_streamed_embedding_keeps_working_with_a_pad_id_past_the_rows_read(pico_factory, monkeypatch,
+                                                                           tmp_path):
+    # F.embedding checks padding_idx against the table it gets: a compact table of the batch's
+    # rows is far shorter than a pad id near the end of the vocabulary (Qwen's, say).
+    base = tmp_path / "high-pad"
+    shutil.copytree(pico_factory("stream"), base)
+    config = json.loads((base / "config.json").read_text())
+    config["pad_token_id"] = config["vocab_size"] - 1
+    (base / "config.json").write_text(json.dumps(config))
+    expected = compute_gates(stream_recipe(base, "hidden"), base, device="cpu").vectors
+    monkeypatch.setattr(base_forward, "STREAM_ABOVE_BYTES", 0)
+    model = base_forward.load_base(base, "cpu")
+    assert model.get_input_embeddings().padding_idx == config["vocab_size"] - 1
+    got = compute_gates(stream_recipe(base, "hidden"), base, model=model,
+                        tokenizer=AutoTokenizer.from_pretrained(base)).vectors
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+    assert model.get_input_embeddings().padding_idx == config["vocab_size"] - 1  # put back after the forward
+
+
+def test_a_leaf_output_that_views_its_streamed_weights_survives_the_next_leaf(pico_factory, pico_tokenizer,
+                                                                              monkeypatch):
+    # Streamed leaves reuse one block of memory for their weights; an output that is a view of
+    # them (not a copy) must keep its values when the next leaf is read. Layer 1: by then the
+    # block has grown to an MLP matrix, so the next leaf would land on the norm's weights.
+    base = pico_factory("stream")
+    monkeypatch.setattr(base_forward, "STREAM_ABOVE_BYTES", 0)
+    whole = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    models = [whole, base_forward.load_base(base, "cpu")]
+    for model in models:
+        norm = model.model.layers[1].input_layernorm
+        norm.forward = lambda h, norm=norm: norm.weight.expand_as(h)
+    want, got = (compute_gates(stream_recipe(base, "hidden"), base, model=m, tokenizer=pico_tokenizer).vectors
+                 for m in models)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)

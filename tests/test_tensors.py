@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from workbench import tensors
 from workbench.errors import BuildError, SourceError
-from workbench.tensors import TensorFileError, dtype_code, WeightIndex, read_header, write_safetensors
+from workbench.tensors import TensorFileError, WeightIndex, dtype_code, read_header, write_safetensors
 
 TENSORS = {
     "model.embed_tokens.weight": torch.randn(7, 5),

@@ -1,6 +1,7 @@
 """Running the base model on router prompts: tokenising sets, loading the base (streamed
-from disk when large), and collecting hidden states. `workbench.gates` turns these states
-into gate rows; this module holds no gate math.
+from disk leaf by leaf when large, `workbench.lazy_weights`), and capturing the states the
+gates need with hooks, each forward stopped as soon as they are all captured.
+`workbench.gates` turns these states into gate rows; this module holds no gate math.
 
 Legend: L layers, B prompts in a set, T tokens, H hidden size, V vocabulary.
 """
@@ -9,19 +10,17 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
-import tempfile
-import weakref
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from workbench.device import pick_device
 from workbench.errors import GateError
+from workbench.lazy_weights import CheckpointMismatch, stream_leaves
 from workbench.progress import CancelToken
 from workbench.recipe import Recipe
 
@@ -74,36 +73,95 @@ def expert_batches(recipe: Recipe, tokenizer: Any) -> list[tuple[dict, dict | No
     return batches
 
 
+class _StopForward(Exception):
+    """Raised from a hook once a forward has given every state the gates need; caught in `_run`."""
 
-@contextmanager
-def _router_inputs(model: torch.nn.Module) -> Iterator[list[Tensor]]:
-    """The router's real input at the last position of each prompt, (B, 1, H) per layer."""
+
+def _decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The model's decoder layers: the one ModuleList named `layers` with num_hidden_layers entries."""
+    count = int(model.config.num_hidden_layers)
+    found = [module for name, module in model.named_modules() if name.rsplit(".", 1)[-1] == "layers"
+             and isinstance(module, nn.ModuleList) and len(module) == count]
+    if len(found) != 1:
+        raise GateError(f"cannot find the base model's {count} decoder layers (a ModuleList named 'layers'); "
+                        "Llama/Mistral-style bases are supported")
+    return found[0]
+
+
+def _run(model: nn.Module, batch: dict[str, Tensor]) -> None:
+    """One forward over `batch`, until a hook raises _StopForward; a forward that ends without
+    one missed a state and is an error."""
+    device = _input_device(model)
+    inputs = {k: v.to(device) for k, v in batch.items()}
+    try:
+        with torch.no_grad():
+            # logits_to_keep=1: should a stop be missed, the lm_head makes one position, not (B, T, V).
+            model(**inputs, use_cache=False, logits_to_keep=1)
+    except _StopForward:
+        return
+    raise GateError("the base model's forward never reached its last decoder layer; the gates need its input")
+
+
+def _input_device(model: nn.Module) -> torch.device:
+    # A streamed base keeps its parameters on the meta device between leaves; its buffers are real.
+    real = (t for t in chain(model.parameters(), model.buffers()) if t.device.type != "meta")
+    return next((t.device for t in real), torch.device("cpu"))
+
+
+def layer_inputs(model: nn.Module, batch: dict[str, Tensor], reduce: Callable[[Tensor], Tensor]) -> Tensor:
+    """(L, ...) float32 CPU stack of reduce(residual stream entering layer l), each (B, T, H) -> (...).
+
+    The states are transformers' hidden_states[l] for l < L, captured by pre-hooks on the
+    decoder layers; the forward stops at the last layer's input, so that layer, the final norm
+    and the lm_head never run, and only the reduced states are kept.
+    """
+    layers = _decoder_layers(model)
+    captured: list[Tensor] = []
+
+    def capture(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        states = args[0] if args else kwargs["hidden_states"]  # (B, T, H)
+        captured.append(reduce(states).float().cpu())
+        if module is layers[-1]:
+            raise _StopForward
+
+    handles = [layer.register_forward_pre_hook(capture, with_kwargs=True) for layer in layers]
+    try:
+        _run(model, batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return torch.stack(captured)
+
+
+def router_input_states(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    """(L, B, H) float32 CPU: what each layer's router sees (its post_attention_layernorm output)
+    at the last position; the forward stops once the last layer's norm has run."""
     from workbench.trace import TraceError, router_inputs
 
+    last = _decoder_layers(model)[-1]
+
+    def stop(module: nn.Module, args: Any, output: Tensor) -> None:
+        raise _StopForward
+
     try:
-        with router_inputs(model, last_only=True) as captured:
-            yield captured
+        with router_inputs(model, last_only=True) as captured:  # TraceError when there are no such norms
+            # Registered after router_inputs' own hook: hooks run in order, so the capture comes first.
+            handle = last.post_attention_layernorm.register_forward_hook(stop)
+            try:
+                _run(model, batch)
+            finally:
+                handle.remove()
     except TraceError as exc:
         raise GateError(f"gate_mode router_input: {exc}; use gate_mode hidden") from exc
-
-
-def all_states(model: torch.nn.Module, batch: dict[str, Tensor]) -> Tensor:
-    """(L, B, T, H) residual stream entering each decoder layer, for every position."""
-    device = next(model.parameters()).device
-    inputs = {k: v.to(device) for k, v in batch.items()}
-    # logits_to_keep=1: the lm_head output is unused, and full (B, T, V) logits can be gigabytes.
-    with torch.no_grad():
-        out = model(**inputs, output_hidden_states=True, use_cache=False, logits_to_keep=1)
-    # The last entry is the final norm's output, which feeds no router.
-    return torch.stack(tuple(out.hidden_states[:-1])).float().cpu()
+    return torch.stack(captured)[:, :, -1, :].float().cpu()
 
 
 LAST_POSITION_MODES = ("hidden", "router_input")
 TOKENS_PER_FORWARD = 8192  # rows x width of one merged forward: bounds the hidden states kept
 
 
-def last_states_by_set(model: torch.nn.Module, mode: str, batches: list[tuple[dict, dict | None]],
-                    cancel: CancelToken) -> dict[int, Tensor]:
+def last_states_by_set(model: nn.Module, mode: str, batches: list[tuple[dict, dict | None]],
+                       cancel: CancelToken) -> dict[int, Tensor]:
     """(L, B, H) last-position states of every prompt set, keyed by id(batch), from as few
     forwards as fit: left padding makes each prompt's last state independent of its batch,
     so sets can share forwards and a streamed base reads its weights once."""
@@ -120,7 +178,10 @@ def last_states_by_set(model: torch.nn.Module, mode: str, batches: list[tuple[di
             width, stop = grown, stop + 1
         cancel.check()
         merged = _left_pad([sets[k] for k, _ in rows[start:stop]], [r for _, r in rows[start:stop]], width)
-        states = _last_states(model, mode, merged)  # (L, B, H)
+        if mode == "router_input":
+            states = router_input_states(model, merged)
+        else:
+            states = layer_inputs(model, merged, lambda h: h[:, -1, :])  # (L, B, H)
         per_row += [states[:, b] for b in range(states.shape[1])]
         start = stop
     out, cursor = {}, 0
@@ -149,19 +210,6 @@ def _pad_id(batch: dict[str, Tensor]) -> int:
     return int(pads[0]) if pads.numel() else int(batch["input_ids"][0, 0])
 
 
-def _last_states(model: torch.nn.Module, mode: str, batch: dict[str, Tensor]) -> Tensor:
-    """(L, B, H) float32 last-position states of one left-padded batch."""
-    device = next(model.parameters()).device
-    inputs = {k: v.to(device) for k, v in batch.items()}
-    with torch.no_grad():
-        if mode == "router_input":
-            with _router_inputs(model) as captured:
-                model(**inputs, use_cache=False, logits_to_keep=1)
-            return torch.stack(captured)[:, :, -1, :].float().cpu()
-        out = model(**inputs, output_hidden_states=True, use_cache=False, logits_to_keep=1)
-        return torch.stack(tuple(out.hidden_states[:-1]))[:, :, -1, :].float().cpu()
-
-
 def load_tokenizer(base_path: Path) -> Any:
     from transformers import AutoTokenizer  # lazy: importing this module stays cheap
 
@@ -171,33 +219,34 @@ def load_tokenizer(base_path: Path) -> Any:
         raise GateError(f"cannot load the base tokenizer from {base_path}: {exc}; check the folder") from exc
 
 
-# Above this many bytes of weights on the CPU, decoder layers are streamed from the
-# safetensors files one at a time during each forward (accelerate's disk offload reads the
-# original files in place), so gates cost one layer of memory whatever the model size.
+# Above this many bytes of weights on the CPU, the base is streamed from its safetensors
+# files one leaf module at a time during each forward (workbench.lazy_weights), so gates
+# cost one leaf of memory whatever the model size.
 STREAM_ABOVE_BYTES = 1_000_000_000
 
 
-def load_base(base_path: Path, device: str) -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM
+def load_base(base_path: Path, device: str) -> nn.Module:
+    """The base model in eval mode: whole on a GPU (bf16) or a small one on the CPU (float32),
+    leaf-streamed from disk on the CPU above STREAM_ABOVE_BYTES."""
+    from transformers import AutoModelForCausalLM  # lazy: importing this module stays cheap
 
     where, dtype = pick_device(device)
-    device_map: str | dict[str, str] = str(where)
-    extra: dict[str, Any] = {}
-    if where.type == "cpu" and _resident_bytes(base_path, dtype) > STREAM_ABOVE_BYTES:
-        device_map = _streaming_map(base_path)
-        # Required by accelerate; it stays empty when the weights are safetensors already.
-        extra["offload_folder"] = tempfile.mkdtemp(prefix="workbench-offload-")
-    log.info("loading %s on %s (%s) for gates%s", base_path, where, dtype,
-             ", streaming layers from disk" if extra else "")
     try:
+        if where.type == "cpu" and _resident_bytes(base_path, dtype) > STREAM_ABOVE_BYTES:
+            try:
+                model = stream_leaves(base_path, dtype)
+            except CheckpointMismatch as exc:
+                log.info("cannot stream %s leaf by leaf (%s); loading it whole", base_path, exc)
+            else:
+                log.info("loading %s on cpu (%s) for gates, streaming each leaf module from disk", base_path,
+                         dtype)
+                return model.eval()
+        log.info("loading %s on %s (%s) for gates", base_path, where, dtype)
         model = AutoModelForCausalLM.from_pretrained(
-            str(base_path), dtype=dtype, use_safetensors=True, trust_remote_code=False,
-            device_map=device_map, **extra,
+            str(base_path), dtype=dtype, use_safetensors=True, trust_remote_code=False, device_map=str(where),
         )
     except (OSError, ValueError) as exc:
         raise GateError(f"cannot load the base model from {base_path}: {exc}; check the folder") from exc
-    if "offload_folder" in extra:
-        weakref.finalize(model, shutil.rmtree, extra["offload_folder"], ignore_errors=True)
     return model.eval()
 
 
@@ -208,16 +257,6 @@ def _resident_bytes(base_path: Path, dtype: torch.dtype) -> int:
     stored = str(config.get("dtype") or config.get("torch_dtype") or "float32")
     stored_size = 2 if stored.removeprefix("torch.") in ("bfloat16", "float16") else 4
     return on_disk * torch.finfo(dtype).bits // 8 // stored_size
-
-
-def _streaming_map(base_path: Path) -> dict[str, str]:
-    config = json.loads((base_path / "config.json").read_text())
-    layers, tied = int(config["num_hidden_layers"]), config.get("tie_word_embeddings", False)
-    device_map = {name: "cpu" for name in ("model.embed_tokens", "model.rotary_emb", "model.norm")}
-    # An untied lm_head is as big as the embedding and runs for one position only: stream it too.
-    device_map["lm_head"] = "cpu" if tied else "disk"
-    device_map.update({f"model.layers.{i}": "disk" for i in range(layers)})
-    return device_map
 
 
 def read_embedding(base_path: Path) -> Tensor:

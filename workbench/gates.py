@@ -3,8 +3,11 @@
 Legend: L layers, E experts, B prompts in a set, T tokens, H hidden size, V vocabulary.
 
 The math follows mergekit-moe (RECIPE.md, "Gate math"): each prompt set is tokenised as
-one left-padded batch, the base model runs once per set, a state per layer is averaged
-over the prompts, and an expert's gate row is normalise(m(positives) - m(negatives)).
+one left-padded batch, a state per layer is averaged over the prompts, and an expert's
+gate row is normalise(m(positives) - m(negatives)). The forwards are ours to arrange: for
+the last-position modes every set shares as few forwards as fit (left padding keeps each
+prompt's last state independent of its batch), and every forward stops once the states
+are captured (`workbench.base_forward`).
 Modes:
 
 - `hidden`: the residual stream entering layer l, at each prompt's last token.
@@ -41,9 +44,9 @@ from torch import Tensor
 
 from workbench.base_forward import (
     LAST_POSITION_MODES,
-    all_states,
     expert_batches,
     last_states_by_set,
+    layer_inputs,
     load_base,
     load_tokenizer,
     read_embedding,
@@ -231,7 +234,9 @@ def compute_gates(
                 return rows_of[id(batch)].mean(dim=1)
         else:  # hidden_avg: every position, pad included, as mergekit averages
             def state(batch: dict[str, Tensor]) -> Tensor:
-                return reduce_states(all_states(model, batch), batch["attention_mask"], average=True)
+                mask = batch["attention_mask"]
+                # Reduced layer by layer as the forward goes: (B, T, H) -> (H,), never (L, B, T, H).
+                return layer_inputs(model, batch, lambda h: reduce_states(h[None], mask, average=True)[0])
     try:
         rows = _expert_rows(batches, state, on_progress, cancel)
     finally:
