@@ -161,9 +161,20 @@ def cached_share(folder: Path) -> float:
     return sum(int(r) for r, _ in pairs) / size if size else 0.0
 
 
-def measure(case: Case, logs: Path, keep_as: Path | None = None, round_no: int = 0) -> Run:
+def warm(folder: Path) -> None:
+    """Read the folder's safetensors once (untimed), so every tool starts from cached inputs:
+    this VM's proactive reclaim (DAMON) otherwise evicts a varying share between runs, and a
+    tool reading more input files than the copy would pay for the disk, not for its work."""
+    files = sorted(folder.rglob("*.safetensors"))
+    subprocess.run(["cat", *map(str, files)], stdout=subprocess.DEVNULL, check=True)
+
+
+def measure(case: Case, logs: Path, keep_as: Path | None = None, round_no: int = 0,
+            warm_inputs: bool = True) -> Run:
     """Run one case under /usr/bin/time -v; fsync, size and delete (or keep) its output."""
     subprocess.run(["rm", "-rf", str(case.out)], check=True)
+    if warm_inputs:
+        warm(case.inputs)
     cached = cached_share(case.inputs)
     log_file = logs / f"{case.tool}-{case.label.replace(' ', '_')}-{time.strftime('%H%M%S')}.log"
     start = time.perf_counter()
@@ -231,15 +242,15 @@ def bench(args: argparse.Namespace) -> str:
     # copy moves exactly the bytes a build writes (renamed, so its pages stay cached).
     builders = [c for c in big if c.tool != "copy"]
     for k, case in enumerate(builders):
-        measure(case, logs, keep_as=copy_src if k == 0 else None)
+        measure(case, logs, keep_as=copy_src if k == 0 else None, warm_inputs=not args.cold)
     for case in [c for c in big if c.tool == "copy"] + small:
-        measure(case, logs)
+        measure(case, logs, warm_inputs=not args.cold)
     log.info("warm-up done")
     runs: list[Run] = []
     for k in range(args.rounds):
         order = big[k % len(big):] + big[:k % len(big)]
-        runs += [measure(case, logs, round_no=k + 1) for case in order + small]
-    once = [measure(case, logs) for case in hidden]
+        runs += [measure(case, logs, round_no=k + 1, warm_inputs=not args.cold) for case in order + small]
+    once = [measure(case, logs, warm_inputs=not args.cold) for case in hidden]
     commands = {f"{c.tool} ({c.label})": shlex.join(c.argv) for c in big + small + hidden}
     priority = f"nice -{args.nice}" if args.nice else "normal priority"
     env = environment([args.models, args.work]) + [f"- every timed command ran at {priority}"]
@@ -353,6 +364,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--tools", default=",".join(TOOLS), help="comma list of: " + ", ".join(TOOLS))
     parser.add_argument("--no-hidden", action="store_true", help="skip the single `hidden` gate-mode runs")
+    parser.add_argument("--cold", action="store_true", help="do not read each case's inputs into the "
+                        "page cache before it runs (then the share cached varies from run to run)")
     parser.add_argument("--results", type=Path, help="write the markdown report here too")
     parser.add_argument("--nice", type=int, default=0, help="run every timed command N nice levels "
                         "above normal (needs root): steadier numbers on a shared machine")
