@@ -280,12 +280,11 @@ class _Job:
         return tensors + extras + 1024 * 1024
 
     def fill(self, spec: TensorSpec) -> torch.Tensor | TensorInfo:
-        """The bytes of one output tensor: a source byte range when unchanged, else a tensor."""
-        import torch
-
-        out_dtype = torch_dtype(self.code)
+        """The bytes of one output tensor: a source byte range when unchanged, else a tensor.
+        The first is decided before anything imports torch, which the gates thread may be
+        importing meanwhile (a second import would wait for it)."""
         if spec.source == "gate":
-            return self.gates.vectors[spec.layer].to(out_dtype).contiguous()  # (E, H)
+            return self.gates.vectors[spec.layer].to(torch_dtype(self.code)).contiguous()  # (E, H)
         index = self.indexes[self.ref(spec)]
         expert = self.recipe.experts[spec.source] if isinstance(spec.source, int) else None
         noise = expert.noise_scale if expert is not None and expert.noise_scale else 0.0
@@ -293,6 +292,9 @@ class _Job:
         info = index.info(spec.src_name)
         if not noise and residual is None and info.dtype == self.code:
             return info
+        import torch
+
+        out_dtype = torch_dtype(self.code)
         tensor = index.load(spec.src_name)
         if not noise and residual is None:
             return tensor.to(out_dtype)
