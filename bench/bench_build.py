@@ -161,10 +161,18 @@ def cached_share(folder: Path) -> float:
     return sum(int(r) for r, _ in pairs) / size if size else 0.0
 
 
+DROP_CACHES = Path("/proc/sys/vm/drop_caches")
+
+
 def warm(folder: Path) -> None:
-    """Read the folder's safetensors once (untimed), so every tool starts from cached inputs:
-    this VM's proactive reclaim (DAMON) otherwise evicts a varying share between runs, and a
-    tool reading more input files than the copy would pay for the disk, not for its work."""
+    """Untimed, before each run: empty the page cache where allowed (root), then read the
+    folder's safetensors once. Every tool then starts from cached inputs and free memory:
+    this VM's proactive reclaim (DAMON) otherwise evicts a varying share of the inputs between
+    runs, and with a full cache each written page first costs a reclaim, which made the same
+    `cp` take 2 to 8 s from run to run."""
+    subprocess.run(["sync"], check=True)
+    if os.access(DROP_CACHES, os.W_OK):
+        DROP_CACHES.write_text("1\n")
     files = sorted(folder.rglob("*.safetensors"))
     subprocess.run(["cat", *map(str, files)], stdout=subprocess.DEVNULL, check=True)
 
@@ -364,8 +372,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--tools", default=",".join(TOOLS), help="comma list of: " + ", ".join(TOOLS))
     parser.add_argument("--no-hidden", action="store_true", help="skip the single `hidden` gate-mode runs")
-    parser.add_argument("--cold", action="store_true", help="do not read each case's inputs into the "
-                        "page cache before it runs (then the share cached varies from run to run)")
+    parser.add_argument("--cold", action="store_true", help="do not empty the page cache and read each "
+                        "case's inputs into it before it runs (then the share cached varies from run to run)")
     parser.add_argument("--results", type=Path, help="write the markdown report here too")
     parser.add_argument("--nice", type=int, default=0, help="run every timed command N nice levels "
                         "above normal (needs root): steadier numbers on a shared machine")
