@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import math
+import mmap
 import os
 import struct
 import sys
@@ -360,9 +361,6 @@ class _FollowHasher:
 
     def _run(self) -> None:
         pos = 0
-        # One buffer for every chunk: a fresh 8 MB bytes object per read is fresh pages from
-        # the kernel each time, and faulting them in costs more than the hash.
-        buffer = memoryview(bytearray(HASH_CHUNK))
         try:
             while True:
                 with self._cond:
@@ -371,14 +369,20 @@ class _FollowHasher:
                     target, done = self._target, self._done
                 if self._abort or (pos >= target and done):
                     return
-                n = os.preadv(self._fd, [buffer[:min(HASH_CHUNK, target - pos)]], pos)
-                if not n:
-                    raise OSError(f"could not read back bytes {pos}..{target} for hashing")
-                self._hash.update(buffer[:n])
-                _start_writeback(self._fd, pos, n)
-                pos += n
+                end = min(pos + HASH_CHUNK, target)
+                self._hash_range(pos, end)
+                _start_writeback(self._fd, pos, end - pos)
+                pos = end
         except BaseException as exc:  # handed to the writer's thread in finish()
             self._error = exc
+
+    def _hash_range(self, start: int, end: int) -> None:
+        """Hash bytes start..end straight from the page cache through a read-only mapping:
+        a read() would first copy them, and that copy cost a quarter of the hashing speed."""
+        aligned = start - start % mmap.ALLOCATIONGRANULARITY
+        with mmap.mmap(self._fd, end - aligned, offset=aligned, access=mmap.ACCESS_READ) as mapped:
+            with memoryview(mapped) as view:
+                self._hash.update(view[start - aligned:])
 
     def finish(self) -> str:
         self._stop(abort=False)
