@@ -164,25 +164,31 @@ def cached_share(folder: Path) -> float:
 DROP_CACHES = Path("/proc/sys/vm/drop_caches")
 
 
-def warm(folder: Path) -> None:
-    """Untimed, before each run: empty the page cache where allowed (root), then read the
-    folder's safetensors once. Every tool then starts from cached inputs and free memory:
-    this VM's proactive reclaim (DAMON) otherwise evicts a varying share of the inputs between
-    runs, and with a full cache each written page first costs a reclaim, which made the same
-    `cp` take 2 to 8 s from run to run."""
+CACHE_MODES = ("empty", "full", "as-is")
+
+
+def warm(folder: Path, cache: str) -> None:
+    """Untimed, before each run, by --cache: "empty" empties the page cache (root only) and
+    then reads the folder's safetensors once, so every tool starts from cached inputs and free
+    memory; "full" only reads the inputs, so the cache stays full of earlier runs' pages and
+    each page written first costs a reclaim (a machine in daily use); "as-is" does nothing,
+    and this VM's proactive reclaim (DAMON) then evicts a varying share of the inputs."""
+    if cache == "as-is":
+        return
     subprocess.run(["sync"], check=True)
-    if os.access(DROP_CACHES, os.W_OK):
+    if cache == "empty":
+        if not os.access(DROP_CACHES, os.W_OK):
+            raise SystemExit("--cache empty needs root (it writes /proc/sys/vm/drop_caches)")
         DROP_CACHES.write_text("1\n")
     files = sorted(folder.rglob("*.safetensors"))
     subprocess.run(["cat", *map(str, files)], stdout=subprocess.DEVNULL, check=True)
 
 
 def measure(case: Case, logs: Path, keep_as: Path | None = None, round_no: int = 0,
-            warm_inputs: bool = True) -> Run:
+            cache: str = "empty") -> Run:
     """Run one case under /usr/bin/time -v; fsync, size and delete (or keep) its output."""
     subprocess.run(["rm", "-rf", str(case.out)], check=True)
-    if warm_inputs:
-        warm(case.inputs)
+    warm(case.inputs, cache)
     cached = cached_share(case.inputs)
     log_file = logs / f"{case.tool}-{case.label.replace(' ', '_')}-{time.strftime('%H%M%S')}.log"
     start = time.perf_counter()
@@ -250,18 +256,19 @@ def bench(args: argparse.Namespace) -> str:
     # copy moves exactly the bytes a build writes (renamed, so its pages stay cached).
     builders = [c for c in big if c.tool != "copy"]
     for k, case in enumerate(builders):
-        measure(case, logs, keep_as=copy_src if k == 0 else None, warm_inputs=not args.cold)
+        measure(case, logs, keep_as=copy_src if k == 0 else None, cache=args.cache)
     for case in [c for c in big if c.tool == "copy"] + small:
-        measure(case, logs, warm_inputs=not args.cold)
+        measure(case, logs, cache=args.cache)
     log.info("warm-up done")
     runs: list[Run] = []
     for k in range(args.rounds):
         order = big[k % len(big):] + big[:k % len(big)]
-        runs += [measure(case, logs, round_no=k + 1, warm_inputs=not args.cold) for case in order + small]
-    once = [measure(case, logs, warm_inputs=not args.cold) for case in hidden]
+        runs += [measure(case, logs, round_no=k + 1, cache=args.cache) for case in order + small]
+    once = [measure(case, logs, cache=args.cache) for case in hidden]
     commands = {f"{c.tool} ({c.label})": shlex.join(c.argv) for c in big + small + hidden}
     priority = f"nice -{args.nice}" if args.nice else "normal priority"
-    env = environment([args.models, args.work]) + [f"- every timed command ran at {priority}"]
+    env = environment([args.models, args.work]) + [f"- every timed command ran at {priority}",
+                                                   f"- page cache before each run: {args.cache} (--cache)"]
     return render(runs, once, commands, env, args.rounds)
 
 
@@ -372,8 +379,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--tools", default=",".join(TOOLS), help="comma list of: " + ", ".join(TOOLS))
     parser.add_argument("--no-hidden", action="store_true", help="skip the single `hidden` gate-mode runs")
-    parser.add_argument("--cold", action="store_true", help="do not empty the page cache and read each "
-                        "case's inputs into it before it runs (then the share cached varies from run to run)")
+    parser.add_argument("--cache", choices=CACHE_MODES, default="empty", help="page cache before each run: "
+                        "empty it and read the inputs (default), read the inputs into a full cache, or as is")
     parser.add_argument("--results", type=Path, help="write the markdown report here too")
     parser.add_argument("--nice", type=int, default=0, help="run every timed command N nice levels "
                         "above normal (needs root): steadier numbers on a shared machine")
