@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from itertools import chain
 from pathlib import Path
 from typing import Any
@@ -242,12 +243,30 @@ def load_base(base_path: Path, device: str) -> nn.Module:
                          dtype)
                 return model.eval()
         log.info("loading %s on %s (%s) for gates", base_path, where, dtype)
-        model = AutoModelForCausalLM.from_pretrained(
-            str(base_path), dtype=dtype, use_safetensors=True, trust_remote_code=False, device_map=str(where),
-        )
+        with _no_loading_bar():
+            model = AutoModelForCausalLM.from_pretrained(
+                str(base_path), dtype=dtype, use_safetensors=True, trust_remote_code=False,
+                device_map=str(where),
+            )
     except (OSError, ValueError) as exc:
         raise GateError(f"cannot load the base model from {base_path}: {exc}; check the folder") from exc
     return model.eval()
+
+
+@contextmanager
+def _no_loading_bar() -> Iterator[None]:
+    """No "Loading weights" bar from transformers: gates load while the build draws its own
+    progress (on a terminal, a second bar would break its line); local files, so nothing is
+    lost."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
 
 
 def _resident_bytes(base_path: Path, dtype: torch.dtype) -> int:
