@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -10,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from workbench.__main__ import main
+from workbench.__main__ import ProgressBar, main
+from workbench.progress import Progress
 
 ROOT = Path(__file__).parent.parent
 
@@ -100,3 +103,25 @@ def test_bad_shard_size_is_a_clear_error(tmp_path, pico_factory, capsys, size):
     recipe = write_recipe(tmp_path, base, [base, base])
     assert main(["build", str(recipe), str(tmp_path / "o"), f"--shard-size={size}"]) == 1
     assert "shard" in capsys.readouterr().err.lower()
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_a_log_line_during_the_progress_bar_gets_a_line_of_its_own():
+    screen = Terminal()
+    handler = logging.StreamHandler(screen)
+    logging.getLogger().addHandler(handler)
+    try:
+        with ProgressBar(screen) as bar:
+            bar(Progress("write", 0.5, "model.embed_tokens.weight"))
+            logging.getLogger("workbench.build").warning("every expert is the same model")
+            bar(Progress("write", 1.0, "lm_head.weight"))
+    finally:
+        logging.getLogger().removeHandler(handler)
+    lines = screen.getvalue().split("\n")
+    assert "every expert is the same model" in lines  # not glued to the end of the bar's line
+    assert "lm_head.weight" in lines[lines.index("every expert is the same model") + 1]
+    assert not handler.filters  # the bar's filter comes off with the bar

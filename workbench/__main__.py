@@ -100,10 +100,9 @@ def cmd_gates(args: argparse.Namespace) -> int:
 
     recipe, problems = read_recipe(args.recipe)
     _print_problems(problems)
-    bar = ProgressBar()
-    base = resolve(recipe.base_model, token=env_token(), on_progress=bar)
-    gates = compute_gates(recipe, base.path, device=args.device, seed=args.seed, on_progress=bar)
-    bar.close()
+    with ProgressBar() as bar:
+        base = resolve(recipe.base_model, token=env_token(), on_progress=bar)
+        gates = compute_gates(recipe, base.path, device=args.device, seed=args.seed, on_progress=bar)
     report = gates.diagnostics.to_dict()
     if args.json:
         print(json.dumps({"mode": gates.mode, "shape": list(gates.vectors.shape), **report}, indent=2))
@@ -130,13 +129,10 @@ def cmd_build(args: argparse.Namespace) -> int:
         shard_size = parse_size(args.shard_size)
     except (ValueError, WorkbenchError) as exc:
         raise WorkbenchError(f"--shard-size: {exc}") from exc
-    bar = ProgressBar()
-    try:
+    with ProgressBar() as bar:
         result = build(recipe, Path(args.out), device=args.device, dtype=args.dtype,
                        shard_size=shard_size, seed=args.seed, force=args.force,
                        token=env_token(), on_progress=bar)
-    finally:
-        bar.close()
     size = result.total_bytes / 1e9
     print(f"built {result.path}: {len(recipe.experts)} experts (top-{recipe.experts_per_token}), "
           f"{len(result.files)} files, {size:.2f} GB in {result.seconds:.1f} s")
@@ -178,6 +174,23 @@ class ProgressBar:
         if self.tty and self.drawn:
             self.stream.write("\n")
             self.stream.flush()
+            self.drawn = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """As a logging filter: end the bar's line before a log line, which then stands alone
+        and the bar redraws below it."""
+        self.close()
+        return True
+
+    def __enter__(self) -> ProgressBar:
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handler in logging.getLogger().handlers:
+            handler.removeFilter(self)
+        self.close()
 
 
 if __name__ == "__main__":

@@ -322,7 +322,7 @@ class _Job:
         def after(name: str, nbytes: int) -> None:
             nonlocal done
             done += nbytes
-            message = f"{name}; {worker.status}" if worker.status else name
+            message = f"{worker.status} · {name}" if worker.status else name
             on_progress(Progress("write", done / total if total else 1.0, message))
             cancel.check()
             worker.check()

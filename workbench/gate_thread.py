@@ -31,7 +31,7 @@ class GateThread:
 
     def __init__(self, compute: Compute, cancel: CancelToken):
         self._cancel = cancel.child()  # the build's cancel stops it, and so does stop()
-        self._latest = Progress("gates", 0.0, "loading the base model")
+        self._latest = Progress("gates", 0.0, "importing torch")
         self._gates: Gates | None = None
         self._error: BaseException | None = None
         self._done = threading.Event()

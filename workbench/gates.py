@@ -226,7 +226,11 @@ def compute_gates(
         def state(batch: dict[str, Tensor]) -> Tensor:
             return cheap_embedding(embed, batch["input_ids"], batch["attention_mask"])
     else:
-        model = model if model is not None else load_base(base_path, device)
+        if model is None:
+            on_progress(Progress("gates", 0.0, "loading the base model"))
+            model = load_base(base_path, device)
+        sets = sum(1 + (neg is not None) for _, neg in batches)
+        on_progress(Progress("gates", 0.0, f"running {sets} prompt sets through the base model"))
         if mode in LAST_POSITION_MODES:
             rows_of = last_states_by_set(model, mode, batches, cancel)  # id -> (L, B, H)
 
