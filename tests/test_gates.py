@@ -8,6 +8,7 @@ import json
 import logging
 import math
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -83,6 +84,43 @@ def test_hidden_matches_each_prompt_run_alone(pico_llama, pico):
     assert gates.vectors.dtype == torch.float32 and gates.vectors.device.type == "cpu"
     torch.testing.assert_close(gates.vectors, want, atol=1e-4, rtol=0)
     assert gates.mode == "hidden"
+
+
+def test_prompt_sets_split_into_more_forwards_on_wide_models_give_the_same_gates(pico_llama, pico,
+                                                                                 monkeypatch):
+    model, tok = pico
+    together = compute_gates(recipe_for(pico_llama, "hidden"), pico_llama, model=model, tokenizer=tok)
+    # A budget of a few tokens' activations: as a model wide enough for this would get.
+    config, keys = model.config, base_forward.MAX_PROMPT_TOKENS
+    per_token = 4 * (3 * config.intermediate_size + config.num_attention_heads * keys)
+    monkeypatch.setattr(base_forward, "ACTIVATION_BYTES", 20 * per_token)
+    widths = []
+
+    def count(module, args, kwargs) -> None:
+        widths.append(tuple(kwargs["input_ids"].shape))  # (rows, width)
+
+    handle = model.register_forward_pre_hook(count, with_kwargs=True)
+    try:
+        split = compute_gates(recipe_for(pico_llama, "hidden"), pico_llama, model=model, tokenizer=tok)
+    finally:
+        handle.remove()
+    # Each forward within its budget, unless one prompt alone is longer.
+    assert len(widths) > 1 and all(rows * width <= 20 or rows == 1 for rows, width in widths)
+    torch.testing.assert_close(split.vectors, together.vectors, atol=1e-5, rtol=0)
+
+
+def test_tokens_per_forward_shrinks_with_the_model_width():
+    def config(intermediate: int, heads: int) -> SimpleNamespace:
+        return SimpleNamespace(intermediate_size=intermediate, num_attention_heads=heads,
+                               hidden_size=heads * 128)
+
+    small, seven_b, seventy_b = config(512, 4), config(14336, 32), config(28672, 64)
+    assert base_forward.tokens_per_forward(small) == base_forward.TOKENS_PER_FORWARD
+    assert 1000 < base_forward.tokens_per_forward(seven_b) < 1200
+    assert 500 < base_forward.tokens_per_forward(seventy_b) < 600
+    # MLP activations of a whole merged forward stay near the budget, whatever the width.
+    mlp = 3 * 28672 * 4 * base_forward.tokens_per_forward(seventy_b)
+    assert mlp <= base_forward.ACTIVATION_BYTES
 
 
 @torch.no_grad()

@@ -158,7 +158,23 @@ def router_input_states(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
 
 
 LAST_POSITION_MODES = ("hidden", "router_input")
-TOKENS_PER_FORWARD = 8192  # rows x width of one merged forward: bounds the hidden states kept
+TOKENS_PER_FORWARD = 8192  # rows x width of one merged forward at most
+ACTIVATION_BYTES = 256 * 2**20  # what one merged forward's largest activations may take
+
+
+def tokens_per_forward(config: Any) -> int:
+    """Tokens one merged forward may hold: TOKENS_PER_FORWARD, fewer for wide models, so
+    that the forward's activations stay near ACTIVATION_BYTES whatever the model size.
+
+    Per token, in float32: the MLP's three (T, I) tensors and one layer's attention scores
+    against up to MAX_PROMPT_TOKENS keys per head. A 70B Llama (I 28672, 64 heads) gets
+    about 550 tokens, a 7B about 1100; a streamed base reads its weights once per forward,
+    so fewer forwards are cheaper and this only binds for large prompt sets.
+    """
+    intermediate = int(getattr(config, "intermediate_size", 0) or 4 * int(config.hidden_size))
+    heads = int(getattr(config, "num_attention_heads", 1) or 1)
+    per_token = 4 * (3 * intermediate + heads * MAX_PROMPT_TOKENS)
+    return max(1, min(TOKENS_PER_FORWARD, ACTIVATION_BYTES // per_token))  # a forward takes one row at least
 
 
 def last_states_by_set(model: nn.Module, mode: str, batches: list[tuple[dict, dict | None]],
@@ -169,12 +185,12 @@ def last_states_by_set(model: nn.Module, mode: str, batches: list[tuple[dict, di
     sets = [batch for pair in batches for batch in pair if batch is not None]
     rows = [(k, r) for k, batch in enumerate(sets) for r in range(batch["input_ids"].shape[0])]
     per_row: list[Tensor] = []  # (L, H) last-position state of each row, in `rows` order
-    start = 0
+    budget, start = tokens_per_forward(model.config), 0
     while start < len(rows):
         width, stop = 0, start
         while stop < len(rows):
             grown = max(width, sets[rows[stop][0]]["input_ids"].shape[1])
-            if stop > start and grown * (stop - start + 1) > TOKENS_PER_FORWARD:
+            if stop > start and grown * (stop - start + 1) > budget:
                 break
             width, stop = grown, stop + 1
         cancel.check()
