@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from workbench import base_forward
+from workbench import base_forward, lazy_weights
 from workbench.base_forward import MAX_PROMPT_TOKENS, tokenize_prompts
 from workbench.device import pick_device
 from workbench.errors import Cancelled, GateError, WorkbenchError
@@ -417,6 +417,29 @@ def test_large_base_streams_leaves_from_disk_with_the_same_gates(pico_factory, m
     for mode in STATE_MODES:
         got = compute_gates(stream_recipe(base, mode), base, device="cpu").vectors
         torch.testing.assert_close(got, expected[mode], atol=1e-6, rtol=0, msg=mode)
+
+
+def test_a_linear_too_big_to_hold_is_applied_a_block_of_rows_at_a_time(pico_factory, monkeypatch):
+    # A 70B MLP matrix is 0.9 GB in float32: past BLOCK_BYTES a Linear reads and applies its
+    # weight a block of output rows at a time and never holds it whole; same gates.
+    base = pico_factory("stream")
+    expected = {mode: compute_gates(stream_recipe(base, mode), base, device="cpu").vectors
+                for mode in STATE_MODES}
+    monkeypatch.setattr(base_forward, "STREAM_ABOVE_BYTES", 0)
+    monkeypatch.setattr(lazy_weights, "BLOCK_BYTES", 4096)  # a few rows of the pico MLP (64 x 4 bytes each)
+    largest = []  # the largest block each blocked Linear read
+    real_read = lazy_weights._Reader.read_into
+
+    def read_into(self, info, out, first_element=0):
+        if info.name.endswith("mlp.up_proj.weight"):
+            largest.append(out.numel() * out.element_size())
+        return real_read(self, info, out, first_element)
+
+    monkeypatch.setattr(lazy_weights._Reader, "read_into", read_into)
+    for mode in STATE_MODES:
+        got = compute_gates(stream_recipe(base, mode), base, device="cpu").vectors
+        torch.testing.assert_close(got, expected[mode], atol=1e-5, rtol=0, msg=mode)
+    assert largest and max(largest) <= 4096  # up_proj is (I, H) = several blocks, never one read
 
 
 def test_streamed_forward_holds_one_leaf_and_only_the_embedding_rows_it_needs(pico_factory, pico_tokenizer,

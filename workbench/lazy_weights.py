@@ -4,9 +4,10 @@
 such as rotary `inv_freq` real) and hooks every leaf, a module that owns parameters itself
 (Linear, RMSNorm, Embedding): just before the leaf runs, its own parameters are read from
 their byte ranges at the compute dtype; just after, they go back to the meta device. A
-forward therefore holds one leaf's weights at a time (plus one read chunk), whatever the
-model size. Reads are plain preads, never mmap, so file pages stay in the page cache and
-out of the process's RSS.
+forward therefore holds one leaf's weights at a time (plus one read chunk); a Linear too
+big for that (past BLOCK_BYTES) reads and applies its weight a block of rows at a time, so
+the bound does not grow with the model. Reads are plain preads, never mmap, so file pages
+stay in the page cache and out of the process's RSS.
 
 The input embedding is never read whole (a 152k x 3584 vocabulary is 2.2 GB in float32):
 its hook reads only the rows of the token ids in the batch and renumbers the ids into that
@@ -28,6 +29,10 @@ from torch import Tensor, nn
 from workbench.tensors import TensorFileError, TensorInfo, WeightIndex, torch_dtype
 
 CHUNK_BYTES = 16 * 1024 * 1024  # read buffer: a cast costs this much extra, not a second copy of the tensor
+# A Linear weight larger than this (at the compute dtype) is never held whole: its forward
+# reads and applies it a block of output rows at a time, so a 70B or 405B MLP matrix
+# (0.9 or 3.5 GB in float32) costs one block of memory.
+BLOCK_BYTES = 128 * 1024 * 1024
 
 
 class CheckpointMismatch(ValueError):
@@ -60,6 +65,8 @@ def stream_leaves(folder: Path, dtype: torch.dtype) -> nn.Module:
             continue
         if module is embed and isinstance(module, nn.Embedding):
             _hook_rows(module, own["weight"], reader)
+        elif _in_blocks(module, own, dtype):
+            _stream_row_blocks(module, own, reader)
         else:
             _hook_leaf(module, own, reader)
     return model
@@ -103,6 +110,36 @@ def _hook_leaf(module: nn.Module, sources: dict[str, TensorInfo], reader: _Reade
     module.register_forward_pre_hook(materialise)
     # always_call: an exception inside the forward (or the read) still drops the weights.
     module.register_forward_hook(release, always_call=True)
+
+
+def _in_blocks(module: nn.Module, sources: dict[str, TensorInfo], dtype: torch.dtype) -> bool:
+    weight = sources.get("weight")
+    return (type(module) is nn.Linear and weight is not None and len(weight.shape) == 2
+            and math.prod(weight.shape) * dtype.itemsize > BLOCK_BYTES)
+
+
+def _stream_row_blocks(module: nn.Linear, sources: dict[str, TensorInfo], reader: _Reader) -> None:
+    """y = x W^T + b computed a block of W's rows (output features) at a time: (..., in) ->
+    (..., out), each block read from the file just before its matmul. Rows are contiguous in
+    the file, so a block is one byte range."""
+    weight, bias = sources["weight"], sources.get("bias")
+    rows, columns = weight.shape
+    per_block = max(1, BLOCK_BYTES // (columns * reader.dtype.itemsize))
+
+    def forward(x: Tensor) -> Tensor:
+        out = x.new_empty((*x.shape[:-1], rows))
+        block = torch.empty((min(per_block, rows), columns), dtype=reader.dtype)
+        for first in range(0, rows, per_block):
+            count = min(per_block, rows - first)
+            reader.read_into(weight, block[:count], first_element=first * columns)
+            out[..., first:first + count] = x @ block[:count].T
+        if bias is not None:
+            values = torch.empty(rows, dtype=reader.dtype)
+            reader.read_into(bias, values)
+            out += values
+        return out
+
+    module.forward = forward  # the instance's own forward: hooks still run around it
 
 
 def _hook_rows(module: nn.Embedding, info: TensorInfo, reader: _Reader) -> None:
@@ -170,16 +207,17 @@ class _Reader:
         if any(isinstance(t, Tensor) and t.untyped_storage().data_ptr() == arena for t in outputs):
             self._arena = torch.empty(0, dtype=torch.uint8)  # the output is a view of the weights: keep them
 
-    def read_into(self, info: TensorInfo, out: Tensor) -> None:
-        """The tensor's bytes, cast into `out` chunk by chunk."""
+    def read_into(self, info: TensorInfo, out: Tensor, first_element: int = 0) -> None:
+        """out.numel() elements of the tensor from `first_element` on (flat order), cast into
+        `out` chunk by chunk."""
         flat, source = out.view(-1), torch_dtype(info.dtype)
-        item = info.nbytes // max(flat.numel(), 1)
+        item = info.nbytes // max(math.prod(info.shape), 1)
         step = max(1, CHUNK_BYTES // max(item, 1))
         with open(info.file, "rb", buffering=0) as f:
             for begin in range(0, flat.numel(), step):
                 count = min(step, flat.numel() - begin)
                 chunk = self._chunk(count * item)
-                _pread_exact(f.fileno(), chunk, info.start + begin * item, info)
+                _pread_exact(f.fileno(), chunk, info.start + (first_element + begin) * item, info)
                 flat[begin:begin + count].copy_(torch.frombuffer(chunk, dtype=source))
 
     def rows(self, info: TensorInfo, rows: list[int]) -> Tensor:
