@@ -116,3 +116,13 @@ def test_a_folder_sent_by_the_browser_must_be_one_of_the_sessions_builds(outputs
     theirs = make_build(outputs / "theirs")
     with pytest.raises(WorkbenchError):
         build_logic.check_build(theirs, [mine])  # another visitor's build
+
+
+@pytest.mark.parametrize(("eta", "text"), [
+    (None, "Writing tensors (40%)"),
+    (0.4, "Writing tensors (40%) · almost done"),
+    (75, "Writing tensors (40%) · about 1 min 15 s left"),
+])
+def test_progress_text_reads_as_a_sentence(eta, text):
+    event = jobs.JobEvent("progress", stage="write", fraction=0.4, eta_seconds=eta)
+    assert build_logic.progress_text(event) == text

@@ -100,7 +100,8 @@ class Follower:
 
 def progress_text(event: jobs.JobEvent) -> str:
     stage = STAGES.get(event.stage, event.stage.capitalize())
-    eta = f" · about {format_seconds(event.eta_seconds)} left" if event.eta_seconds else ""
+    left = event.eta_seconds
+    eta = "" if not left else " · almost done" if left < 1 else f" · about {format_seconds(left)} left"
     return f"{stage} ({event.fraction:.0%}){eta}"
 
 
