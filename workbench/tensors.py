@@ -48,7 +48,7 @@ TORCH_DTYPE_NAMES = {
 # Recipe/config dtype names -> safetensors codes.
 DTYPE_NAMES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 COPY_CHUNK = 64 * 1024 * 1024
-HASH_CHUNK = 8 * 1024 * 1024
+HASH_CHUNK = 64 * 1024 * 1024  # per GIL handoff: the hasher competes with the torch import for it
 
 
 def torch_dtype(code: str) -> torch.dtype:
