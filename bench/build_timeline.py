@@ -22,7 +22,7 @@ STARTED = time.monotonic()
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from workbench import build as build_module  # noqa: E402
-from workbench import tensors  # noqa: E402
+from workbench import tensor_writer  # noqa: E402
 from workbench.progress import Progress  # noqa: E402
 from workbench.recipe import load_recipe  # noqa: E402
 
@@ -50,11 +50,11 @@ def main() -> None:
 
     for name in PHASES:
         setattr(build_module, name, timed(name, getattr(build_module, name)))
-    tensors._FollowHasher.finish = timed("hasher catching up", tensors._FollowHasher.finish)
+    tensor_writer._FollowHasher.finish = timed("hasher catching up", tensor_writer._FollowHasher.finish)
     if args.no_hash:
-        tensors._FollowHasher._hash_range = lambda self, start, end: None
+        tensor_writer._FollowHasher._hash_range = lambda self, start, end: None
     if args.no_writeback:
-        tensors._SYNC_FILE_RANGE = None
+        tensor_writer._start_writeback = lambda fd, offset, nbytes: None
     gates_ready: list[float] = []
 
     def on_progress(event: Progress) -> None:

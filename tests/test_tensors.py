@@ -13,9 +13,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from workbench import tensors
+from workbench import tensor_writer
 from workbench.errors import BuildError, SourceError
-from workbench.tensors import TensorFileError, WeightIndex, dtype_code, read_header, write_safetensors
+from workbench.tensor_writer import write_safetensors
+from workbench.tensors import TensorFileError, WeightIndex, dtype_code, read_header
 
 TENSORS = {
     "model.embed_tokens.weight": torch.randn(7, 5),
@@ -65,9 +66,9 @@ def test_passthrough_copies_are_byte_identical(golden: Path, tmp_path: Path, mon
         raise OSError(18, "Invalid cross-device link")
 
     if "copy_file_range" in broken:
-        monkeypatch.setattr(tensors.os, "copy_file_range", refuse)
+        monkeypatch.setattr(tensor_writer.os, "copy_file_range", refuse)
     if "sendfile" in broken:
-        monkeypatch.setattr(tensors.os, "sendfile", refuse)
+        monkeypatch.setattr(tensor_writer.os, "sendfile", refuse)
     infos = read_header(golden)
     order = saved_order(golden)
     out = tmp_path / "copied.safetensors"
@@ -191,7 +192,7 @@ def test_overlapping_and_malformed_entries_are_refused(golden: Path) -> None:
 
 
 def test_hash_follows_the_writer_across_many_chunks(golden: Path, tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr(tensors, "HASH_CHUNK", 7)  # odd-sized reads that straddle every tensor
+    monkeypatch.setattr(tensor_writer, "HASH_CHUNK", 7)  # odd-sized reads that straddle every tensor
     infos = read_header(golden)
     out = tmp_path / "chunked.safetensors"
     written = write_safetensors(out, entries_of(saved_order(golden)), lambda name: infos[name])

@@ -44,16 +44,8 @@ from workbench.staging import (
     write_manifest,
     write_text,
 )
-from workbench.tensors import (
-    DTYPE_NAMES,
-    TensorInfo,
-    WeightIndex,
-    WrittenFile,
-    header_bytes,
-    tensor_nbytes,
-    torch_dtype,
-    write_safetensors,
-)
+from workbench.tensor_writer import WrittenFile, header_bytes, write_safetensors
+from workbench.tensors import DTYPE_NAMES, TensorInfo, WeightIndex, tensor_nbytes, torch_dtype
 
 if TYPE_CHECKING:  # torch loads on the gates thread, while the copy runs (workbench.gate_thread)
     import torch

@@ -35,12 +35,9 @@ import re
 import secrets
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from workbench.errors import BuildError
-
-if TYPE_CHECKING:
-    from workbench.tensors import WrittenFile
+from workbench.tensor_writer import WrittenFile
 
 log = logging.getLogger(__name__)
 
@@ -124,9 +121,6 @@ def fsync_path(path: Path) -> None:
 
 
 def _written(path: Path, size: int, sha256: str) -> WrittenFile:
-    # Imported here: tensors imports torch, and the demo cache (so the UI server) imports us.
-    from workbench.tensors import WrittenFile
-
     return WrittenFile(path, size, sha256)
 
 
