@@ -128,7 +128,7 @@ def _stream_row_blocks(module: nn.Linear, sources: dict[str, TensorInfo], reader
 
     def forward(x: Tensor) -> Tensor:
         out = x.new_empty((*x.shape[:-1], rows))
-        block = torch.empty((min(per_block, rows), columns), dtype=reader.dtype)
+        block = reader.block(min(per_block, rows), columns)
         for first in range(0, rows, per_block):
             count = min(per_block, rows - first)
             reader.read_into(weight, block[:count], first_element=first * columns)
@@ -174,6 +174,7 @@ class _Reader:
     def __init__(self, dtype: torch.dtype) -> None:
         self.dtype = dtype
         self._buffer = bytearray()  # one read chunk, cast from
+        self._block = torch.empty(0, dtype=dtype)  # the row block of a Linear applied in blocks
         self._arena = torch.empty(0, dtype=torch.uint8)
         self._owner: nn.Module | None = None  # the leaf whose parameters are in the arena
 
@@ -230,6 +231,13 @@ class _Reader:
                 _pread_exact(f.fileno(), chunk, info.start + row * row_bytes, info)
                 out[i].copy_(torch.frombuffer(chunk, dtype=source).view(info.shape[1:]))
         return out
+
+    def block(self, rows: int, columns: int) -> Tensor:
+        """A (rows, columns) buffer at the compute dtype, the same memory for every blocked
+        Linear (fresh pages each time would cost more in faults than the reads)."""
+        if self._block.numel() < rows * columns:
+            self._block = torch.empty(rows * columns, dtype=self.dtype)
+        return self._block[:rows * columns].view(rows, columns)
 
     def _chunk(self, nbytes: int) -> memoryview:
         if len(self._buffer) < nbytes:
