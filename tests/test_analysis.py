@@ -124,9 +124,9 @@ def test_divergence_pairs_each_reply_token_with_the_step_that_produced_it():
 def test_gate_similarity_of_orthogonal_and_equal_gates():
     orthogonal = torch.eye(4).repeat(2, 1, 1)  # (L=2, E=4, H=4)
     sim = gate_similarity(orthogonal)
-    assert torch.allclose(sim.mean_cosine, torch.eye(4)) and sim.condition_numbers == [1.0, 1.0]
+    assert torch.allclose(torch.tensor(sim.mean_cosine), torch.eye(4)) and sim.condition_numbers == [1.0, 1.0]
     equal = gate_similarity(torch.ones(1, 3, 8))
-    assert torch.allclose(equal.mean_cosine, torch.ones(3, 3)) and equal.warnings
+    assert torch.allclose(torch.tensor(equal.mean_cosine), torch.ones(3, 3)) and equal.warnings
 
 
 def test_summary_is_json_ready():

@@ -9,7 +9,7 @@ import torch
 import yaml
 
 from workbench.card import base_license, display_name, hub_id, render_card
-from workbench.gates import Gates, diagnose
+from workbench.gates import diagnose
 from workbench.recipe import Expert, Recipe, parse_recipe
 
 
@@ -34,9 +34,9 @@ def make_card(tmp_path: Path, base_readme: str | None) -> tuple[str, Recipe]:
         Expert(source_model="org/writer", positive_prompts=["story", "tale", "myth", "saga"]),
     ])
     vectors = torch.stack([torch.eye(2, 8), torch.tensor([[1.0] + [0.0] * 7, [1.0, 1e-3] + [0.0] * 6])])
-    gates = Gates(vectors, "hidden", diagnose(vectors))  # (L=2, E=2, H=8); layer 1 nearly singular
+    diagnostics = diagnose(vectors)  # (L=2, E=2, H=8); layer 1 nearly singular
     sources = {str(base): FakeSource(str(base), base)}
-    return render_card(recipe, gates, sources, {"dtype": "bfloat16"}), recipe
+    return render_card(recipe, diagnostics, sources, {"dtype": "bfloat16"}), recipe
 
 
 def test_front_matter_lists_hub_models_and_no_local_paths(tmp_path: Path) -> None:

@@ -253,7 +253,7 @@ def test_diagnose_identical_rows_warn():
     assert all(c > 1e6 for c in diag.condition_numbers)
     assert [w.split(":")[0] for w in diag.warnings] == ["layer 0", "layer 1"]
     assert "prompts too similar" in diag.warnings[0]
-    torch.testing.assert_close(diag.cosine, torch.ones(2, 3, 3))
+    torch.testing.assert_close(torch.tensor(diag.cosine), torch.ones(2, 3, 3))
     json.dumps(diag.to_dict(), allow_nan=False)
 
 
@@ -262,8 +262,8 @@ def test_diagnose_orthogonal_rows_are_perfect():
     diag = diagnose(vectors)
     assert diag.condition_numbers == pytest.approx([1.0] * 3)
     assert diag.warnings == []
-    torch.testing.assert_close(diag.cosine, torch.eye(4).expand(3, 4, 4))
-    torch.testing.assert_close(diag.mean_cosine, torch.eye(4))
+    torch.testing.assert_close(torch.tensor(diag.cosine), torch.eye(4).expand(3, 4, 4))
+    torch.testing.assert_close(torch.tensor(diag.mean_cosine), torch.eye(4))
     assert json.loads(json.dumps(diag.to_dict()))["condition_numbers"] == pytest.approx([1.0] * 3)
 
 
@@ -378,7 +378,7 @@ def test_demo_model_gates_separate_clearly_different_experts(demo_model_path):
     gates = compute_gates(recipe, demo_model_path, device="cpu")
     assert gates.vectors.shape == (30, 4, 576)
     torch.testing.assert_close(gates.vectors.norm(dim=-1), torch.ones(30, 4), atol=1e-5, rtol=0)
-    off_diagonal = gates.diagnostics.cosine[:, ~torch.eye(4, dtype=torch.bool)]  # (L, E*E-E)
+    off_diagonal = torch.tensor(gates.diagnostics.cosine)[:, ~torch.eye(4, dtype=torch.bool)]  # (L, E*E-E)
     assert off_diagonal.max() < 0.999
     assert len(gates.diagnostics.condition_numbers) == 30
 

@@ -113,7 +113,7 @@ def cmd_gates(args: argparse.Namespace) -> int:
     for layer, cond in enumerate(gates.diagnostics.condition_numbers):
         print(f"{layer:5d}  {cond:9.2f}{'  !' if cond > 5 else ''}")
     print("mean expert-expert cosine:")
-    for row in gates.diagnostics.mean_cosine.tolist():
+    for row in gates.diagnostics.mean_cosine:
         print("  " + " ".join(f"{v:6.3f}" for v in row))
     for warning in gates.diagnostics.warnings:
         print(f"warning: {warning}", file=sys.stderr)

@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import re
+import sys
 import time
 import unicodedata
 from dataclasses import dataclass
@@ -26,11 +27,13 @@ from safetensors import safe_open
 
 from workbench.card import render_card
 from workbench.errors import BuildError
+from workbench.gate_process import GateProcess, GateRequest
 from workbench.gate_thread import Compute, GateThread
 from workbench.layout import TensorSpec, mixtral_config, mixtral_plan, plan_shards, shard_names
 from workbench.portable import make_tokenizer_portable, portable_config
 from workbench.progress import CancelToken, Progress, ProgressFn, ignore_progress
 from workbench.recipe import Problem, Recipe, dump_recipe, errors, validate
+from workbench.router_gates import GateDiagnostics, RouterGates, from_gates
 from workbench.sources import ModelSource, resolve
 from workbench.staging import (
     check_final,
@@ -47,7 +50,7 @@ from workbench.staging import (
 from workbench.tensor_writer import WrittenFile, header_bytes, write_safetensors
 from workbench.tensors import DTYPE_NAMES, TensorInfo, WeightIndex, tensor_nbytes, torch_dtype
 
-if TYPE_CHECKING:  # torch loads on the gates thread, while the copy runs (workbench.gate_thread)
+if TYPE_CHECKING:  # torch loads only for transforms, or on the gates thread (workbench.gate_thread)
     import torch
 
     from workbench.gates import Gates
@@ -60,6 +63,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 FLOAT_CODES = ("F16", "BF16", "F32", "F64")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(?:([kmgt])(i)?)?b?\s*$", re.IGNORECASE)
 MAX_NAME = 96
+GateWorker = GateThread | GateProcess  # the same interface: status, check(), result(), stop()
 
 
 @dataclass
@@ -68,7 +72,9 @@ class BuildResult:
     files: list[tuple[str, int]]  # (file name, bytes), as in the manifest
     total_bytes: int
     seconds: float
-    gates: Gates
+    diagnostics: GateDiagnostics
+    gates: Gates | None  # the gate tensors, where this process computed or was given them; None
+    # where a child process computed them (workbench.gate_process): the build never held torch
 
 
 def parse_size(text: str | int) -> int:
@@ -140,12 +146,13 @@ def build(recipe: Recipe, out: Path, *, device: str = "auto", dtype: str | None 
     srcs = _resolve_all(recipe, sources or {}, token, on_progress, cancel)
     job = _Job.plan(recipe, srcs, dtype, seed)
     if gates is not None:
-        job.take_gates(gates)  # a mismatch fails now, not after the copy
+        job.take_gates(from_gates(gates, job.code))  # a mismatch fails now, not after the copy
     shards = plan_shards([(s.out_name, job.nbytes(s)) for s in job.specs], shard_bytes)
     folder = new_staging(out, job.needed_bytes(len(shards)))
     worker = None
     try:
-        worker = GateThread(_gates_job(recipe, srcs[recipe.base_model].path, device, seed, gates), cancel)
+        worker = _start_gates(GateRequest(recipe, srcs[recipe.base_model].path, device, seed, job.code),
+                              job.gates, cancel)
         written = job.write(folder, shards, worker, on_progress, cancel)
         written += _write_extras(folder, job)
         written.append(write_manifest(folder, written))
@@ -163,18 +170,27 @@ def build(recipe: Recipe, out: Path, *, device: str = "auto", dtype: str | None 
     total = sum(size for _, size in files)
     on_progress(Progress("done", 1.0, f"{out.name}: {total / 1e9:.2f} GB in {seconds:.1f} s"))
     log.info("built %s: %d files, %d bytes, %.1f s", out, len(files), total, seconds)
-    return BuildResult(out, files, total, seconds, job.gates)
+    return BuildResult(out, files, total, seconds, job.gates.diagnostics, job.gates.gates)
 
 
-def _gates_job(recipe: Recipe, base_path: Path, device: str, seed: int, given: Gates | None) -> Compute:
+def _start_gates(request: GateRequest, given: RouterGates | None, cancel: CancelToken) -> GateWorker:
+    """The gates worker: a child process where this one has not imported torch (a CLI build
+    then never does), else a thread, where the import is already paid."""
+    if given is None and "torch" not in sys.modules:
+        return GateProcess(request, cancel)
+    return GateThread(_gates_job(request, given), cancel)
+
+
+def _gates_job(request: GateRequest, given: RouterGates | None) -> Compute:
     """What the gates thread runs: the given gates, or a computation from the base model."""
-    def compute(on_progress: ProgressFn, cancel: CancelToken) -> Gates:
+    def compute(on_progress: ProgressFn, cancel: CancelToken) -> RouterGates:
         if given is not None:
             return given
-        from workbench.gates import compute_gates  # imports torch, on the gates thread
+        from workbench.gates import compute_gates  # torch is loaded already (_start_gates)
 
-        return compute_gates(recipe, base_path, device=device, seed=seed, on_progress=on_progress,
-                             cancel=cancel)
+        gates = compute_gates(request.recipe, request.base_path, device=request.device, seed=request.seed,
+                              on_progress=on_progress, cancel=cancel)
+        return from_gates(gates, request.dtype)
     return compute
 
 
@@ -211,7 +227,7 @@ class _Job:
     specs: list[TensorSpec]
     dtype: str  # "bfloat16" | "float16" | "float32"
     seed: int
-    gates: Gates | None = None
+    gates: RouterGates | None = None
 
     @classmethod
     def plan(cls, recipe: Recipe, srcs: dict[str, ModelSource], dtype: str | None, seed: int) -> _Job:
@@ -253,15 +269,15 @@ class _Job:
                                  f"a float tensor of shape {spec.shape}; the checkpoint does not match "
                                  "its config")
 
-    def take_gates(self, gates: Gates) -> None:
+    def take_gates(self, gates: RouterGates) -> None:
         layers = sum(1 for s in self.specs if s.role == "router")
         hidden = self.specs[0].shape[1]
         want = (layers, len(self.recipe.experts), hidden)
-        if tuple(gates.vectors.shape) != want:
-            raise BuildError(f"gates have shape {tuple(gates.vectors.shape)}, the MoE needs (L, E, H) = "
+        if gates.shape != want:
+            raise BuildError(f"gates have shape {gates.shape}, the MoE needs (L, E, H) = "
                              f"{want}; recompute them for this recipe")
-        if not bool(gates.vectors.isfinite().all()):
-            raise BuildError("gates contain NaN or infinity; check the prompts and recompute them")
+        if gates.dtype != self.code:
+            raise BuildError(f"router rows are {gates.dtype}, the MoE is {self.code}")
         self.gates = gates
 
     def needed_bytes(self, shard_count: int) -> int:
@@ -271,12 +287,11 @@ class _Job:
         extras = sum((base / n).stat().st_size for n in TOKENIZER_FILES if (base / n).is_file())
         return tensors + extras + 1024 * 1024
 
-    def fill(self, spec: TensorSpec) -> torch.Tensor | TensorInfo:
-        """The bytes of one output tensor: a source byte range when unchanged, else a tensor.
-        The first is decided before anything imports torch, which the gates thread may be
-        importing meanwhile (a second import would wait for it)."""
+    def fill(self, spec: TensorSpec) -> torch.Tensor | TensorInfo | bytes:
+        """The bytes of one output tensor: a source byte range when unchanged, the router's
+        bytes, else a tensor. Only the last imports torch (a plain build never does)."""
         if spec.source == "gate":
-            return self.gates.vectors[spec.layer].to(torch_dtype(self.code)).contiguous()  # (E, H)
+            return self.gates.rows[spec.layer]  # (E, H), already in the output dtype
         index = self.indexes[self.ref(spec)]
         expert = self.recipe.experts[spec.source] if isinstance(spec.source, int) else None
         noise = expert.noise_scale if expert is not None and expert.noise_scale else 0.0
@@ -304,7 +319,7 @@ class _Job:
         digest = hashlib.sha256(f"{self.seed}/{spec.source}/{spec.out_name}".encode()).digest()
         return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
 
-    def write(self, folder: Path, shards: list[list[str]], worker: GateThread, on_progress: ProgressFn,
+    def write(self, folder: Path, shards: list[list[str]], worker: GateWorker, on_progress: ProgressFn,
               cancel: CancelToken) -> list[WrittenFile]:
         """The shards and their index; the routers (last) wait for `worker`'s gates."""
         by_name = {s.out_name: s for s in self.specs}
@@ -319,7 +334,7 @@ class _Job:
             cancel.check()
             worker.check()
 
-        def fill(name: str) -> torch.Tensor | TensorInfo:
+        def fill(name: str) -> torch.Tensor | TensorInfo | bytes:
             spec = by_name[name]
             if spec.role == "router" and self.gates is None:
                 self.take_gates(worker.result(on_progress))
@@ -350,7 +365,7 @@ def _write_extras(folder: Path, job: _Job) -> list[WrittenFile]:
     make_tokenizer_portable(folder)  # rewrites tokenizer_config.json: hash the files after it
     out += [hash_file(folder / name) for name in copied]
     out.append(write_text(folder / "mergekit_moe_config.yml", dump_recipe(recipe)))
-    card = render_card(recipe, job.gates, job.sources, config)
+    card = render_card(recipe, job.gates.diagnostics, job.sources, config)
     out.append(write_text(folder / "README.md", card))
     return out
 
@@ -362,7 +377,7 @@ def _verify(folder: Path, planned: set[str]) -> None:
     seen: list[str] = []
     shard_files = sorted(n for n in listed if n.endswith(".safetensors"))
     for name in shard_files:
-        with safe_open(str(folder / name), framework="pt") as f:
+        with safe_open(str(folder / name), framework="numpy") as f:  # "pt" would import torch
             seen += list(f.keys())
     if len(seen) != len(planned) or set(seen) != planned:
         raise BuildError(f"shards hold {len(seen)} tensors, {len(set(seen))} distinct; the plan has "

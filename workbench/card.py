@@ -18,6 +18,7 @@ import yaml
 
 from workbench.demo import DEMO_MODELS, DemoModel
 from workbench.recipe import Recipe, dump_recipe
+from workbench.router_gates import GateDiagnostics
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ def _front_matter(text: str) -> dict:
     return meta if isinstance(meta, dict) else {}
 
 
-def render_card(recipe: Recipe, gates: Any, sources: dict[str, Any], config: dict) -> str:
+def render_card(recipe: Recipe, diagnostics: GateDiagnostics, sources: dict[str, Any], config: dict) -> str:
     """README.md text: front matter, description, experts, recipe, gate diagnostics."""
     ids = [i for i in map(hub_id, recipe.model_refs()) if i]
     meta: dict[str, Any] = {"license": base_license(sources, recipe.base_model)}
@@ -95,7 +96,7 @@ def render_card(recipe: Recipe, gates: Any, sources: dict[str, Any], config: dic
         _experts_table(recipe, sources),
         "## Recipe\n\nRebuild with `python -m workbench build mergekit_moe_config.yml`; "
         "mergekit-moe reads the same file.\n\n```yaml\n" + dump_recipe(recipe).rstrip() + "\n```\n",
-        _diagnostics(gates),
+        _diagnostics(diagnostics),
     ]
     return "\n".join(parts)
 
@@ -120,19 +121,15 @@ def _experts_table(recipe: Recipe, sources: dict[str, Any]) -> str:
     return "\n".join(rows) + "\n"
 
 
-def _diagnostics(gates: Any) -> str:
+def _diagnostics(diag: GateDiagnostics) -> str:
     """Per-layer condition number and mean off-diagonal expert cosine of the router rows."""
-    diag = gates.diagnostics
     lines = ["## Gate diagnostics\n",
              "A condition number above 5 or a cosine near 1 means the router can hardly tell "
              "those experts apart (their prompts are too similar).\n",
              "| layer | condition number | mean expert cosine |", "|---|---|---|"]
-    experts = diag.cosine.shape[-1]
     for layer, cond in enumerate(diag.condition_numbers):
-        cos = diag.cosine[layer].double()
-        off = (cos.sum() - cos.diagonal().sum()) / max(experts * (experts - 1), 1)
         shown = f"{cond:.2f}" if math.isfinite(cond) else "inf"
-        lines.append(f"| {layer} | {shown} | {float(off):.3f} |")
+        lines.append(f"| {layer} | {shown} | {diag.off_diagonal_cosine(layer):.3f} |")
     if diag.warnings:
         lines.append("\nWarnings:\n")
         lines += [f"- {_cell(w)}" for w in diag.warnings]

@@ -2,8 +2,9 @@
 
 A build's bytes are nearly all copies of source tensors that need neither torch nor the
 gates; only the routers (a few hundred KB, written last) do. So the build starts copying
-at once while a worker thread imports torch and transformers, loads the base and runs
-its forwards; on two cores that hides most of the gates' cost behind the copy.
+at once while a worker computes the gates: this thread where the process already holds
+torch, else a child process (`workbench.gate_process`, same interface), since importing
+torch on a thread holds the GIL the copy needs between tensors.
 
 The worker's progress events are kept, not sent, so that the build reports one stage at
 a time: the writer shows the latest of them in its own messages, and `result()` sends
@@ -20,9 +21,9 @@ from typing import TYPE_CHECKING
 from workbench.progress import CancelToken, Progress, ProgressFn
 
 if TYPE_CHECKING:
-    from workbench.gates import Gates
+    from workbench.router_gates import RouterGates
 
-Compute = Callable[[ProgressFn, CancelToken], "Gates"]
+Compute = Callable[[ProgressFn, CancelToken], "RouterGates"]
 POLL_SECONDS = 0.1  # how often a waiting writer repeats the worker's latest event
 
 
@@ -31,8 +32,8 @@ class GateThread:
 
     def __init__(self, compute: Compute, cancel: CancelToken):
         self._cancel = cancel.child()  # the build's cancel stops it, and so does stop()
-        self._latest = Progress("gates", 0.0, "importing torch")
-        self._gates: Gates | None = None
+        self._latest = Progress("gates", 0.0, "starting")
+        self._gates: RouterGates | None = None
         self._error: BaseException | None = None
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(compute,), name="gates", daemon=True)
@@ -60,7 +61,7 @@ class GateThread:
         if self._done.is_set() and self._error is not None:
             raise self._error
 
-    def result(self, on_progress: ProgressFn) -> Gates:
+    def result(self, on_progress: ProgressFn) -> RouterGates:
         """The gates, waiting for them if needed and reporting the worker's progress meanwhile;
         ends with one finished "gates" event either way."""
         while not self._done.wait(POLL_SECONDS):

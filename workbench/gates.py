@@ -54,28 +54,9 @@ from workbench.base_forward import (
 from workbench.errors import GateError
 from workbench.progress import CancelToken, Progress, ProgressFn, ignore_progress
 from workbench.recipe import PROMPTLESS_MODES, Recipe
+from workbench.router_gates import CONDITION_WARN, GateDiagnostics
 
 log = logging.getLogger(__name__)
-
-CONDITION_WARN = 5.0  # mergekit's threshold for "experts may not be distinguishable"
-
-
-@dataclass
-class GateDiagnostics:
-    condition_numbers: list[float]  # per layer, smax / smin of the (E, H) matrix; inf when singular
-    cosine: Tensor  # (L, E, E) expert-expert cosine similarity per layer
-    mean_cosine: Tensor  # (E, E) averaged over layers
-    warnings: list[str]
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain lists for JSON; an infinite condition number becomes None (JSON has no inf)."""
-        return {
-            "condition_numbers": [c if math.isfinite(c) else None for c in self.condition_numbers],
-            "cosine": self.cosine.tolist(),
-            "mean_cosine": self.mean_cosine.tolist(),
-            "warnings": list(self.warnings),
-        }
-
 
 @dataclass
 class Gates:
@@ -152,7 +133,7 @@ def diagnose(vectors: Tensor) -> GateDiagnostics:
         for layer, c in enumerate(conditions)
         if c > CONDITION_WARN
     ]
-    return GateDiagnostics(conditions, cosine, cosine.mean(dim=0), warnings)
+    return GateDiagnostics(conditions, cosine.tolist(), cosine.mean(dim=0).tolist(), warnings)
 
 
 def _dimensions(model: torch.nn.Module | None, base_path: Path) -> tuple[int, int]:

@@ -52,7 +52,7 @@ def _watch_stdin(stream: Any, cancel: Any) -> None:
 
 
 def _result_dict(result: Any) -> dict[str, Any]:
-    diagnostics = getattr(getattr(result, "gates", None), "diagnostics", None)
+    diagnostics = getattr(result, "diagnostics", None)
     return {"path": str(result.path), "files": [list(f) for f in result.files],
             "total_bytes": int(result.total_bytes), "seconds": float(result.seconds),
             "gate_warnings": list(diagnostics.warnings) if diagnostics is not None else []}

@@ -20,7 +20,7 @@ import plotly.io as pio
 from plotly.subplots import make_subplots
 
 from workbench.analysis import Alignment, Divergence, Entropy, ExpertLoad
-from workbench.gates import CONDITION_WARN, GateDiagnostics
+from workbench.router_gates import CONDITION_WARN, GateDiagnostics
 from workbench.trace import RouterTrace
 
 # Plotly's qualitative palette, then evenly spread hues for recipes with more experts.
@@ -186,7 +186,7 @@ def gate_similarity_figure(diag: GateDiagnostics, names: list[str]) -> go.Figure
     conds = np.array([c if np.isfinite(c) else np.nan for c in diag.condition_numbers])
     fig = make_subplots(rows=1, cols=2, column_widths=[0.45, 0.55],
                         subplot_titles=["gate cosine (mean over layers)", "condition number per layer"])
-    fig.add_trace(go.Heatmap(z=diag.mean_cosine.numpy(), x=labels, y=labels, zmin=-1, zmax=1,
+    fig.add_trace(go.Heatmap(z=np.array(diag.mean_cosine), x=labels, y=labels, zmin=-1, zmax=1,
                              colorscale="RdBu", reversescale=True, texttemplate="%{z:.2f}", showscale=False,
                              hovertemplate="%{y} vs %{x}: %{z:.3f}<extra></extra>"), row=1, col=1)
     fig.add_trace(go.Bar(x=list(range(len(conds))), y=conds, name="condition number",

@@ -42,7 +42,7 @@ class WrittenFile:
 
 
 Entry = tuple[str, str, tuple[int, ...]]  # (name, safetensors dtype code, shape)
-Fill = Callable[[str], "torch.Tensor | TensorInfo"]
+Fill = Callable[[str], "torch.Tensor | TensorInfo | bytes"]
 
 
 def header_bytes(entries: Sequence[Entry], metadata: dict[str, str] | None = None) -> bytes:
@@ -64,8 +64,8 @@ def write_safetensors(path: Path, entries: Sequence[Entry], fill: Fill,
                       after: Callable[[str, int], None] | None = None, *, sync: bool = True) -> WrittenFile:
     """Stream a safetensors file: the header, then each entry's bytes in order.
 
-    `fill(name)` returns either a tensor (written from memory) or the TensorInfo of a
-    source byte range with the same dtype and size (copied file to file). `after(name,
+    `fill(name)` returns a tensor (written from memory), the TensorInfo of a source byte
+    range with the same dtype and size (copied file to file), or the tensor's raw bytes. `after(name,
     nbytes)` runs once each tensor is written; it may raise (e.g. Cancelled) to stop.
     `sync=False` leaves the fsync to the caller, who can then flush several shards at
     once instead of waiting for each shard's writeback before starting the next.
@@ -89,6 +89,11 @@ def write_safetensors(path: Path, entries: Sequence[Entry], fill: Fill,
             if isinstance(source, TensorInfo):
                 _check_same(name, dtype, shape, source.dtype, source.shape)
                 _copy_range(source, fd, pos)
+            elif isinstance(source, bytes):
+                if len(source) != nbytes:
+                    raise BuildError(f"tensor '{name}': {len(source)} bytes given, {dtype} {tuple(shape)} "
+                                     f"takes {nbytes}")
+                _pwrite_all(fd, source, pos)
             else:
                 _check_same(name, dtype, shape, dtype_code(source.dtype),
                             tuple(source.shape))

@@ -1,0 +1,80 @@
+"""Gates as a build writes and reports them, without torch: router rows as bytes, and diagnostics.
+
+A plain build copies gigabytes and needs torch for nothing but the gates; the gates can
+then come from another process (`workbench.gate_process`), and this is the form they
+cross in: each layer's (E, H) router weight already cast to the output dtype, and the
+diagnostics as plain numbers. `from_gates` makes it from the tensors of
+`workbench.gates.Gates`; the card, the CLI and the build result read it.
+
+Dimensions: L layers, E experts, H hidden.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from workbench.errors import BuildError
+
+if TYPE_CHECKING:
+    from workbench.gates import Gates
+
+CONDITION_WARN = 5.0  # mergekit's threshold for "experts may not be distinguishable"
+
+
+@dataclass
+class GateDiagnostics:
+    condition_numbers: list[float]  # per layer, smax / smin of the (E, H) matrix; inf when singular
+    cosine: list[list[list[float]]]  # (L, E, E) expert-expert cosine similarity per layer
+    mean_cosine: list[list[float]]  # (E, E) averaged over layers
+    warnings: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain lists for JSON; an infinite condition number becomes None (JSON has no inf)."""
+        return {
+            "condition_numbers": [c if math.isfinite(c) else None for c in self.condition_numbers],
+            "cosine": self.cosine,
+            "mean_cosine": self.mean_cosine,
+            "warnings": list(self.warnings),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GateDiagnostics:
+        """The inverse of to_dict: None becomes an infinite condition number again."""
+        conditions = [math.inf if c is None else float(c) for c in data["condition_numbers"]]
+        return cls(conditions, data["cosine"], data["mean_cosine"], list(data["warnings"]))
+
+    def off_diagonal_cosine(self, layer: int) -> float:
+        """Mean cosine between distinct experts at `layer` (0 with a single expert)."""
+        rows = self.cosine[layer]
+        experts = len(rows)
+        total = sum(v for i, row in enumerate(rows) for j, v in enumerate(row) if i != j)
+        return total / max(experts * (experts - 1), 1)
+
+
+@dataclass(frozen=True)
+class RouterGates:
+    """What a build needs of its gates: the routers' bytes, in order, and what to report."""
+
+    mode: str
+    shape: tuple[int, int, int]  # (L, E, H)
+    dtype: str  # safetensors code of `rows`: "BF16", "F16" or "F32"
+    rows: list[bytes]  # rows[l]: layer l's (E, H) router weight, little-endian, row-major
+    diagnostics: GateDiagnostics
+    gates: Gates | None = None  # the tensors, where this process computed or was given them
+
+
+def from_gates(gates: Gates, dtype: str) -> RouterGates:
+    """Cast each layer's gates to the safetensors dtype `dtype`; refuses NaN or infinity."""
+    import torch
+
+    from workbench.tensors import torch_dtype
+
+    vectors = gates.vectors
+    if not bool(vectors.isfinite().all()):
+        raise BuildError("gates contain NaN or infinity; check the prompts and recompute them")
+    cast = vectors.detach().to("cpu", torch_dtype(dtype)).contiguous()  # (L, E, H)
+    rows = [cast[layer].view(torch.uint8).numpy().tobytes() for layer in range(cast.shape[0])]
+    layers, experts, hidden = (int(n) for n in vectors.shape)
+    return RouterGates(gates.mode, (layers, experts, hidden), dtype, rows, gates.diagnostics, gates)
