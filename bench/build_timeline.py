@@ -2,7 +2,8 @@
 
 Wraps the build's phase functions to print when each started and ended, and when the gates
 were ready. `--no-hash` replaces the manifest's sha256 with nothing (the manifest is then
-wrong: for measuring only), `--no-writeback` skips starting writeback behind the hasher.
+wrong: for measuring only), `--page-cache` writes without O_DIRECT, as on a filesystem
+that refuses it.
 Run it on warm inputs and an empty output, as bench_build.py does:
 
     sync; echo 1 > /proc/sys/vm/drop_caches; cat /tmp/bench-models/*/*.safetensors >/dev/null
@@ -34,7 +35,7 @@ def main() -> None:
     parser.add_argument("recipe", type=Path)
     parser.add_argument("out", type=Path)
     parser.add_argument("--no-hash", action="store_true", help="skip the sha256 (measuring only)")
-    parser.add_argument("--no-writeback", action="store_true", help="no sync_file_range behind the hasher")
+    parser.add_argument("--page-cache", action="store_true", help="write without O_DIRECT")
     args = parser.parse_args()
     marks: list[tuple[float, float, str]] = []
 
@@ -50,21 +51,26 @@ def main() -> None:
 
     for name in PHASES:
         setattr(build_module, name, timed(name, getattr(build_module, name)))
-    tensor_writer._FollowHasher.finish = timed("hasher catching up", tensor_writer._FollowHasher.finish)
+    tensor_writer._Output.finish = timed("writing the last buffers, fsync", tensor_writer._Output.finish)
     if args.no_hash:
-        tensor_writer._FollowHasher._hash_range = lambda self, start, end: None
-    if args.no_writeback:
-        tensor_writer._start_writeback = lambda fd, offset, nbytes: None
+        tensor_writer._Output._hash_one = lambda self, index, offset, used: None
+    if args.page_cache:
+        tensor_writer._aligned_write_works = lambda fd: False
     gates_ready: list[float] = []
+    waiting: list[float] = []  # when the writer first waited for the gates: the copy was done
 
     def on_progress(event: Progress) -> None:
         if event.stage == "gates" and event.fraction >= 1.0:
             gates_ready.append(time.monotonic() - STARTED)
+        elif event.stage == "gates" and not waiting:
+            waiting.append(time.monotonic() - STARTED)
 
     build_module.build(load_recipe(str(args.recipe)), args.out, device="cpu", force=True,
                        on_progress=on_progress)
     for begin, end, name in sorted(marks):
         print(f"{begin:6.2f} -> {end:6.2f} s  {name}")
+    print(f"copy done, waiting for the gates at {waiting[0]:.2f} s" if waiting
+          else "the gates never kept the writer waiting")
     print(f"gates ready at {gates_ready[0]:.2f} s" if gates_ready else "gates: no event")
     print(f"total {time.monotonic() - STARTED:.2f} s (from interpreter start to the end of build())")
 

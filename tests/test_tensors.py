@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import struct
+import threading
 from pathlib import Path
 
 import pytest
@@ -59,16 +61,26 @@ def test_tensors_from_memory_match_safetensors_bytes(golden: Path, tmp_path: Pat
         assert torch.equal(loaded[name], value), name
 
 
-@pytest.mark.parametrize("broken", ["none", "copy_file_range", "copy_file_range+sendfile"])
-def test_passthrough_copies_are_byte_identical(golden: Path, tmp_path: Path, monkeypatch,
-                                               broken: str) -> None:
-    def refuse(*args, **kwargs):
-        raise OSError(18, "Invalid cross-device link")
+def refuse_o_direct(monkeypatch) -> None:
+    """A filesystem without O_DIRECT (tmpfs on older kernels, macOS): open refuses the flag."""
+    real_open = os.open
 
-    if "copy_file_range" in broken:
-        monkeypatch.setattr(tensor_writer.os, "copy_file_range", refuse)
-    if "sendfile" in broken:
-        monkeypatch.setattr(tensor_writer.os, "sendfile", refuse)
+    def open_without_direct(path, flags, *args):
+        if flags & getattr(os, "O_DIRECT", 0):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(tensor_writer.os, "open", open_without_direct)
+
+
+@pytest.fixture(params=["direct", "page cache"])
+def output_mode(request, monkeypatch) -> str:
+    if request.param == "page cache":
+        refuse_o_direct(monkeypatch)
+    return request.param
+
+
+def test_passthrough_copies_are_byte_identical(golden: Path, tmp_path: Path, output_mode: str) -> None:
     infos = read_header(golden)
     order = saved_order(golden)
     out = tmp_path / "copied.safetensors"
@@ -80,6 +92,37 @@ def test_passthrough_copies_are_byte_identical(golden: Path, tmp_path: Path, mon
     assert [n for n, _ in seen] == order
     with safe_open(str(out), framework="pt") as f:
         assert set(f.keys()) == set(TENSORS)
+
+
+def test_tensors_straddling_many_buffers_are_written_in_order(tmp_path: Path, monkeypatch,
+                                                              output_mode: str) -> None:
+    # Three 4 KB blocks per buffer, tensors of odd sizes from a file and from memory, and a
+    # last block that is not full (padded for O_DIRECT, then cut back to the real size).
+    monkeypatch.setattr(tensor_writer, "CHUNK", 3 * tensor_writer.ALIGN)
+    big = {f"t{i}": torch.randn(1000 + 37 * i) for i in range(9)}
+    source = tmp_path / "source.safetensors"
+    save_file(big, str(source), metadata={"format": "pt"})
+    infos = read_header(source)
+    order = saved_order(source)
+    entries = [(k, "F32", tuple(big[k].shape)) for k in order]
+    out = tmp_path / "out.safetensors"
+    written = write_safetensors(out, entries, lambda n: infos[n] if int(n[1:]) % 2 else big[n])
+    assert out.read_bytes() == source.read_bytes()
+    assert written.size == source.stat().st_size
+    assert written.sha256 == hashlib.sha256(source.read_bytes()).hexdigest()
+
+
+def test_a_failed_disk_write_is_reported_and_stops_the_threads(golden: Path, tmp_path: Path,
+                                                               monkeypatch) -> None:
+    def disk_full(fd, data, offset):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(tensor_writer, "CHUNK", tensor_writer.ALIGN)
+    monkeypatch.setattr(tensor_writer, "_pwrite_all", disk_full)
+    big = {f"t{i}": torch.randn(2000) for i in range(8)}
+    with pytest.raises(BuildError, match="No space left on device"):
+        write_safetensors(tmp_path / "a.safetensors", [(k, "F32", (2000,)) for k in big], lambda n: big[n])
+    assert not any(t.name in ("sha256", "writer") and t.is_alive() for t in threading.enumerate())
 
 
 def test_written_files_are_world_readable(tmp_path: Path) -> None:
@@ -191,9 +234,3 @@ def test_overlapping_and_malformed_entries_are_refused(golden: Path) -> None:
         read_header(golden)
 
 
-def test_hash_follows_the_writer_across_many_chunks(golden: Path, tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr(tensor_writer, "HASH_CHUNK", 7)  # odd-sized reads that straddle every tensor
-    infos = read_header(golden)
-    out = tmp_path / "chunked.safetensors"
-    written = write_safetensors(out, entries_of(saved_order(golden)), lambda name: infos[name])
-    assert written.sha256 == hashlib.sha256(golden.read_bytes()).hexdigest()

@@ -1,11 +1,11 @@
 """The streaming MoE writer: plan, shard, write, verify, and swap into place atomically.
 
 Tensors stream from the source checkpoints to the output one at a time: untransformed
-ones are copied file to file in the kernel, the rest (dtype casts, noise, residual scale,
-routers) pass through memory one tensor at a time. Everything is written into a staging
-folder beside the output, hashed, fsynced and verified, and only then renamed into place
-(`workbench.staging`), so a crash, a cancel or a kill -9 never leaves a half-written model
-under the final name.
+ones are read straight into the writer's buffers, the rest (dtype casts, noise, residual
+scale, routers) pass through memory one tensor at a time (`workbench.tensor_writer`).
+Everything is written into a staging folder beside the output, hashed, fsynced and
+verified, and only then renamed into place (`workbench.staging`), so a crash, a cancel or
+a kill -9 never leaves a half-written model under the final name.
 
 Dimensions: L layers, E experts, H hidden.
 """
@@ -154,6 +154,7 @@ def build(recipe: Recipe, out: Path, *, device: str = "auto", dtype: str | None 
         worker = _start_gates(GateRequest(recipe, srcs[recipe.base_model].path, device, seed, job.code),
                               job.gates, cancel)
         written = job.write(folder, shards, worker, on_progress, cancel)
+        worker.stop()  # the gates are in: a gates process is reaped as it exits
         written += _write_extras(folder, job)
         written.append(write_manifest(folder, written))
         on_progress(Progress("verify", 0.0, "checking shards, index and manifest"))

@@ -164,8 +164,8 @@ def make_durable(folder: Path) -> None:
 def write_manifest(folder: Path, written: list[WrittenFile]) -> WrittenFile:
     """workbench_manifest.json: every other file with its size and sha256 (uploads send only these).
 
-    Flushes the shards first (written unsynced so that their writeback overlaps), then the
-    manifest and the folder: once the manifest is durable, so is everything it lists.
+    Flushes the shards first (written unsynced, so one fsync per shard comes at the end),
+    then the manifest and the folder: once the manifest is durable, so is everything it lists.
     """
     for shard in written:
         if shard.path.suffix == ".safetensors":
