@@ -126,8 +126,8 @@ class _Output:
 
     def __init__(self, path: Path):
         self.path = path
+        self._buffers = [mmap.mmap(-1, CHUNK) for _ in range(BUFFERS)]  # before the fd: nothing leaks
         self.fd, self.direct = _open_output(path)
-        self._buffers = [mmap.mmap(-1, CHUNK) for _ in range(BUFFERS)]
         self._free: queue.Queue[int] = queue.Queue()
         for index in range(BUFFERS):
             self._free.put(index)
