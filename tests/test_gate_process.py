@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
+from tests.test_build import KILL_SNIPPET  # a build that prints WRITING at each tensor
 from workbench.errors import BuildError, GateError
 from workbench.gate_process import GateProcess, GateRequest
 from workbench.gates import compute_gates
@@ -139,22 +140,6 @@ def test_a_child_that_dies_is_reported_readably(pico_factory) -> None:
             worker.result(lambda event: None)
     finally:
         worker.stop()
-
-
-KILL_SNIPPET = """
-import sys, time
-from pathlib import Path
-from workbench.build import build
-from workbench.recipe import Expert, Recipe
-
-base, out = sys.argv[1], Path(sys.argv[2])
-def slow(event):
-    if event.stage == "write":
-        print("WRITING", flush=True)
-        time.sleep(0.05)
-experts = [Expert(source_model=base, positive_prompts=[p]) for p in ("code", "math", "story")]
-build(Recipe(base_model=base, experts=experts), out, device="cpu", on_progress=slow)
-"""
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table from /proc")
