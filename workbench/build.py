@@ -28,7 +28,7 @@ from safetensors import safe_open
 from workbench.card import render_card
 from workbench.errors import BuildError
 from workbench.gate_process import GateProcess, GateRequest
-from workbench.gate_thread import Compute, GateThread
+from workbench.gate_thread import Compute, GateThread, GateWorker
 from workbench.layout import TensorSpec, mixtral_config, mixtral_plan, plan_shards, shard_names
 from workbench.portable import make_tokenizer_portable, portable_config
 from workbench.progress import CancelToken, Progress, ProgressFn, ignore_progress
@@ -63,7 +63,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 FLOAT_CODES = ("F16", "BF16", "F32", "F64")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(?:([kmgt])(i)?)?b?\s*$", re.IGNORECASE)
 MAX_NAME = 96
-GateWorker = GateThread | GateProcess  # the same interface: status, check(), result(), stop()
 
 
 @dataclass

@@ -35,13 +35,13 @@ from typing import IO, Any
 
 from workbench import errors
 from workbench.errors import BuildError, GateError, WorkbenchError
-from workbench.progress import CancelToken, Progress, ProgressFn
+from workbench.gate_thread import GateWorker
+from workbench.progress import CancelToken, Progress
 from workbench.recipe import Recipe
 from workbench.router_gates import GateDiagnostics, RouterGates
 
 log = logging.getLogger(__name__)
 
-POLL_SECONDS = 0.1  # how often a waiting writer repeats the child's latest event
 STOP_SECONDS = 5.0  # a child that has not exited this long after its stdin closed is killed
 # Errors a user can act on keep their class across the process boundary.
 PASSED_ERRORS = ("GateError", "SourceError", "HubUnreachable", "BuildError", "Cancelled")
@@ -60,15 +60,11 @@ class GateRequest:
                            "device": self.device, "seed": self.seed, "dtype": self.dtype})
 
 
-class GateProcess:
-    """One gates computation in a child process; `stop()` must run if the build fails."""
+class GateProcess(GateWorker):
+    """One gates computation in a child process."""
 
     def __init__(self, request: GateRequest, cancel: CancelToken):
-        self._cancel = cancel
-        self._latest = Progress("gates", 0.0, "starting a process for the gates")
-        self._gates: RouterGates | None = None
-        self._error: BaseException | None = None
-        self._done = threading.Event()
+        super().__init__(cancel, "starting a process for the gates")
         self._stderr: deque[str] = deque(maxlen=20)
         self._child = subprocess.Popen([sys.executable, "-m", "workbench.gate_process"],
                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -85,26 +81,6 @@ class GateProcess:
     def pid(self) -> int:
         """The child's process id (for logs and tests)."""
         return self._child.pid
-
-    @property
-    def status(self) -> str:
-        """A few words for the writer's progress messages; empty once the gates are ready."""
-        return "" if self._done.is_set() else f"gates: {self._latest.message}"
-
-    def check(self) -> None:
-        """Raise the child's error as soon as there is one."""
-        if self._done.is_set() and self._error is not None:
-            raise self._error
-
-    def result(self, on_progress: ProgressFn) -> RouterGates:
-        """The gates, waiting for them if needed and reporting the child's progress meanwhile."""
-        while not self._done.wait(POLL_SECONDS):
-            on_progress(self._latest)
-            self._cancel.check()
-        self.check()
-        assert self._gates is not None  # the reader either stored gates or an error
-        on_progress(Progress("gates", 1.0, f"{self._gates.mode} gates ready"))
-        return self._gates
 
     def stop(self) -> None:
         """Close the child's stdin, which ends it at once; kill it if it has not gone in time."""

@@ -27,28 +27,16 @@ Compute = Callable[[ProgressFn, CancelToken], "RouterGates"]
 POLL_SECONDS = 0.1  # how often a waiting writer repeats the worker's latest event
 
 
-class GateThread:
-    """One gates computation on a daemon thread; `stop()` must run if the build fails."""
+class GateWorker:
+    """What the build needs of a gates worker, wherever the gates are computed: a subclass
+    starts the work and stores `_gates` or `_error`, then sets `_done`."""
 
-    def __init__(self, compute: Compute, cancel: CancelToken):
-        self._cancel = cancel.child()  # the build's cancel stops it, and so does stop()
-        self._latest = Progress("gates", 0.0, "starting")
+    def __init__(self, cancel: CancelToken, starting: str):
+        self._cancel = cancel
+        self._latest = Progress("gates", 0.0, starting)
         self._gates: RouterGates | None = None
         self._error: BaseException | None = None
         self._done = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(compute,), name="gates", daemon=True)
-        self._thread.start()
-
-    def _run(self, compute: Compute) -> None:
-        try:
-            self._gates = compute(self._keep, self._cancel)
-        except BaseException as exc:  # handed to the build's thread by check() / result()
-            self._error = exc
-        finally:
-            self._done.set()
-
-    def _keep(self, event: Progress) -> None:
-        self._latest = event
 
     @property
     def status(self) -> str:
@@ -66,10 +54,35 @@ class GateThread:
         ends with one finished "gates" event either way."""
         while not self._done.wait(POLL_SECONDS):
             on_progress(self._latest)
+            self._cancel.check()
         self.check()
-        assert self._gates is not None  # the worker either stored gates or raised above
+        assert self._gates is not None  # the worker either stored gates or an error
         on_progress(Progress("gates", 1.0, f"{self._gates.mode} gates ready"))
         return self._gates
+
+    def stop(self) -> None:
+        """End the work and wait for it; must run if the build fails."""
+        raise NotImplementedError
+
+
+class GateThread(GateWorker):
+    """One gates computation on a daemon thread."""
+
+    def __init__(self, compute: Compute, cancel: CancelToken):
+        super().__init__(cancel.child(), "starting")  # the build's cancel stops it, and so does stop()
+        self._thread = threading.Thread(target=self._run, args=(compute,), name="gates", daemon=True)
+        self._thread.start()
+
+    def _run(self, compute: Compute) -> None:
+        try:
+            self._gates = compute(self._keep, self._cancel)
+        except BaseException as exc:  # handed to the build's thread by check() / result()
+            self._error = exc
+        finally:
+            self._done.set()
+
+    def _keep(self, event: Progress) -> None:
+        self._latest = event
 
     def stop(self) -> None:
         """Cancel the worker and wait for it (it stops at its next cancel check)."""
