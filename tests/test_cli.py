@@ -105,6 +105,15 @@ def test_bad_shard_size_is_a_clear_error(tmp_path, pico_factory, capsys, size):
     assert "shard" in capsys.readouterr().err.lower()
 
 
+@pytest.mark.parametrize("command", ["build", "gates", "preview"])
+def test_a_negative_seed_is_refused_before_anything_runs(capsys, command):
+    args = {"build": ["r.yaml", "out"], "gates": ["r.yaml"], "preview": ["r.yaml", "--text", "hi"]}[command]
+    with pytest.raises(SystemExit) as exit_:
+        main([command, *args, "--seed", "-1"])
+    assert exit_.value.code == 2
+    assert "argument --seed: '-1' is not a whole number from 0 to 2**63 - 1" in capsys.readouterr().err
+
+
 class Terminal(io.StringIO):
     def isatty(self) -> bool:
         return True

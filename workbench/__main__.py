@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from workbench.cli_inspect import add_commands
+from workbench.cli_inspect import add_commands, seed
 from workbench.errors import WorkbenchError
 from workbench.hub_source import env_token
 from workbench.progress import Progress
@@ -53,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     cmd = commands.add_parser("gates", help="compute router gates and their diagnostics, no build")
     cmd.add_argument("recipe")
     cmd.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    cmd.add_argument("--seed", type=int, default=0)
+    cmd.add_argument("--seed", type=seed, default=0)
     cmd.add_argument("--json", action="store_true", help="print diagnostics as JSON")
     cmd.set_defaults(run=cmd_gates)
 
@@ -63,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     cmd.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     cmd.add_argument("--dtype", default=None, help="bfloat16, float16 or float32 (default: the recipe's)")
     cmd.add_argument("--shard-size", default="5GB", help="largest shard, e.g. 5GB or 500MB")
-    cmd.add_argument("--seed", type=int, default=0, help="seed for random gates and noise")
+    cmd.add_argument("--seed", type=seed, default=0, help="seed for random gates and noise")
     cmd.add_argument("--force", action="store_true", help="replace OUT once the new build is verified")
     cmd.set_defaults(run=cmd_build)
 

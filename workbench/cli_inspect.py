@@ -53,13 +53,24 @@ MAX_WARNINGS = 3  # per-layer gate warnings printed before the rest are summed u
 _GLYPHS = string.digits + string.ascii_lowercase + string.ascii_uppercase  # expert id -> one character
 
 
+def seed(text: str) -> int:
+    """argparse type of --seed: numpy's and torch's generators both take 0 to 2**63 - 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number from 0 to 2**63 - 1")
+    return value
+
+
 def add_commands(subparsers: Any) -> None:
     """Register `preview`, `trace` and `chat` on the CLI's subparsers."""
     cmd = subparsers.add_parser("preview", help="route a text with a recipe's gates over its base, no build")
     cmd.add_argument("recipe", help="recipe YAML file")
     cmd.add_argument("--text", required=True, help="text to route")
     cmd.add_argument("--device", default="auto", choices=DEVICES)
-    cmd.add_argument("--seed", type=int, default=0, help="seed for random gate modes")
+    cmd.add_argument("--seed", type=seed, default=0, help="seed for random gate modes")
     cmd.add_argument("--json", action="store_true", help="print the routing as JSON")
     cmd.set_defaults(run=cmd_preview)
 
@@ -76,7 +87,7 @@ def add_commands(subparsers: Any) -> None:
     cmd.add_argument("--base", help="a second model answering the same prompt, e.g. the MoE's base")
     cmd.add_argument("--prompt", required=True, help="the user message")
     cmd.add_argument("--system", help="optional system message")
-    cmd.add_argument("--seed", type=int, default=0)
+    cmd.add_argument("--seed", type=seed, default=0)
     cmd.add_argument("--max-new-tokens", type=int, default=128)
     cmd.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
     cmd.add_argument("--top-p", type=float, default=0.95)
