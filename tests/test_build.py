@@ -391,7 +391,8 @@ def slow(event):
         print("WRITING", flush=True)
         time.sleep(0.05)
 experts = [Expert(source_model=base, positive_prompts=[p]) for p in ("code", "math", "story")]
-build(Recipe(base_model=base, experts=experts, gate_mode="random"), out, device="cpu", on_progress=slow)
+# hidden gates: without torch here, they come from a gates process (test_gate_process)
+build(Recipe(base_model=base, experts=experts, gate_mode="hidden"), out, device="cpu", on_progress=slow)
 print("FINISHED", flush=True)
 """
 

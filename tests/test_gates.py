@@ -28,6 +28,7 @@ from workbench.gates import (
 )
 from workbench.progress import CancelToken
 from workbench.recipe import Expert, Recipe
+from workbench.router_gates import cast
 
 # (positives, negatives) per expert; lengths differ within each set so padding is exercised,
 # and [""] is Cognito-style "zero positive prompting" (the BOS state alone).
@@ -245,6 +246,24 @@ def test_random_modes_are_seeded_and_ignore_prompts(pico_llama, mode):
     else:  # standard normal, not normalised: row norms near sqrt(H), std near 1
         assert abs(first.vectors.std().item() - 1) < 0.1
         assert first.vectors.norm(dim=-1).mean() > 6
+
+
+@pytest.mark.parametrize("seed", [-1, 2**63, 1.5, True])
+def test_a_seed_random_gates_cannot_use_is_refused_by_name(pico_llama, seed):
+    with pytest.raises(GateError, match=rf"seed {seed!r} is not a whole number from 0 to 2\*\*63 - 1"):
+        compute_gates(recipe_for(pico_llama, "random", [(None, None)] * 2), pico_llama, seed=seed)
+
+
+@pytest.mark.parametrize(("code", "dtype"), [("BF16", torch.bfloat16), ("F16", torch.float16),
+                                             ("F32", torch.float32)])
+def test_router_rows_are_cast_exactly_as_torch_casts(code, dtype):
+    # Ties at every rounding bit, subnormals, signed zeros and values that overflow half.
+    bits = torch.tensor([0x3F808000, 0x3F818000, 0x3F807FFF, 0x3F808001, 0x00000001, 0x80000000,
+                         0x7F7FFFFF, 0xFF7FFFFF, 0x477FF000, 0x38000000, 0x33800000], dtype=torch.int64)
+    edges = bits.to(torch.int32).view(torch.float32)
+    values = torch.cat([edges, torch.randn(4096, generator=torch.Generator().manual_seed(0)) * 3])
+    expected = values.to(dtype).view(torch.uint8).numpy().tobytes()
+    assert cast(values.numpy(), code) == expected
 
 
 def test_diagnose_identical_rows_warn():

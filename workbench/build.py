@@ -32,8 +32,8 @@ from workbench.gate_thread import Compute, GateThread, GateWorker
 from workbench.layout import TensorSpec, mixtral_config, mixtral_plan, plan_shards, shard_names
 from workbench.portable import make_tokenizer_portable, portable_config
 from workbench.progress import CancelToken, Progress, ProgressFn, ignore_progress
-from workbench.recipe import Problem, Recipe, dump_recipe, errors, validate
-from workbench.router_gates import GateDiagnostics, RouterGates, from_gates
+from workbench.recipe import PROMPTLESS_MODES, Problem, Recipe, dump_recipe, errors, validate
+from workbench.router_gates import GateDiagnostics, RouterGates, from_gates, noise_gates
 from workbench.sources import ModelSource, resolve
 from workbench.staging import (
     check_final,
@@ -146,6 +146,8 @@ def build(recipe: Recipe, out: Path, *, device: str = "auto", dtype: str | None 
     job = _Job.plan(recipe, srcs, dtype, seed)
     if gates is not None:
         job.take_gates(from_gates(gates, job.code))  # a mismatch fails now, not after the copy
+    elif recipe.gate_mode in PROMPTLESS_MODES:  # numpy noise: no model, no torch, no child
+        job.take_gates(noise_gates(recipe.gate_mode, job.gate_shape, seed, job.code))
     shards = plan_shards([(s.out_name, job.nbytes(s)) for s in job.specs], shard_bytes)
     folder = new_staging(out, job.needed_bytes(len(shards)))
     worker = None
@@ -174,8 +176,9 @@ def build(recipe: Recipe, out: Path, *, device: str = "auto", dtype: str | None 
 
 
 def _start_gates(request: GateRequest, given: RouterGates | None, cancel: CancelToken) -> GateWorker:
-    """The gates worker: a child process where this one has not imported torch (a CLI build
-    then never does), else a thread, where the import is already paid."""
+    """The gates worker: for gates from prompts, a child process where this one has not
+    imported torch (a CLI build then never does), else a thread, where the import is already
+    paid; given gates (or noise, made before the build starts) ride a thread that returns them."""
     if given is None and "torch" not in sys.modules:
         return GateProcess(request, cancel)
     return GateThread(_gates_job(request, given), cancel)
@@ -269,13 +272,16 @@ class _Job:
                                  f"a float tensor of shape {spec.shape}; the checkpoint does not match "
                                  "its config")
 
+    @property
+    def gate_shape(self) -> tuple[int, int, int]:
+        """(L, E, H) of the routers this plan writes."""
+        routers = [s for s in self.specs if s.role == "router"]
+        return len(routers), len(self.recipe.experts), routers[0].shape[1]
+
     def take_gates(self, gates: RouterGates) -> None:
-        layers = sum(1 for s in self.specs if s.role == "router")
-        hidden = self.specs[0].shape[1]
-        want = (layers, len(self.recipe.experts), hidden)
-        if gates.shape != want:
+        if gates.shape != self.gate_shape:
             raise BuildError(f"gates have shape {gates.shape}, the MoE needs (L, E, H) = "
-                             f"{want}; recompute them for this recipe")
+                             f"{self.gate_shape}; recompute them for this recipe")
         if gates.dtype != self.code:
             raise BuildError(f"router rows are {gates.dtype}, the MoE is {self.code}")
         self.gates = gates

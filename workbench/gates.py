@@ -33,7 +33,6 @@ from __future__ import annotations
 import gc
 import json
 import logging
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,7 +53,8 @@ from workbench.base_forward import (
 from workbench.errors import GateError
 from workbench.progress import CancelToken, Progress, ProgressFn, ignore_progress
 from workbench.recipe import PROMPTLESS_MODES, Recipe
-from workbench.router_gates import CONDITION_WARN, GateDiagnostics
+from workbench.router_gates import GateDiagnostics, noise
+from workbench.router_gates import diagnose as diagnose_array
 
 log = logging.getLogger(__name__)
 
@@ -104,36 +104,9 @@ def cheap_embedding(embed: Tensor, input_ids: Tensor, attention_mask: Tensor) ->
     return normalise((rows * attention_mask.unsqueeze(-1)).sum(dim=(0, 1)))
 
 
-def random_gates(layers: int, experts: int, hidden: int, *, uniform: bool, seed: int) -> Tensor:
-    """(L, E, H) seeded noise: standard normal, or uniform in +-1/sqrt(H); not normalised."""
-    generator = torch.Generator().manual_seed(seed)
-    shape = (layers, experts, hidden)
-    if not uniform:
-        return torch.randn(shape, generator=generator)
-    scale = 1.0 / math.sqrt(hidden)
-    return torch.rand(shape, generator=generator) * (2 * scale) - scale
-
-
 def diagnose(vectors: Tensor) -> GateDiagnostics:
     """Condition number and expert-expert cosine per layer of (L, E, H) gates."""
-    v = vectors.detach().to("cpu", torch.float64)
-    layers, experts, _ = v.shape
-    conditions: list[float] = []
-    for layer in range(layers):
-        s = torch.linalg.svdvals(v[layer])  # descending
-        if experts == 1:
-            conditions.append(1.0)
-        else:
-            conditions.append(float(s[0] / s[-1]) if s[-1] > 0 else math.inf)
-    unit = normalise(v)
-    cosine = (unit @ unit.transpose(1, 2)).to(torch.float32)  # (L, E, E)
-    warnings = [
-        f"layer {layer}: condition number {c:.3g} > {CONDITION_WARN:g}: prompts too similar, the router "
-        "may not tell these experts apart; make the experts' prompt sets more distinct"
-        for layer, c in enumerate(conditions)
-        if c > CONDITION_WARN
-    ]
-    return GateDiagnostics(conditions, cosine.tolist(), cosine.mean(dim=0).tolist(), warnings)
+    return diagnose_array(vectors.detach().to("cpu", torch.float64).numpy())
 
 
 def _dimensions(model: torch.nn.Module | None, base_path: Path) -> tuple[int, int]:
@@ -191,8 +164,8 @@ def compute_gates(
     mode = recipe.gate_mode
     if mode in PROMPTLESS_MODES:
         layers, hidden = _dimensions(model, base_path)
-        uniform = mode == "uniform_random"
-        vectors = random_gates(layers, len(recipe.experts), hidden, uniform=uniform, seed=seed)
+        # numpy's noise, the same that a build without torch writes (workbench.router_gates)
+        vectors = torch.from_numpy(noise(mode, (layers, len(recipe.experts), hidden), seed))
         on_progress(Progress("gates", 1.0, f"{mode} gates, seed {seed}"))
         return Gates(vectors, mode, diagnose(vectors))
 

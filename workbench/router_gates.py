@@ -6,6 +6,11 @@ cross in: each layer's (E, H) router weight already cast to the output dtype, an
 diagnostics as plain numbers. `from_gates` makes it from the tensors of
 `workbench.gates.Gates`; the card, the CLI and the build result read it.
 
+The prompt-free modes (`random`, `uniform_random`) need no model at all, so they are made
+here with numpy (`noise`): a build with them neither imports torch nor starts a child, and
+`workbench.gates` takes its noise from here too, so a preview and a build with the same
+seed route alike. The diagnostics and the dtype cast are numpy for the same reason.
+
 Dimensions: L layers, E experts, H hidden.
 """
 
@@ -15,7 +20,9 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from workbench.errors import BuildError
+import numpy as np
+
+from workbench.errors import BuildError, GateError
 
 if TYPE_CHECKING:
     from workbench.gates import Gates
@@ -67,14 +74,70 @@ class RouterGates:
 
 def from_gates(gates: Gates, dtype: str) -> RouterGates:
     """Cast each layer's gates to the safetensors dtype `dtype`; refuses NaN or infinity."""
-    import torch
+    vectors = gates.vectors.detach().cpu().numpy()  # float32 (L, E, H), per the Gates contract
+    return from_array(vectors, gates.mode, dtype, gates.diagnostics, gates)
 
-    from workbench.tensors import torch_dtype
 
-    vectors = gates.vectors
-    if not bool(vectors.isfinite().all()):
+def from_array(vectors: np.ndarray, mode: str, dtype: str, diagnostics: GateDiagnostics | None = None,
+               gates: Gates | None = None) -> RouterGates:
+    """RouterGates from float32 (L, E, H) gates; diagnosed here unless `diagnostics` is given."""
+    if not np.isfinite(vectors).all():
         raise BuildError("gates contain NaN or infinity; check the prompts and recompute them")
-    cast = vectors.detach().to("cpu", torch_dtype(dtype)).contiguous()  # (L, E, H)
-    rows = [cast[layer].view(torch.uint8).numpy().tobytes() for layer in range(cast.shape[0])]
+    rows = [cast(vectors[layer], dtype) for layer in range(vectors.shape[0])]
     layers, experts, hidden = (int(n) for n in vectors.shape)
-    return RouterGates(gates.mode, (layers, experts, hidden), dtype, rows, gates.diagnostics, gates)
+    return RouterGates(mode, (layers, experts, hidden), dtype, rows,
+                       diagnostics if diagnostics is not None else diagnose(vectors), gates)
+
+
+def cast(matrix: np.ndarray, dtype: str) -> bytes:
+    """Little-endian bytes of a float32 array in the safetensors dtype `dtype`, rounded to
+    nearest even as torch's casts are (numpy has no bfloat16: its bits are the float32's
+    upper half, rounded)."""
+    matrix = np.ascontiguousarray(matrix, dtype="<f4")
+    if dtype == "F32":
+        return matrix.tobytes()
+    if dtype == "F16":
+        with np.errstate(over="ignore"):  # beyond half's range is infinity, as torch casts it
+            return matrix.astype("<f2").tobytes()
+    if dtype == "BF16":
+        bits = matrix.view("<u4")
+        return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype("<u2").tobytes()
+    raise BuildError(f"cannot write router rows as {dtype}; use BF16, F16 or F32")
+
+
+def noise(mode: str, shape: tuple[int, int, int], seed: int) -> np.ndarray:
+    """(L, E, H) float32 seeded noise for a prompt-free mode: standard normal (`random`), or
+    uniform in +-1/sqrt(H) (`uniform_random`); not normalised, as RECIPE.md states them."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise GateError(f"seed {seed!r} is not a whole number from 0 to 2**63 - 1; pass e.g. --seed 0")
+    rng = np.random.default_rng(seed)
+    if mode == "random":
+        return rng.standard_normal(shape, dtype=np.float32)
+    if mode == "uniform_random":
+        scale = np.float32(1.0 / math.sqrt(shape[2]))
+        return rng.uniform(-scale, scale, shape).astype(np.float32)
+    raise GateError(f"gate mode {mode!r} needs the base model; only random and uniform_random are noise")
+
+
+def noise_gates(mode: str, shape: tuple[int, int, int], seed: int, dtype: str) -> RouterGates:
+    """A prompt-free mode's gates, ready to write, in microseconds and without torch."""
+    return from_array(noise(mode, shape, seed), mode, dtype)
+
+
+def diagnose(vectors: np.ndarray) -> GateDiagnostics:
+    """Condition number and expert-expert cosine per layer of (L, E, H) gates, in float64."""
+    v = np.asarray(vectors, dtype=np.float64)
+    layers, experts, _ = v.shape
+    conditions = [1.0] * layers
+    if experts > 1:
+        s = np.linalg.svd(v, compute_uv=False)  # (L, min(E, H)), descending
+        conditions = [float(top / low) if low > 0 else math.inf for top, low in s[:, [0, -1]]]
+    unit = v / np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), 1e-8)
+    cosine = (unit @ unit.transpose(0, 2, 1)).astype(np.float32)  # (L, E, E)
+    warnings = [
+        f"layer {layer}: condition number {c:.3g} > {CONDITION_WARN:g}: prompts too similar, the router "
+        "may not tell these experts apart; make the experts' prompt sets more distinct"
+        for layer, c in enumerate(conditions)
+        if c > CONDITION_WARN
+    ]
+    return GateDiagnostics(conditions, cosine.tolist(), cosine.mean(axis=0).tolist(), warnings)
