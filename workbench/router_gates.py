@@ -74,7 +74,7 @@ class RouterGates:
 
 def from_gates(gates: Gates, dtype: str) -> RouterGates:
     """Cast each layer's gates to the safetensors dtype `dtype`; refuses NaN or infinity."""
-    vectors = gates.vectors.detach().cpu().numpy()  # float32 (L, E, H), per the Gates contract
+    vectors = gates.vectors.detach().float().cpu().numpy()  # (L, E, H)
     return from_array(vectors, gates.mode, dtype, gates.diagnostics, gates)
 
 
