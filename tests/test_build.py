@@ -244,6 +244,7 @@ def test_noise_and_residual_scale_change_only_their_expert(pico_factory, tmp_pat
     other = tensors_of(build(recipe, tmp_path / "c", device="cpu", gates=gates, seed=1).path)
     assert all(torch.equal(first[k], again[k]) for k in first)
     assert not torch.equal(first[moe.format(0, 0, "w1")], other[moe.format(0, 0, "w1")])
+    assert "mergekit_moe_config.yml OUT --seed 1`" in (tmp_path / "c" / "README.md").read_text()
 
 
 def test_progress_goes_through_every_stage(pico_factory, tmp_path: Path) -> None:

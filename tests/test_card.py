@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 
@@ -75,3 +76,17 @@ def test_names_of_references() -> None:
 def test_demo_model_license_comes_from_its_upstream() -> None:
     assert base_license({}, "demo:smollm2-135m-instruct") == "apache-2.0"
     assert base_license({}, "demo:unknown") == "other"
+
+
+@pytest.mark.parametrize(("mode", "noise", "seeded"), [("hidden", None, False), ("random", None, True),
+                                                       ("hidden", 0.01, True)])
+def test_the_rebuild_command_names_the_seed_where_the_recipe_draws_random_numbers(tmp_path: Path, mode,
+                                                                                 noise, seeded) -> None:
+    recipe = Recipe(base_model=str(tmp_path), gate_mode=mode, experts=[
+        Expert(source_model=str(tmp_path), positive_prompts=["code"], noise_scale=noise),
+        Expert(source_model=str(tmp_path), positive_prompts=["story"])])
+    diagnostics = diagnose(torch.eye(2, 8).unsqueeze(0))
+    card = render_card(recipe, diagnostics, {}, {"dtype": "float32"}, seed=7)
+    rebuild = card.split("## Recipe")[1].split("```")[0]
+    assert "python -m workbench build mergekit_moe_config.yml OUT" in rebuild
+    assert ("--seed 7" in rebuild) is seeded

@@ -371,7 +371,7 @@ def _write_extras(folder: Path, job: _Job) -> list[WrittenFile]:
     make_tokenizer_portable(folder)  # rewrites tokenizer_config.json: hash the files after it
     out += [hash_file(folder / name) for name in copied]
     out.append(write_text(folder / "mergekit_moe_config.yml", dump_recipe(recipe)))
-    card = render_card(recipe, job.gates.diagnostics, job.sources, config)
+    card = render_card(recipe, job.gates.diagnostics, job.sources, config, job.seed)
     out.append(write_text(folder / "README.md", card))
     return out
 

@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from workbench.demo import DEMO_MODELS, DemoModel
-from workbench.recipe import Recipe, dump_recipe
+from workbench.recipe import PROMPTLESS_MODES, Recipe, dump_recipe
 from workbench.router_gates import GateDiagnostics
 
 log = logging.getLogger(__name__)
@@ -75,8 +75,10 @@ def _front_matter(text: str) -> dict:
     return meta if isinstance(meta, dict) else {}
 
 
-def render_card(recipe: Recipe, diagnostics: GateDiagnostics, sources: dict[str, Any], config: dict) -> str:
-    """README.md text: front matter, description, experts, recipe, gate diagnostics."""
+def render_card(recipe: Recipe, diagnostics: GateDiagnostics, sources: dict[str, Any], config: dict,
+                seed: int = 0) -> str:
+    """README.md text: front matter, description, experts, recipe, gate diagnostics; `seed`
+    is the build's, named in the rebuild command where the recipe draws random numbers."""
     ids = [i for i in map(hub_id, recipe.model_refs()) if i]
     meta: dict[str, Any] = {"license": base_license(sources, recipe.base_model)}
     if ids:
@@ -94,11 +96,21 @@ def render_card(recipe: Recipe, diagnostics: GateDiagnostics, sources: dict[str,
         f"Each token uses {k} of {experts} experts. Weights are `{config.get('dtype')}`, "
         "in the classic Mixtral layout that transformers 4.x/5.x, vLLM and llama.cpp read.\n",
         _experts_table(recipe, sources),
-        "## Recipe\n\nRebuild with `python -m workbench build mergekit_moe_config.yml`; "
-        "mergekit-moe reads the same file.\n\n```yaml\n" + dump_recipe(recipe).rstrip() + "\n```\n",
+        _rebuild(recipe, seed) + "\n\n```yaml\n" + dump_recipe(recipe).rstrip() + "\n```\n",
         _diagnostics(diagnostics),
     ]
     return "\n".join(parts)
+
+
+def _rebuild(recipe: Recipe, seed: int) -> str:
+    """The recipe section's first line: the command that builds this model again."""
+    command = "python -m workbench build mergekit_moe_config.yml OUT"
+    random = recipe.gate_mode in PROMPTLESS_MODES or any(e.noise_scale for e in recipe.experts)
+    if not random:
+        return f"## Recipe\n\nRebuild with `{command}`; mergekit-moe reads the same file."
+    return (f"## Recipe\n\nRebuild with `{command} --seed {seed}`: the seed makes the random "
+            "routers and the experts' noise the same again (mergekit-moe reads the same file, "
+            "with random numbers of its own).")
 
 
 def _cell(text: str) -> str:
