@@ -105,8 +105,8 @@ def render_card(recipe: Recipe, diagnostics: GateDiagnostics, sources: dict[str,
 def _rebuild(recipe: Recipe, seed: int) -> str:
     """The recipe section's first line: the command that builds this model again."""
     command = "python -m workbench build mergekit_moe_config.yml OUT"
-    random = recipe.gate_mode in PROMPTLESS_MODES or any(e.noise_scale for e in recipe.experts)
-    if not random:
+    seeded = recipe.gate_mode in PROMPTLESS_MODES or any(e.noise_scale for e in recipe.experts)
+    if not seeded:
         return f"## Recipe\n\nRebuild with `{command}`; mergekit-moe reads the same file."
     return (f"## Recipe\n\nRebuild with `{command} --seed {seed}`: the seed makes the random "
             "routers and the experts' noise the same again (mergekit-moe reads the same file, "
