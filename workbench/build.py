@@ -28,7 +28,7 @@ from safetensors import safe_open
 from workbench.card import render_card
 from workbench.errors import BuildError
 from workbench.gate_process import GateProcess, GateRequest
-from workbench.gate_thread import Compute, GateThread, GateWorker
+from workbench.gate_thread import Compute, GateThread, GateWorker, ReadyGates
 from workbench.layout import TensorSpec, mixtral_config, mixtral_plan, plan_shards, shard_names
 from workbench.portable import make_tokenizer_portable, portable_config
 from workbench.progress import CancelToken, Progress, ProgressFn, ignore_progress
@@ -176,19 +176,19 @@ def build(recipe: Recipe, out: Path, *, device: str = "auto", dtype: str | None 
 
 
 def _start_gates(request: GateRequest, given: RouterGates | None, cancel: CancelToken) -> GateWorker:
-    """The gates worker: for gates from prompts, a child process where this one has not
-    imported torch (a CLI build then never does), else a thread, where the import is already
-    paid; given gates (or noise, made before the build starts) ride a thread that returns them."""
-    if given is None and "torch" not in sys.modules:
+    """The gates worker: given gates (or noise, made before the build starts) as they are;
+    else a child process where this one has not imported torch (a CLI build then never
+    does), or a thread where the import is already paid."""
+    if given is not None:
+        return ReadyGates(given, cancel)
+    if "torch" not in sys.modules:
         return GateProcess(request, cancel)
-    return GateThread(_gates_job(request, given), cancel)
+    return GateThread(_gates_job(request), cancel)
 
 
-def _gates_job(request: GateRequest, given: RouterGates | None) -> Compute:
-    """What the gates thread runs: the given gates, or a computation from the base model."""
+def _gates_job(request: GateRequest) -> Compute:
+    """What the gates thread runs: the gates computed from the base model."""
     def compute(on_progress: ProgressFn, cancel: CancelToken) -> RouterGates:
-        if given is not None:
-            return given
         from workbench.gates import compute_gates  # torch is loaded already (_start_gates)
 
         gates = compute_gates(request.recipe, request.base_path, device=request.device, seed=request.seed,

@@ -15,6 +15,7 @@ gates, write (the routers), verify, done.
 from __future__ import annotations
 
 import threading
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -27,7 +28,7 @@ Compute = Callable[[ProgressFn, CancelToken], "RouterGates"]
 POLL_SECONDS = 0.1  # how often a waiting writer repeats the worker's latest event
 
 
-class GateWorker:
+class GateWorker(ABC):
     """What the build needs of a gates worker, wherever the gates are computed: a subclass
     starts the work and stores `_gates` or `_error`, then sets `_done`."""
 
@@ -60,9 +61,21 @@ class GateWorker:
         on_progress(Progress("gates", 1.0, f"{self._gates.mode} gates ready"))
         return self._gates
 
+    @abstractmethod
     def stop(self) -> None:
         """End the work and wait for it; must run if the build fails."""
-        raise NotImplementedError
+
+
+class ReadyGates(GateWorker):
+    """Gates already in hand (given by the caller, or noise): nothing runs, nothing to stop."""
+
+    def __init__(self, gates: RouterGates, cancel: CancelToken):
+        super().__init__(cancel, "ready")
+        self._gates = gates
+        self._done.set()
+
+    def stop(self) -> None:
+        """Nothing runs."""
 
 
 class GateThread(GateWorker):

@@ -120,10 +120,6 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def _written(path: Path, size: int, sha256: str) -> WrittenFile:
-    return WrittenFile(path, size, sha256)
-
-
 def write_text(path: Path, text: str) -> WrittenFile:
     data = text.encode("utf-8")
     with open(path, "wb") as f:
@@ -131,7 +127,7 @@ def write_text(path: Path, text: str) -> WrittenFile:
         f.flush()
         os.fchmod(f.fileno(), 0o644)
         os.fsync(f.fileno())
-    return _written(path, len(data), hashlib.sha256(data).hexdigest())
+    return WrittenFile(path, len(data), hashlib.sha256(data).hexdigest())
 
 
 def copy_file(src: Path, dst: Path) -> None:
@@ -146,7 +142,7 @@ def hash_file(path: Path) -> WrittenFile:
         while chunk := f.read(1 << 20):
             digest.update(chunk)
         os.fsync(f.fileno())
-    return _written(path, path.stat().st_size, digest.hexdigest())
+    return WrittenFile(path, path.stat().st_size, digest.hexdigest())
 
 
 def make_durable(folder: Path) -> None:
