@@ -25,12 +25,12 @@ def warm_demo_model() -> None:
     """Ready the bundled demo model in the background (dequantised once, then loaded), so the
     first preview and chat are quick. MOE_WORKBENCH_PRELOAD=0 skips the load."""
     from workbench.errors import WorkbenchError
-    from workbench.sources import demo_model_path
+    from workbench.models import demo_model_path
 
     try:
         demo_model_path()
         if os.environ.get("MOE_WORKBENCH_PRELOAD", "1") != "0":
-            from workbench.engine import registry
+            from workbench.chat import registry
 
             registry().get(DEMO)
     except WorkbenchError as exc:

@@ -28,9 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from workbench.build import build  # noqa: E402
-from workbench.chat import SamplingSettings, prepare  # noqa: E402
-from workbench.engine import Registry, load_model  # noqa: E402
-from workbench.generate import ReplyStream  # noqa: E402
+from workbench.chat import ReplyStream, SamplingSettings, prepare  # noqa: E402
+from workbench.chat.engine import Registry, load_model  # noqa: E402
 from workbench.recipe import Expert, Recipe  # noqa: E402
 
 DEMO = "demo:smollm2-135m-instruct"

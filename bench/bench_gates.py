@@ -24,7 +24,8 @@ def run_one(base: Path, mode: str, out: Path) -> None:
     sys.path.insert(0, str(ROOT))
     import torch
 
-    from workbench import base_forward, gates
+    from workbench.gates import compute as gates
+    from workbench.gates import forward as base_forward
     from workbench.recipe import Recipe
 
     # Either way whatever the base's size: "whole" never streams, "stream" always does.

@@ -26,14 +26,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.bench_chat import DEMO, PROMPTS, bench_args, demo_moe, interleaved_steps  # noqa: E402
-from workbench import plots  # noqa: E402
-from workbench.chat import SamplingSettings, prepare  # noqa: E402
-from workbench.engine import Registry  # noqa: E402
+from workbench.chat import ReplyStream, SamplingSettings, prepare  # noqa: E402
+from workbench.chat.engine import Registry  # noqa: E402
 from workbench.gates import compute_gates  # noqa: E402
-from workbench.generate import ReplyStream  # noqa: E402
-from workbench.preview import preview_routing  # noqa: E402
 from workbench.recipe import Expert, Recipe  # noqa: E402
-from workbench.trace import RouterTrace, route, trace_text  # noqa: E402
+from workbench.routing import (  # noqa: E402
+    RouterTrace,
+    plots,  # noqa: E402
+    preview_routing,
+    trace_text,
+)
+from workbench.routing.trace import route  # noqa: E402
 
 WORDS = ("The dragon counted the coins while def sort(xs): return sorted(xs) and 2x + 3 = 7 "
          "meant x equals two; hello, thanks, see you tomorrow!").split()

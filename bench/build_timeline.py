@@ -22,8 +22,8 @@ from pathlib import Path
 STARTED = time.monotonic()
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from workbench import build as build_module  # noqa: E402
-from workbench import tensor_writer  # noqa: E402
+from workbench.build import builder as build_module  # noqa: E402
+from workbench.build import writer as tensor_writer  # noqa: E402
 from workbench.progress import Progress  # noqa: E402
 from workbench.recipe import load_recipe  # noqa: E402
 

@@ -67,6 +67,6 @@ def pico_llama(pico_factory) -> Path:
 @pytest.fixture(scope="session")
 def demo_model_path() -> Path:
     """SmolLM2-135M-Instruct, dequantised once per test session from the bundled GGUF."""
-    from workbench.sources import demo_model_path as resolve_demo
+    from workbench.models.sources import demo_model_path as resolve_demo
 
     return resolve_demo()

@@ -7,26 +7,28 @@ import math
 import pytest
 import torch
 
-from workbench.analysis import (
+from workbench.build import build
+from workbench.chat import ReplyStream, SamplingSettings, prepare, reply_logits
+from workbench.chat.engine import Registry
+from workbench.gates import compute_gates
+from workbench.recipe import Expert, Recipe
+from workbench.routing import (
+    RouterTrace,
     alignment,
+    alignment_traces,
     divergence,
     expert_load,
+    routing_entropy,
+    routing_summary,
+)
+from workbench.routing.analysis import (
     gate_similarity,
     kl_divergence,
     normalised_entropy,
-    routing_entropy,
-    routing_summary,
     slot_share,
     top_experts,
 )
-from workbench.build import build
-from workbench.chat import SamplingSettings, prepare
-from workbench.engine import Registry
-from workbench.gates import compute_gates
-from workbench.generate import ReplyStream, reply_logits
-from workbench.preview import alignment_traces
-from workbench.recipe import Expert, Recipe
-from workbench.trace import RouterTrace, route
+from workbench.routing.trace import route
 
 DISTINCT = [["def add(a, b): return a + b", "import numpy as np; x = np.zeros(3)"],
             ["Solve 2x + 3 = 7 for x.", "The integral of x squared is x cubed over three."],

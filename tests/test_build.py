@@ -21,15 +21,15 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from workbench import build as build_module
 from workbench.build import build, output_path, parse_size
+from workbench.build import builder as build_module
 from workbench.errors import BuildError, Cancelled, GateError
 from workbench.gates import Gates, diagnose
-from workbench.portable import V5_ONLY_TOKENIZER_CLASSES
+from workbench.models import ModelSource
+from workbench.models.portable import V5_ONLY_TOKENIZER_CLASSES
+from workbench.models.tensors import read_header
 from workbench.progress import CancelToken
 from workbench.recipe import Expert, Recipe, parse_recipe
-from workbench.sources import ModelSource
-from workbench.tensors import read_header
 
 REPO = Path(__file__).resolve().parent.parent
 # A few token sequences (pico vocabulary is 320; 0 is BOS).
@@ -311,7 +311,7 @@ def test_cancel_between_tensors_leaves_nothing(pico_factory, tmp_path: Path) -> 
 def gates_that_wait_for(monkeypatch, until: threading.Event, error: Exception | None = None) -> list:
     """compute_gates replaced by one that blocks until `until` is set (or the build cancels
     it) and then raises `error` or returns random gates; returns the cancel tokens seen."""
-    from workbench import gates as gates_module
+    from workbench.gates import compute as gates_module
 
     seen = []
 

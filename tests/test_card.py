@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from workbench.card import base_license, display_name, hub_id, render_card
+from workbench.build.card import base_license, display_name, hub_id, render_card
 from workbench.gates import diagnose
 from workbench.recipe import Expert, Recipe, parse_recipe
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from workbench.__main__ import ProgressBar, main
+from workbench.cli import ProgressBar, main
 from workbench.progress import Progress
 
 ROOT = Path(__file__).parent.parent

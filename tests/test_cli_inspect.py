@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from workbench.__main__ import main
 from workbench.build import build
+from workbench.cli import main
 from workbench.recipe import Expert, Recipe
 
 PROMPTS = [["def add(a, b): return a + b"], ["Solve 2x + 3 = 7 for x."], ["Once upon a time a dragon"],

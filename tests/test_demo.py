@@ -21,10 +21,10 @@ from pathlib import Path
 
 import pytest
 
-from workbench import demo, sources
 from workbench.errors import Cancelled, SourceError
+from workbench.models import demo, resolve, sources
+from workbench.models.sources import demo_model_path, read_config
 from workbench.progress import CancelToken
-from workbench.sources import demo_model_path, read_config, resolve
 
 NAME = "smollm2-135m-instruct"
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -102,8 +102,8 @@ def _script(cache_root: Path, pico: Path, body: str) -> subprocess.Popen:
     """A separate Python process whose dequantisation copies `pico`, then runs `body`."""
     header = (
         "import os, shutil, signal, sys, time\n"
-        "import workbench.demo as demo\n"
-        "from workbench.sources import demo_model_path\n"
+        "import workbench.models.demo as demo\n"
+        "from workbench.models.sources import demo_model_path\n"
         f"def copy_pico(staging):\n    shutil.copytree({str(pico)!r}, staging)\n"
     )
     code = header + textwrap.dedent(body)

@@ -11,15 +11,15 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from workbench import engine
 from workbench.build import build
-from workbench.chat import ChatError, SamplingSettings, prepare
-from workbench.engine import COMPUTE_LOCK, Registry, install_decode_path
+from workbench.chat import ReplyStream, SamplingSettings, chat_streams, engine, prepare, reply_logits
+from workbench.chat.engine import COMPUTE_LOCK, Registry, install_decode_path
+from workbench.chat.generate import interleave, sample
+from workbench.chat.request import ChatError
+from workbench.chat.share import unique_bytes
 from workbench.errors import Cancelled, SourceError, WorkbenchError
-from workbench.generate import ReplyStream, chat_streams, interleave, reply_logits, sample
 from workbench.progress import CancelToken
 from workbench.recipe import Expert, Recipe
-from workbench.share import unique_bytes
 
 PROMPTS = [["def add(a, b): return a + b"], ["Solve 2x + 3 = 7 for x."], ["Once upon a time a dragon"],
            ["Hello! How are you doing today?"]]

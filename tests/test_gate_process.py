@@ -17,11 +17,10 @@ from safetensors import safe_open
 
 from tests.test_build import KILL_SNIPPET  # a build that prints WRITING at each tensor
 from workbench.errors import BuildError, GateError
-from workbench.gate_process import GateProcess, GateRequest
-from workbench.gates import compute_gates
+from workbench.gates import GateRequest, compute_gates, from_gates
+from workbench.gates.process import GateProcess
 from workbench.progress import CancelToken
 from workbench.recipe import Expert, Recipe
-from workbench.router_gates import from_gates
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPTS = [["def add(a, b)", "import numpy"], ["Solve 2x + 3 = 7"], ["Once upon a time"]]

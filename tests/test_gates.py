@@ -15,20 +15,15 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from workbench import base_forward, lazy_weights
-from workbench.base_forward import MAX_PROMPT_TOKENS, tokenize_prompts
 from workbench.device import pick_device
 from workbench.errors import Cancelled, GateError, WorkbenchError
-from workbench.gates import (
-    compute_gates,
-    diagnose,
-    gate_rows,
-    prompt_states,
-    reduce_states,
-)
+from workbench.gates import compute_gates, diagnose, lazy_weights
+from workbench.gates import forward as base_forward
+from workbench.gates.compute import gate_rows, prompt_states, reduce_states
+from workbench.gates.forward import MAX_PROMPT_TOKENS, tokenize_prompts
+from workbench.gates.rows import cast
 from workbench.progress import CancelToken
 from workbench.recipe import Expert, Recipe
-from workbench.router_gates import cast
 
 # (positives, negatives) per expert; lengths differ within each set so padding is exercised,
 # and [""] is Cognito-style "zero positive prompting" (the BOS state alone).
@@ -521,7 +516,7 @@ def test_checkpoint_with_other_tensor_names_loads_whole(pico_factory, monkeypatc
     tensors["model.norm.scale"] = tensors.pop("model.norm.weight")
     save_file(tensors, renamed / "model.safetensors", metadata={"format": "pt"})
     monkeypatch.setattr(base_forward, "STREAM_ABOVE_BYTES", 0)
-    with caplog.at_level(logging.INFO, logger="workbench.base_forward"):
+    with caplog.at_level(logging.INFO, logger="workbench.gates.forward"):
         model = base_forward.load_base(renamed, "cpu")
     assert model.model.layers[0].mlp.up_proj.weight.device.type == "cpu"
     assert "'model.norm.weight'" in caplog.text and "loading it whole" in caplog.text

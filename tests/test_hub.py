@@ -13,7 +13,8 @@ import pytest
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete
 from huggingface_hub.errors import HfHubHTTPError
 
-from workbench.hub import HubError, model_card, push, read_manifest
+from workbench.build import model_card, push
+from workbench.build.upload import HubError, read_manifest
 
 TOKEN = "hf_TestTokenThatMustNeverShow123"
 

@@ -18,7 +18,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from workbench.jobs import BuildQueue, BuildRequest, QueueFull, child_environment
+from workbench.jobs import BuildQueue, BuildRequest, QueueFull
+from workbench.models import child_environment
 from workbench.progress import Progress
 
 FAKE = "tests.test_jobs:fake_build"
@@ -179,7 +180,7 @@ def test_real_build_of_a_pico_moe(tmp_path, pico_factory):
 
 
 def test_child_stops_when_the_server_goes_away(tmp_path):
-    child = subprocess.Popen([sys.executable, "-m", "workbench.jobs_child"], stdin=subprocess.PIPE,
+    child = subprocess.Popen([sys.executable, "-m", "workbench.jobs.child"], stdin=subprocess.PIPE,
                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                              env=child_environment(None))
     child.stdin.write(json.dumps({"runner": FAKE, **asdict(request(tmp_path, "slow-o"))}) + "\n")

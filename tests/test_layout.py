@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 from transformers import MixtralConfig, MixtralForCausalLM
 
+from workbench.build.layout import mixtral_config, mixtral_plan, plan_shards, shard_names
 from workbench.errors import BuildError
-from workbench.layout import mixtral_config, mixtral_plan, plan_shards, shard_names
+from workbench.models import WeightIndex
 from workbench.recipe import Expert, Recipe
-from workbench.tensors import WeightIndex
 
 LLAMA_CFG = {
     "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 16,

@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 import torch
 
-from workbench import plots
-from workbench.analysis import Divergence, alignment, expert_load, gate_similarity, routing_entropy
-from workbench.trace import RouterTrace, route
+from workbench.routing import RouterTrace, alignment, expert_load, plots, routing_entropy
+from workbench.routing.analysis import Divergence, gate_similarity
+from workbench.routing.trace import route
 
 NAMES = ["org/coder", "org/mathematician", "org/storyteller", "demo:smollm2-135m-instruct"]
 

@@ -11,7 +11,7 @@ import pytest
 from transformers import AutoTokenizer, LlamaConfig
 
 from workbench.errors import WorkbenchError
-from workbench.portable import make_tokenizer_portable, portable_config
+from workbench.models import make_tokenizer_portable, portable_config
 
 # Tokenizer classes transformers 4.x exports that can load a tokenizer.json alone.
 V4_FAST_CLASSES = {"PreTrainedTokenizerFast", "LlamaTokenizerFast", "GPT2TokenizerFast"}
@@ -96,7 +96,7 @@ def test_a_class_transformers_4_knows_is_left_alone(tokenizer_folder: Path):
 
 def test_without_tokenizer_json_the_class_is_kept_and_a_warning_logged(tokenizer_folder, caplog):
     (tokenizer_folder / "tokenizer.json").unlink()
-    with caplog.at_level(logging.WARNING, logger="workbench.portable"):
+    with caplog.at_level(logging.WARNING, logger="workbench.models.portable"):
         make_tokenizer_portable(tokenizer_folder)
     after = json.loads((tokenizer_folder / "tokenizer_config.json").read_text())
     assert after["tokenizer_class"] == "TokenizersBackend"

@@ -7,17 +7,17 @@ from pathlib import Path
 import pytest
 
 from workbench.recipe import (
-    MAX_PROMPT_CHARS,
     ConfigUnavailable,
     Recipe,
     RecipeError,
     dump_recipe,
     errors,
-    load_recipe,
     parse_recipe,
     recipe_from_dict,
     validate,
 )
+from workbench.recipe.parse import load_recipe
+from workbench.recipe.schema import MAX_PROMPT_CHARS
 
 PRESETS = sorted(Path(__file__).parent.parent.joinpath("presets").glob("*.yaml"))
 

@@ -15,8 +15,9 @@ import pytest
 from huggingface_hub import errors as hf_errors
 
 from workbench.errors import SourceError
+from workbench.models import parse_ref, read_configs, resolve
+from workbench.models.sources import ModelRef, read_config
 from workbench.recipe import ConfigUnavailable
-from workbench.sources import ModelRef, parse_ref, read_config, read_configs, resolve
 
 SECRET = "hf_SECRETabcdefghijklmnop1234"
 SHA = "0123456789abcdef0123456789abcdef01234567"

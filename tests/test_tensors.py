@@ -15,10 +15,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from workbench import tensor_writer
+from workbench.build import writer as tensor_writer
+from workbench.build.writer import write_safetensors
 from workbench.errors import BuildError, SourceError
-from workbench.tensor_writer import write_safetensors
-from workbench.tensors import TensorFileError, WeightIndex, dtype_code, read_header
+from workbench.models import TensorFileError, WeightIndex, dtype_code
+from workbench.models.tensors import read_header
 
 TENSORS = {
     "model.embed_tokens.weight": torch.randn(7, 5),

@@ -8,21 +8,19 @@ import pytest
 import torch
 
 from workbench.build import build
-from workbench.chat import SamplingSettings, prepare
-from workbench.engine import Registry
+from workbench.chat import ReplyStream, SamplingSettings, prepare
+from workbench.chat.engine import Registry
 from workbench.gates import Gates, diagnose
-from workbench.generate import ReplyStream
-from workbench.preview import preview_routing
 from workbench.recipe import Expert, Recipe
-from workbench.trace import (
+from workbench.routing import (
     RouterRecorder,
     RouterTrace,
-    TraceError,
     find_routers,
+    preview_routing,
     router_hooks,
-    router_weights,
     trace_text,
 )
+from workbench.routing.trace import TraceError, router_weights
 
 PROMPTS = [["def add(a, b): return a + b"], ["Solve 2x + 3 = 7 for x."], ["Once upon a time a dragon"],
            ["Hello! How are you doing today?"]]

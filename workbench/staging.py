@@ -34,15 +34,24 @@ import os
 import re
 import secrets
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from workbench.errors import BuildError
-from workbench.tensor_writer import WrittenFile
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "workbench_manifest.json"
 _STALE = re.compile(r"^\.(?P<name>.+)\.(?P<kind>staging|old)-(?P<pid>\d+)-[0-9a-f]+$")
+
+
+@dataclass(frozen=True)
+class WrittenFile:
+    """One file of an output as its manifest records it."""
+
+    path: Path
+    size: int
+    sha256: str
 
 
 def staging_path(final: Path) -> Path:

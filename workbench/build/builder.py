@@ -2,7 +2,7 @@
 
 Tensors stream from the source checkpoints to the output one at a time: untransformed
 ones are read straight into the writer's buffers, the rest (dtype casts, noise, residual
-scale, routers) pass through memory one tensor at a time (`workbench.tensor_writer`).
+scale, routers) pass through memory one tensor at a time (`workbench.build.writer`).
 Everything is written into a staging folder beside the output, hashed, fsynced and
 verified, and only then renamed into place (`workbench.staging`), so a crash, a cancel or
 a kill -9 never leaves a half-written model under the final name.
@@ -16,7 +16,6 @@ import hashlib
 import json
 import logging
 import re
-import sys
 import time
 import unicodedata
 from dataclasses import dataclass
@@ -25,17 +24,34 @@ from typing import TYPE_CHECKING
 
 from safetensors import safe_open
 
-from workbench.card import render_card
+from workbench.build.card import render_card
+from workbench.build.layout import TensorSpec, mixtral_config, mixtral_plan, plan_shards, shard_names
+from workbench.build.writer import header_bytes, write_safetensors
 from workbench.errors import BuildError
-from workbench.gate_process import GateProcess, GateRequest
-from workbench.gate_thread import Compute, GateThread, GateWorker, ReadyGates
-from workbench.layout import TensorSpec, mixtral_config, mixtral_plan, plan_shards, shard_names
-from workbench.portable import make_tokenizer_portable, portable_config
+from workbench.gates import (
+    GateDiagnostics,
+    GateRequest,
+    GateWorker,
+    RouterGates,
+    from_gates,
+    noise_gates,
+    start_gates,
+)
+from workbench.models import (
+    DTYPE_NAMES,
+    ModelSource,
+    TensorInfo,
+    WeightIndex,
+    make_tokenizer_portable,
+    portable_config,
+    resolve,
+    tensor_nbytes,
+    torch_dtype,
+)
 from workbench.progress import CancelToken, Progress, ProgressFn, ignore_progress
 from workbench.recipe import PROMPTLESS_MODES, Problem, Recipe, dump_recipe, errors, validate
-from workbench.router_gates import GateDiagnostics, RouterGates, from_gates, noise_gates
-from workbench.sources import ModelSource, resolve
 from workbench.staging import (
+    WrittenFile,
     check_final,
     check_manifest,
     clean_stale,
@@ -47,10 +63,8 @@ from workbench.staging import (
     write_manifest,
     write_text,
 )
-from workbench.tensor_writer import WrittenFile, header_bytes, write_safetensors
-from workbench.tensors import DTYPE_NAMES, TensorInfo, WeightIndex, tensor_nbytes, torch_dtype
 
-if TYPE_CHECKING:  # torch loads only for transforms, or on the gates thread (workbench.gate_thread)
+if TYPE_CHECKING:  # torch loads only for transforms, or on the gates thread (workbench.gates.thread)
     import torch
 
     from workbench.gates import Gates
@@ -73,7 +87,7 @@ class BuildResult:
     seconds: float
     diagnostics: GateDiagnostics
     gates: Gates | None  # the gate tensors, where this process computed or was given them; None
-    # where a child process computed them (workbench.gate_process): the build never held torch
+    # where a child process computed them (workbench.gates.process): the build never held torch
 
 
 def parse_size(text: str | int) -> int:
@@ -152,7 +166,7 @@ def build(recipe: Recipe, out: Path, *, device: str = "auto", dtype: str | None 
     folder = new_staging(out, job.needed_bytes(len(shards)))
     worker = None
     try:
-        worker = _start_gates(GateRequest(recipe, srcs[recipe.base_model].path, device, seed, job.code),
+        worker = start_gates(GateRequest(recipe, srcs[recipe.base_model].path, device, seed, job.code),
                               job.gates, cancel)
         written = job.write(folder, shards, worker, on_progress, cancel)
         worker.stop()  # the gates are in: a gates process is reaped as it exits
@@ -173,28 +187,6 @@ def build(recipe: Recipe, out: Path, *, device: str = "auto", dtype: str | None 
     on_progress(Progress("done", 1.0, f"{out.name}: {total / 1e9:.2f} GB in {seconds:.1f} s"))
     log.info("built %s: %d files, %d bytes, %.1f s", out, len(files), total, seconds)
     return BuildResult(out, files, total, seconds, job.gates.diagnostics, job.gates.gates)
-
-
-def _start_gates(request: GateRequest, given: RouterGates | None, cancel: CancelToken) -> GateWorker:
-    """The gates worker: given gates (or noise, made before the build starts) as they are;
-    else a child process where this one has not imported torch (a CLI build then never
-    does), or a thread where the import is already paid."""
-    if given is not None:
-        return ReadyGates(given, cancel)
-    if "torch" not in sys.modules:
-        return GateProcess(request, cancel)
-    return GateThread(_gates_job(request), cancel)
-
-
-def _gates_job(request: GateRequest) -> Compute:
-    """What the gates thread runs: the gates computed from the base model."""
-    def compute(on_progress: ProgressFn, cancel: CancelToken) -> RouterGates:
-        from workbench.gates import compute_gates  # torch is loaded already (_start_gates)
-
-        gates = compute_gates(request.recipe, request.base_path, device=request.device, seed=request.seed,
-                              on_progress=on_progress, cancel=cancel)
-        return from_gates(gates, request.dtype)
-    return compute
 
 
 def _resolve_all(recipe: Recipe, given: dict[str, ModelSource], token: str | None,

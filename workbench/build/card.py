@@ -16,9 +16,9 @@ from typing import Any
 
 import yaml
 
-from workbench.demo import DEMO_MODELS, DemoModel
+from workbench.gates import GateDiagnostics
+from workbench.models import DEMO_MODELS, DemoModel
 from workbench.recipe import PROMPTLESS_MODES, Recipe, dump_recipe
-from workbench.router_gates import GateDiagnostics
 
 log = logging.getLogger(__name__)
 

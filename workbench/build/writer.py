@@ -8,7 +8,7 @@ into the page cache: on a 2-core VM that halved the kernel CPU of a 3.8 GB build
 copy + sha256 + fsync take as long as `cp` + `sync` of the same bytes (bench/README.md).
 Elsewhere (no O_DIRECT, or the first aligned write refused) the same buffers are written
 through the page cache. At most one tensor is held in memory, plus the buffers.
-`workbench.tensors` reads.
+`workbench.models.tensors` reads.
 """
 
 from __future__ import annotations
@@ -24,12 +24,12 @@ import queue
 import struct
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from workbench.errors import BuildError
-from workbench.tensors import TensorFileError, TensorInfo, dtype_code, tensor_nbytes
+from workbench.models import TensorFileError, TensorInfo, dtype_code, tensor_nbytes
+from workbench.staging import WrittenFile
 
 if TYPE_CHECKING:
     import torch
@@ -40,13 +40,6 @@ CHUNK = 16 * 1024 * 1024  # bytes per buffer; a multiple of ALIGN
 BUFFERS = 4  # one filling, one hashing, one writing, one spare
 ALIGN = 4096  # O_DIRECT needs buffer address, file offset and length aligned to the device's block
 POLL_SECONDS = 0.1  # how often a writer waiting for an empty buffer looks for a failed thread
-
-
-@dataclass(frozen=True)
-class WrittenFile:
-    path: Path
-    size: int
-    sha256: str
 
 
 Entry = tuple[str, str, tuple[int, ...]]  # (name, safetensors dtype code, shape)

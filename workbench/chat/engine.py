@@ -3,7 +3,7 @@
 Heavy objects (models, tokenizers) live here and nowhere else; UI sessions hold only model
 references. `registry().get(ref)` loads a model on first use (two threads asking at once load
 it once) and `unload(ref)` frees it. When a MoE and its base are both loaded, every tensor
-that is equal between them is kept once (see `workbench.share`), so base plus MoE cost about
+that is equal between them is kept once (see `workbench.chat.share`), so base plus MoE cost about
 the MoE alone. Every forward pass, whichever model and session, runs under `COMPUTE_LOCK`:
 on a GPU or two CPU cores, two passes at once only slow each other down, and router hooks
 must see only their own session's pass. Generation takes the lock per token, so sessions
@@ -32,9 +32,9 @@ import torch
 import yaml
 from torch import nn
 
+from workbench.chat.share import share_between, unique_bytes
 from workbench.device import pick_device
 from workbench.errors import SourceError
-from workbench.share import share_between, unique_bytes
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ def load_model(ref: str, *, device: str = "auto", token: str | None = None,
     """Resolve and load `ref` (a folder, hub id or demo:NAME) with its tokenizer; not registered."""
     from transformers import AutoModelForCausalLM, AutoTokenizer  # lazy: importing stays cheap
 
-    from workbench.sources import resolve
+    from workbench.models import resolve
 
     source = resolve(ref, token=token, allow_local=allow_local)
     where, dtype = pick_device(device)
@@ -182,7 +182,7 @@ class Registry:
     def _key(self, ref: str, device: str) -> tuple[str, str]:
         """(reference, "device/dtype"); a local folder by its resolved path, so that two
         spellings of one folder load it once."""
-        from workbench.sources import parse_ref
+        from workbench.models import parse_ref
 
         parsed = parse_ref(ref, allow_local=self.allow_local)
         name = str(Path(parsed.name).resolve()) if parsed.kind == "local" else ref.strip()

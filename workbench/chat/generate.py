@@ -22,10 +22,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from workbench.chat import ChatError, ChatPrompt, SamplingSettings, prepare
+from workbench.chat.request import ChatError, ChatPrompt, SamplingSettings, prepare
 from workbench.errors import Cancelled
 from workbench.progress import CancelToken
-from workbench.trace import RouterRecorder, RouterTrace, find_routers, router_hooks
+from workbench.routing import RouterRecorder, RouterTrace, find_routers, router_hooks
 
 log = logging.getLogger(__name__)
 

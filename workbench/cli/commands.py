@@ -1,4 +1,4 @@
-"""The CLI: `python -m workbench validate|gates|build|preview|trace|chat ...`.
+"""The CLI's parser and its recipe commands: `validate`, `gates` and `build`.
 
 A thin layer over the same functions the UI calls. User errors print one readable message
 and exit 1 (no traceback); Ctrl-C exits 130 and leaves no half-written output. Hub tokens
@@ -14,9 +14,9 @@ import sys
 import time
 from pathlib import Path
 
-from workbench.cli_inspect import add_commands, seed
+from workbench.cli.inspect import add_commands, seed
 from workbench.errors import WorkbenchError
-from workbench.hub_source import env_token
+from workbench.models import env_token
 from workbench.progress import Progress
 from workbench.recipe import Problem, RecipeError, errors, read_recipe, validate
 
@@ -77,7 +77,7 @@ def _print_problems(problems: list[Problem]) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from workbench.sources import read_configs
+    from workbench.models import read_configs
 
     try:
         recipe, problems = read_recipe(args.recipe)
@@ -96,7 +96,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_gates(args: argparse.Namespace) -> int:
     from workbench.gates import compute_gates
-    from workbench.sources import resolve
+    from workbench.models import resolve
 
     recipe, problems = read_recipe(args.recipe)
     _print_problems(problems)
@@ -192,7 +192,4 @@ class ProgressBar:
             handler.removeFilter(self)
         self.close()
 
-
-if __name__ == "__main__":
-    sys.exit(main())
 

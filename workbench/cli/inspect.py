@@ -46,7 +46,7 @@ import string
 import sys
 from typing import Any
 
-from workbench.hub_source import env_token
+from workbench.models import env_token
 
 DEVICES = ["auto", "cpu", "cuda"]
 MAX_WARNINGS = 3  # per-layer gate warnings printed before the rest are summed up
@@ -128,11 +128,10 @@ def _print_summary(summary: dict[str, Any], names: list[str]) -> None:
 
 
 def cmd_preview(args: argparse.Namespace) -> int:
-    from workbench.analysis import alignment, routing_summary
-    from workbench.engine import registry
+    from workbench.chat import registry
     from workbench.gates import compute_gates
-    from workbench.preview import alignment_traces, preview_routing
     from workbench.recipe import read_recipe
+    from workbench.routing import alignment, alignment_traces, preview_routing, routing_summary
 
     recipe, problems = read_recipe(args.recipe)
     for problem in problems:
@@ -167,15 +166,14 @@ def cmd_preview(args: argparse.Namespace) -> int:
 
 
 def cmd_trace(args: argparse.Namespace) -> int:
-    from workbench.analysis import routing_summary
-    from workbench.engine import registry
-    from workbench.trace import trace_text
+    from workbench.chat import registry
+    from workbench.routing import routing_summary, trace_text
 
     entry = registry().get(args.model, device=args.device, token=env_token())
     trace = trace_text(entry, args.text)
     summary = routing_summary(trace)
     if args.html:
-        from workbench.plots import routing_heatmap
+        from workbench.routing import routing_heatmap
 
         routing_heatmap(trace).write_html(args.html, include_plotlyjs=True, full_html=True)
     if args.json:
@@ -199,9 +197,7 @@ def _stats_line(stats: Any) -> str:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from workbench.chat import SamplingSettings
-    from workbench.engine import registry
-    from workbench.generate import chat_streams
+    from workbench.chat import SamplingSettings, chat_streams, registry
 
     settings = SamplingSettings(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                                 max_new_tokens=args.max_new_tokens,
@@ -238,8 +234,8 @@ def _chat_json(settings: Any, prompt: str, entries: list[Any], replies: list[Any
         vocabs = {e.model.config.vocab_size for e in entries}
         same_vocab = len(entries) > 1 and len(vocabs) == 1
         if same_vocab and replies[0].token_ids:
-            from workbench.analysis import divergence
-            from workbench.generate import reply_logits
+            from workbench.chat import reply_logits
+            from workbench.routing import divergence
 
             prompt_ids = trace.token_ids[: int(trace.is_prefill.sum())]
             logits = [reply_logits(e, prompt_ids, replies[0].token_ids) for e in entries]

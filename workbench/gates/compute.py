@@ -7,7 +7,7 @@ one left-padded batch, a state per layer is averaged over the prompts, and an ex
 gate row is normalise(m(positives) - m(negatives)). The forwards are ours to arrange: for
 the last-position modes every set shares as few forwards as fit (left padding keeps each
 prompt's last state independent of its batch), and every forward stops once the states
-are captured (`workbench.base_forward`).
+are captured (`workbench.gates.forward`).
 Modes:
 
 - `hidden`: the residual stream entering layer l, at each prompt's last token.
@@ -34,14 +34,14 @@ import gc
 import json
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from workbench.base_forward import (
+from workbench.errors import GateError
+from workbench.gates.forward import (
     LAST_POSITION_MODES,
     expert_batches,
     last_states_by_set,
@@ -50,20 +50,13 @@ from workbench.base_forward import (
     load_tokenizer,
     read_embedding,
 )
-from workbench.errors import GateError
+from workbench.gates.rows import diagnose as diagnose_array
+from workbench.gates.rows import noise
+from workbench.gates.types import GateDiagnostics, Gates
 from workbench.progress import CancelToken, Progress, ProgressFn, ignore_progress
 from workbench.recipe import PROMPTLESS_MODES, Recipe
-from workbench.router_gates import GateDiagnostics, noise
-from workbench.router_gates import diagnose as diagnose_array
 
 log = logging.getLogger(__name__)
-
-@dataclass
-class Gates:
-    vectors: Tensor  # (L, E, H) float32 on CPU; vectors[l] is layer l's router weight
-    mode: str
-    diagnostics: GateDiagnostics
-
 
 # ---- pure math -------------------------------------------------------------------------
 
@@ -164,7 +157,7 @@ def compute_gates(
     mode = recipe.gate_mode
     if mode in PROMPTLESS_MODES:
         layers, hidden = _dimensions(model, base_path)
-        # numpy's noise, the same that a build without torch writes (workbench.router_gates)
+        # numpy's noise, the same that a build without torch writes (workbench.gates.rows)
         vectors = torch.from_numpy(noise(mode, (layers, len(recipe.experts), hidden), seed))
         on_progress(Progress("gates", 1.0, f"{mode} gates, seed {seed}"))
         return Gates(vectors, mode, diagnose(vectors))

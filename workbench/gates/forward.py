@@ -1,7 +1,7 @@
 """Running the base model on router prompts: tokenising sets, loading the base (streamed
-from disk leaf by leaf when large, `workbench.lazy_weights`), and capturing the states the
+from disk leaf by leaf when large, `workbench.gates.lazy_weights`), and capturing the states the
 gates need with hooks, each forward stopped as soon as they are all captured.
-`workbench.gates` turns these states into gate rows; this module holds no gate math.
+`workbench.gates.compute` turns these states into gate rows; this module holds no gate math.
 
 Legend: L layers, B prompts in a set, T tokens, H hidden size, V vocabulary.
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from itertools import chain
@@ -21,7 +22,7 @@ from torch import Tensor, nn
 
 from workbench.device import pick_device
 from workbench.errors import GateError
-from workbench.lazy_weights import CheckpointMismatch, stream_leaves
+from workbench.gates.lazy_weights import CheckpointMismatch, stream_leaves
 from workbench.progress import CancelToken
 from workbench.recipe import Recipe
 
@@ -134,25 +135,53 @@ def layer_inputs(model: nn.Module, batch: dict[str, Tensor], reduce: Callable[[T
     return torch.stack(captured)
 
 
+class NoRouterInput(GateError):
+    """The base has no post_attention_layernorm to hook, so its router input cannot be seen."""
+
+
+_POST_ATTN_NORM = re.compile(r"(?:^|\.)layers\.(\d+)\.post_attention_layernorm$")
+
+
+@contextmanager
+def router_inputs(model: nn.Module, *, last_only: bool = False) -> Iterator[list[Tensor]]:
+    """Capture what each layer's router sees, the post_attention_layernorm output (B, T, H)
+    (or (B, 1, H) with `last_only`), in layer order, for forwards run inside the block;
+    hooks always come off. Used by the preview and by `router_input` gates."""
+    found = sorted(((int(m.group(1)), mod) for name, mod in model.named_modules()
+                    if (m := _POST_ATTN_NORM.search(name))), key=lambda item: item[0])
+    if not found:
+        raise NoRouterInput("the base model's layers have no post_attention_layernorm, so the router "
+                            "input cannot be captured; Llama/Mistral-style bases are supported")
+    captured: list[Tensor] = []
+
+    def keep(module: nn.Module, args: Any, output: Tensor) -> None:
+        captured.append((output[:, -1:, :] if last_only else output).detach())
+
+    handles = [mod.register_forward_hook(keep) for _, mod in found]
+    try:
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def router_input_states(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
     """(L, B, H) float32 CPU: what each layer's router sees (its post_attention_layernorm output)
     at the last position; the forward stops once the last layer's norm has run."""
-    from workbench.trace import TraceError, router_inputs
-
     last = _decoder_layers(model)[-1]
 
     def stop(module: nn.Module, args: Any, output: Tensor) -> None:
         raise _StopForward
 
     try:
-        with router_inputs(model, last_only=True) as captured:  # TraceError when there are no such norms
+        with router_inputs(model, last_only=True) as captured:  # NoRouterInput when there are no such norms
             # Registered after router_inputs' own hook: hooks run in order, so the capture comes first.
             handle = last.post_attention_layernorm.register_forward_hook(stop)
             try:
                 _run(model, batch)
             finally:
                 handle.remove()
-    except TraceError as exc:
+    except NoRouterInput as exc:
         raise GateError(f"gate_mode router_input: {exc}; use gate_mode hidden") from exc
     return torch.stack(captured)[:, :, -1, :].float().cpu()
 
@@ -237,7 +266,7 @@ def load_tokenizer(base_path: Path) -> Any:
 
 
 # Above this many bytes of weights on the CPU, the base is streamed from its safetensors
-# files one leaf module at a time during each forward (workbench.lazy_weights), so gates
+# files one leaf module at a time during each forward (workbench.gates.lazy_weights), so gates
 # cost one leaf of memory whatever the model size.
 STREAM_ABOVE_BYTES = 1_000_000_000
 

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from workbench.tensors import TensorFileError, TensorInfo, WeightIndex, torch_dtype
+from workbench.models import TensorFileError, TensorInfo, WeightIndex, torch_dtype
 
 CHUNK_BYTES = 16 * 1024 * 1024  # read buffer: a cast costs this much extra, not a second copy of the tensor
 # A Linear weight larger than this (at the compute dtype) is never held whole: its forward

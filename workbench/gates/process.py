@@ -5,9 +5,9 @@ most of it holding the GIL, and on a thread beside the copy it stalled the copy 
 tensor: the same 3.8 GB build took 1.3 to 3.5 s longer with the import on a thread, 0 to
 1.6 s with it in a child (bench/BUILD_RESULTS.md). So where the building process has not
 imported torch (the CLI, a UI build job), `GateProcess` runs `python -m
-workbench.gate_process`, which imports it, computes the gates and sends back the router
-rows already cast to the output dtype (`workbench.router_gates`): the builder never
-imports torch at all. Same interface as `workbench.gate_thread.GateThread`.
+workbench.gates.process`, which imports it, computes the gates and sends back the router
+rows already cast to the output dtype (`workbench.gates.rows`): the builder never
+imports torch at all. Same interface as `workbench.gates.thread.GateThread`.
 
 Protocol. The parent writes one JSON request line on the child's stdin and keeps stdin
 open: closing it (the gates are in, the build failed or was cancelled, the parent died)
@@ -35,10 +35,10 @@ from typing import IO, Any
 
 from workbench import errors
 from workbench.errors import BuildError, GateError, WorkbenchError
-from workbench.gate_thread import GateWorker
+from workbench.gates.thread import GateWorker
+from workbench.gates.types import GateDiagnostics, RouterGates
 from workbench.progress import CancelToken, Progress
 from workbench.recipe import Recipe
-from workbench.router_gates import GateDiagnostics, RouterGates
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ class GateProcess(GateWorker):
     def __init__(self, request: GateRequest, cancel: CancelToken):
         super().__init__(cancel, "starting a process for the gates")
         self._stderr: deque[str] = deque(maxlen=20)
-        self._child = subprocess.Popen([sys.executable, "-m", "workbench.gate_process"],
+        self._child = subprocess.Popen([sys.executable, "-m", "workbench.gates.process"],
                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                        env=_environment())
         with contextlib.suppress(OSError):  # a child that died at once is reported by the reader
@@ -141,7 +141,7 @@ class GateProcess(GateWorker):
 def _environment() -> dict[str, str]:
     """The parent's environment without Hub tokens (the base is already local), and with the
     folder holding the workbench package on the path, whatever the working directory."""
-    from workbench.jobs import child_environment
+    from workbench.models import child_environment
 
     env = child_environment(None)
     root = str(Path(__file__).resolve().parent.parent)
@@ -210,8 +210,8 @@ def child_main() -> int:
     threading.Thread(target=_exit_when_stdin_closes, daemon=True).start()
     try:
         channel.send({"progress": [0.0, "importing torch"]})
-        from workbench.gates import compute_gates
-        from workbench.router_gates import from_gates
+        from workbench.gates.compute import compute_gates
+        from workbench.gates.rows import from_gates
 
         gates = compute_gates(Recipe.model_validate(request["recipe"]), Path(request["base_path"]),
                               device=request["device"], seed=int(request["seed"]),

@@ -1,14 +1,14 @@
 """Gates as a build writes and reports them, without torch: router rows as bytes, and diagnostics.
 
 A plain build copies gigabytes and needs torch for nothing but the gates; the gates can
-then come from another process (`workbench.gate_process`), and this is the form they
+then come from another process (`workbench.gates.process`), and this is the form they
 cross in: each layer's (E, H) router weight already cast to the output dtype, and the
 diagnostics as plain numbers. `from_gates` makes it from the tensors of
-`workbench.gates.Gates`; the card, the CLI and the build result read it.
+`Gates`; the card, the CLI and the build result read it.
 
 The prompt-free modes (`random`, `uniform_random`) need no model at all, so they are made
 here with numpy (`noise`): a build with them neither imports torch nor starts a child, and
-`workbench.gates` takes its noise from here too, so a preview and a build with the same
+`workbench.gates.compute` takes its noise from here too, so a preview and a build with the same
 seed route alike. The diagnostics and the dtype cast are numpy for the same reason.
 
 Dimensions: L layers, E experts, H hidden.
@@ -17,59 +17,11 @@ Dimensions: L layers, E experts, H hidden.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from workbench.errors import BuildError, GateError
-
-if TYPE_CHECKING:
-    from workbench.gates import Gates
-
-CONDITION_WARN = 5.0  # mergekit's threshold for "experts may not be distinguishable"
-
-
-@dataclass
-class GateDiagnostics:
-    condition_numbers: list[float]  # per layer, smax / smin of the (E, H) matrix; inf when singular
-    cosine: list[list[list[float]]]  # (L, E, E) expert-expert cosine similarity per layer
-    mean_cosine: list[list[float]]  # (E, E) averaged over layers
-    warnings: list[str]
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain lists for JSON; an infinite condition number becomes None (JSON has no inf)."""
-        return {
-            "condition_numbers": [c if math.isfinite(c) else None for c in self.condition_numbers],
-            "cosine": self.cosine,
-            "mean_cosine": self.mean_cosine,
-            "warnings": list(self.warnings),
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> GateDiagnostics:
-        """The inverse of to_dict: None becomes an infinite condition number again."""
-        conditions = [math.inf if c is None else float(c) for c in data["condition_numbers"]]
-        return cls(conditions, data["cosine"], data["mean_cosine"], list(data["warnings"]))
-
-    def off_diagonal_cosine(self, layer: int) -> float:
-        """Mean cosine between distinct experts at `layer` (0 with a single expert)."""
-        rows = self.cosine[layer]
-        experts = len(rows)
-        total = sum(v for i, row in enumerate(rows) for j, v in enumerate(row) if i != j)
-        return total / max(experts * (experts - 1), 1)
-
-
-@dataclass(frozen=True)
-class RouterGates:
-    """What a build needs of its gates: the routers' bytes, in order, and what to report."""
-
-    mode: str
-    shape: tuple[int, int, int]  # (L, E, H)
-    dtype: str  # safetensors code of `rows`: "BF16", "F16" or "F32"
-    rows: list[bytes]  # rows[l]: layer l's (E, H) router weight, little-endian, row-major
-    diagnostics: GateDiagnostics
-    gates: Gates | None = None  # the tensors, where this process computed or was given them
+from workbench.gates.types import CONDITION_WARN, GateDiagnostics, Gates, RouterGates
 
 
 def from_gates(gates: Gates, dtype: str) -> RouterGates:

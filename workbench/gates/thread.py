@@ -3,7 +3,7 @@
 A build's bytes are nearly all copies of source tensors that need neither torch nor the
 gates; only the routers (a few hundred KB, written last) do. So the build starts copying
 at once while a worker computes the gates: this thread where the process already holds
-torch, else a child process (`workbench.gate_process`, same interface), since importing
+torch, else a child process (`workbench.gates.process`, same interface), since importing
 torch on a thread holds the GIL the copy needs between tensors.
 
 The worker's progress events are kept, not sent, so that the build reports one stage at
@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from workbench.progress import CancelToken, Progress, ProgressFn
 
 if TYPE_CHECKING:
-    from workbench.router_gates import RouterGates
+    from workbench.gates.types import RouterGates
 
 Compute = Callable[[ProgressFn, CancelToken], "RouterGates"]
 POLL_SECONDS = 0.1  # how often a waiting writer repeats the worker's latest event

@@ -1,4 +1,4 @@
-"""The child side of a build job: `python -m workbench.jobs_child` (started by workbench.jobs).
+"""The child side of a build job: `python -m workbench.jobs.child` (started by workbench.jobs).
 
 Reads one JSON request line on stdin, runs the build, and writes JSON event lines on
 stdout: progress (at most every 0.1 s per stage), then exactly one of done / error /
@@ -19,8 +19,8 @@ from dataclasses import asdict
 from typing import Any
 
 from workbench.errors import WorkbenchError
-from workbench.hub_source import env_token
-from workbench.jobs import JobEvent
+from workbench.jobs.queue import JobEvent
+from workbench.models import env_token
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def child_main(stdin: Any = None, stdout: Any = None) -> int:
     from pathlib import Path
 
     from workbench.errors import Cancelled
-    from workbench.hub_source import scrub
+    from workbench.models import scrub
     from workbench.progress import CancelToken
     from workbench.recipe import RecipeError, errors, parse_recipe
 

@@ -2,7 +2,7 @@
 
 A build reads and writes gigabytes through native code; a crash there (out of memory,
 a segfault in a reader) must not take the web server down, so every build runs in a
-child `python -m workbench.jobs_child`. The parent sends the request as one JSON line on the
+child `python -m workbench.jobs.child`. The parent sends the request as one JSON line on the
 child's stdin and later, to cancel, the line "cancel"; the child answers with JSON lines
 on stdout (progress, then one of done / error / cancelled). Closing the child's stdin also
 cancels it, so a dead server never leaves a build running. The build itself is
@@ -33,11 +33,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from workbench.errors import WorkbenchError
+from workbench.models import child_environment
 
 log = logging.getLogger(__name__)
 
 DEFAULT_RUNNER = "workbench.build:build"
-TOKEN_VARIABLES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_API_TOKEN")
 FINAL_KINDS = ("done", "error", "cancelled")
 State = Literal["queued", "running", "done", "error", "cancelled"]
 
@@ -204,7 +204,7 @@ class BuildQueue:
 
     def _run(self, job: Job) -> None:
         child = subprocess.Popen(
-            [sys.executable, "-m", "workbench.jobs_child"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            [sys.executable, "-m", "workbench.jobs.child"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             stderr=subprocess.PIPE, text=True, env=child_environment(job.token), start_new_session=True)
         stderr_tail: deque[str] = deque(maxlen=20)
         reader = threading.Thread(target=_drain, args=(child.stderr, stderr_tail, job), daemon=True)
@@ -260,18 +260,6 @@ def _kill(child: subprocess.Popen, job_id: str) -> None:
     log.warning("build child of %s did not stop when asked; killing it", job_id)
     with contextlib.suppress(ProcessLookupError):  # it exited between poll() and here
         os.killpg(child.pid, signal.SIGKILL)  # its own session: takes any helpers it started too
-
-
-def child_environment(token: str | None) -> dict[str, str]:
-    """The server's environment with inherited Hub tokens replaced by the job's own (or none)."""
-    env = {k: v for k, v in os.environ.items() if k not in TOKEN_VARIABLES}
-    if token:
-        env["HF_TOKEN"] = token
-    else:
-        # Without this, huggingface_hub would fall back to a token saved on disk by `hf auth login`.
-        env["HF_HUB_DISABLE_IMPLICIT_TOKEN"] = "1"
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
 
 
 def _drain(stream: Any, tail: deque[str], job: Job) -> None:

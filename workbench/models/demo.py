@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from workbench.errors import SourceError
-from workbench.portable import make_tokenizer_portable, portable_config
+from workbench.models.portable import make_tokenizer_portable, portable_config
 from workbench.progress import CancelToken, Progress, ProgressFn, ignore_progress
 from workbench.staging import discard, make_durable, rename_into_place, staging_folders, staging_path
 

@@ -7,7 +7,7 @@ the token. A token is only ever handed to huggingface_hub as its `token` argumen
 without one we pass `token=False`, so that huggingface_hub never falls back to a token
 it finds on the machine (on a Space that would be the owner's, not the visitor's).
 
-Sources decide *what* to download (`workbench.sources`); this module only fetches.
+Sources decide *what* to download (`workbench.models.sources`); this module only fetches.
 """
 
 from __future__ import annotations
@@ -23,6 +23,9 @@ from typing import Any, TypeVar
 from workbench.errors import HubUnreachable, SourceError
 
 log = logging.getLogger(__name__)
+
+
+TOKEN_VARIABLES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_API_TOKEN")
 
 
 def env_token() -> str | None:
@@ -149,3 +152,15 @@ def _network_errors() -> tuple[type[BaseException], ...]:
         except (ImportError, AttributeError):
             continue
     return tuple(classes)
+
+
+def child_environment(token: str | None) -> dict[str, str]:
+    """The server's environment with inherited Hub tokens replaced by the job's own (or none)."""
+    env = {k: v for k, v in os.environ.items() if k not in TOKEN_VARIABLES}
+    if token:
+        env["HF_TOKEN"] = token
+    else:
+        # Without this, huggingface_hub would fall back to a token saved on disk by `hf auth login`.
+        env["HF_HUB_DISABLE_IMPLICIT_TOKEN"] = "1"
+    env["PYTHONUNBUFFERED"] = "1"
+    return env

@@ -8,7 +8,7 @@ transformers 5 writes a few things that transformers 4 misreads or cannot load:
 - tokenizer_config.json names the class `TokenizersBackend`, unknown to transformers 4,
   and moves the chat template out into chat_template.jinja, which older versions ignore.
 
-Both the demo-model cache (`workbench.demo`) and the build call these on their output.
+Both the demo-model cache (`workbench.models.demo`) and the build call these on their output.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Model references -> local folders holding config.json, safetensors weights and a tokenizer.
 
 A reference is one of
-- `demo:NAME`: a model the workbench ships (see `workbench.demo`), e.g. demo:smollm2-135m-instruct;
+- `demo:NAME`: a model the workbench ships (see `workbench.models.demo`), e.g. demo:smollm2-135m-instruct;
 - a local folder: an existing path, or one written as a path (`/`, `./`, `../`, `~`);
 - a Hub id `org/name`, optionally `org/name@revision` (branch, tag or commit sha).
 
@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from workbench import hub_source
-from workbench.demo import DEMO_MODELS, DemoModel, DemoPackageMissing, build_demo_folder
+import workbench.models.hub as hub_source
 from workbench.errors import HubUnreachable, SourceError
+from workbench.models.demo import DEMO_MODELS, DemoModel, DemoPackageMissing, build_demo_folder
 from workbench.progress import CancelToken, Progress, ProgressFn, ignore_progress
 from workbench.recipe import ConfigUnavailable
 

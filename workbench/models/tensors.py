@@ -1,5 +1,5 @@
 """Safetensors reading without loading whole models: the format's tables, a checked header
-reader and a lazy index over a model folder (`workbench.tensor_writer` writes).
+reader and a lazy index over a model folder (`workbench.build.writer` writes).
 
 The format: 8-byte little-endian header length N, N bytes of JSON (padded with spaces to a
 multiple of 8) mapping each tensor name to dtype, shape and data_offsets relative to the

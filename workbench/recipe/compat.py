@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from workbench.recipe import ConfigUnavailable, Problem, Recipe
+from workbench.recipe.schema import ConfigUnavailable, Problem, Recipe
 
 # Config fields an expert must share with the base: its MLPs plug into the base's residual
 # stream, layer by layer (mergekit drops extra layers silently and crashes on the rest).

@@ -1,116 +1,35 @@
-"""Recipes: the schema of a frankenMoE design, YAML load/dump, and validation.
+"""Recipes as YAML: load, dump, and the structural checks made on the way in.
 
 A recipe that mergekit-moe (0.1.x) accepts loads here with the same meaning; where
-mergekit silently ignores a typo or a bad value, we report it. Validation never stops
-at the first problem: it returns every `Problem` at once, each with a key path such as
+mergekit silently ignores a typo or a bad value, we report it. Parsing never stops at the
+first problem: it returns every `Problem` at once, each with a key path such as
 `experts[2].positive_prompts`, what is wrong, and how to fix it.
 
-This module touches no torch and no file but the YAML: compatibility facts arrive as
-plain config dicts (see `workbench.sources.read_configs`).
+This module touches no torch and no file but the YAML.
 """
 
 from __future__ import annotations
 
 import difflib
-import math
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 
-from workbench.errors import WorkbenchError
-
-GateMode = Literal["hidden", "hidden_avg", "cheap_embed", "random", "uniform_random", "router_input"]
-DType = Literal["bfloat16", "float16", "float32"]
-Architecture = Literal["mixtral"]
-
-GATE_MODES: tuple[str, ...] = GateMode.__args__
-DTYPES: tuple[str, ...] = DType.__args__
-# Modes whose gates do not come from prompts: prompts are optional there.
-PROMPTLESS_MODES = ("random", "uniform_random")
-GATE_MODE_ALIASES = {"hidden_last": "hidden"}
-DTYPE_HINTS = {
-    "bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32",
-    "float": "float32", "f16": "float16", "f32": "float32",
-}
-FUTURE_ARCHITECTURES = ("qwen", "deepseek")
-
-# Caps that keep one recipe from exhausting the machine (RELIABILITY.md).
-MAX_YAML_BYTES = 256 * 1024
-MAX_EXPERTS = 64
-MAX_PROMPTS_PER_SET = 64
-MAX_PROMPT_CHARS = 4000
-
-
-class Expert(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    source_model: str
-    positive_prompts: list[str] | None = None
-    negative_prompts: list[str] | None = None
-    noise_scale: float | None = None
-    residual_scale: float | None = None
-
-
-class Recipe(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    base_model: str
-    experts: list[Expert] = Field(min_length=1)
-    gate_mode: GateMode = "hidden"
-    dtype: DType | None = None
-    experts_per_token: int = 2
-    architecture: Architecture | None = None
-    shared_experts: list[Expert] | None = None
-
-    def model_refs(self) -> list[str]:
-        """Every distinct model reference, base first, in recipe order."""
-        refs = [self.base_model] + [e.source_model for e in self.experts]
-        return list(dict.fromkeys(refs))
-
-
-Level = Literal["error", "warning"]
-
-
-@dataclass(frozen=True)
-class Problem:
-    level: Level
-    path: str  # key path: "experts[1].positive_prompts", "" for the whole recipe
-    message: str  # what is wrong
-    fix: str = ""  # how to fix it
-
-    def __str__(self) -> str:
-        where = self.path or "recipe"
-        tail = f" Fix: {self.fix}" if self.fix else ""
-        return f"{self.level}: {where}: {self.message}.{tail}"
-
-    def to_dict(self) -> dict[str, str]:
-        return {"level": self.level, "path": self.path, "message": self.message, "fix": self.fix}
-
-
-@dataclass(frozen=True)
-class ConfigUnavailable:
-    """A model's config.json could not be read; `level` says whether that blocks a build."""
-
-    reason: str
-    level: Level = "error"
-
-
-def errors(problems: list[Problem]) -> list[Problem]:
-    return [p for p in problems if p.level == "error"]
-
-
-class RecipeError(WorkbenchError):
-    """A recipe that cannot be used; carries every problem found."""
-
-    def __init__(self, problems: list[Problem]):
-        self.problems = problems
-        super().__init__("\n".join(str(p) for p in problems))
-
-
-# --- YAML -------------------------------------------------------------------------------
+from workbench.recipe.schema import (
+    DTYPE_HINTS,
+    DTYPES,
+    FUTURE_ARCHITECTURES,
+    GATE_MODE_ALIASES,
+    GATE_MODES,
+    MAX_YAML_BYTES,
+    Expert,
+    Problem,
+    Recipe,
+    RecipeError,
+    errors,
+)
 
 KNOWN_TOP_KEYS = tuple(Recipe.model_fields)
 KNOWN_EXPERT_KEYS = tuple(Expert.model_fields)
@@ -266,111 +185,3 @@ def recipe_from_dict(data: Mapping[str, Any]) -> tuple[Recipe | None, list[Probl
         return Recipe.model_validate(cleaned), problems
     except ValidationError as exc:
         return None, problems + [_from_pydantic(err) for err in exc.errors()]
-
-
-# --- Semantic validation -------------------------------------------------------------------
-
-
-
-def validate(recipe: Recipe, configs: Mapping[str, dict | ConfigUnavailable] | None = None) -> list[Problem]:
-    """Every problem of a parsed recipe; with `configs` (ref -> config.json), compatibility too."""
-    problems = _check_counts(recipe) + _check_prompts(recipe) + _check_experts(recipe)
-    if configs is not None:
-        from workbench.compat import check_compatibility  # compat imports this module
-
-        problems += check_compatibility(recipe, configs)
-    return problems
-
-
-def _check_counts(recipe: Recipe) -> list[Problem]:
-    out, n, k = [], len(recipe.experts), recipe.experts_per_token
-    if k < 1:
-        out.append(Problem("error", "experts_per_token", f"must be at least 1 (got {k})",
-                           "use 2, the usual Mixtral setting"))
-    elif n < k:
-        out.append(Problem("error", "experts_per_token", f"is {k} but the recipe has only {n} experts",
-                           f"add experts or lower experts_per_token to {n}"))
-    if n > MAX_EXPERTS:
-        out.append(Problem("error", "experts", f"has {n} experts; the limit is {MAX_EXPERTS}",
-                           "remove experts"))
-    elif n & (n - 1):
-        out.append(Problem("warning", "experts", f"{n} experts is not a power of two",
-                           "older llama.cpp builds refuse such models; 2, 4, 8 or 16 load everywhere"))
-    if recipe.shared_experts:
-        out.append(Problem("error", "shared_experts", "Mixtral has no shared experts",
-                           "remove shared_experts (they are for Qwen2-MoE / DeepSeek outputs)"))
-    return out
-
-
-def _check_prompts(recipe: Recipe) -> list[Problem]:
-    out: list[Problem] = []
-    promptless = recipe.gate_mode in PROMPTLESS_MODES
-    for i, expert in enumerate(recipe.experts):
-        for key in ("positive_prompts", "negative_prompts"):
-            out += _check_prompt_list(getattr(expert, key), f"experts[{i}].{key}")
-        if promptless:
-            if expert.positive_prompts or expert.negative_prompts:
-                out.append(Problem("warning", f"experts[{i}]",
-                                   f"prompts are ignored in gate_mode '{recipe.gate_mode}'",
-                                   "use gate_mode 'hidden' to route by prompts"))
-            continue
-        if not expert.positive_prompts:
-            out.append(Problem("error", f"experts[{i}].positive_prompts",
-                               f"gate_mode '{recipe.gate_mode}' needs positive prompts for every expert",
-                               "add a few prompts this expert should take, one per line "
-                               "(or [\"\"] for zero positive prompting)"))
-        elif not any(p.strip() for p in expert.positive_prompts):
-            out.append(Problem("warning", f"experts[{i}].positive_prompts",
-                               "all positive prompts are empty: the gate is the BOS state minus the "
-                               "negatives (\"zero positive prompting\")",
-                               "fine if intended; otherwise add prompts this expert should take"))
-    if not promptless and len(recipe.experts) > 1:
-        sets = {(tuple(e.positive_prompts or ()), tuple(e.negative_prompts or ())) for e in recipe.experts}
-        if len(sets) == 1:
-            out.append(Problem("error", "experts", "every expert has the same prompts, so every router "
-                               "row is the same and routing is arbitrary",
-                               "give each expert prompts of its own theme"))
-    return out
-
-
-def _check_prompt_list(prompts: list[str] | None, path: str) -> list[Problem]:
-    if not prompts:
-        return []
-    out = []
-    if len(prompts) > MAX_PROMPTS_PER_SET:
-        out.append(Problem("error", path, f"has {len(prompts)} prompts; the limit is {MAX_PROMPTS_PER_SET}",
-                           "keep the most typical prompts"))
-    for j, prompt in enumerate(prompts):
-        if len(prompt) > MAX_PROMPT_CHARS:
-            out.append(Problem("error", f"{path}[{j}]",
-                               f"is {len(prompt)} characters; the limit is {MAX_PROMPT_CHARS}",
-                               "a short typical prompt routes as well as a long one"))
-    return out
-
-
-def _check_experts(recipe: Recipe) -> list[Problem]:
-    out = []
-    if not recipe.base_model.strip():
-        out.append(Problem("error", "base_model", "is empty", "name a hub id, a local folder or demo:NAME"))
-    for i, expert in enumerate(recipe.experts):
-        path = f"experts[{i}]"
-        if not expert.source_model.strip():
-            out.append(Problem("error", f"{path}.source_model", "is empty",
-                               "name a hub id, a local folder or demo:NAME"))
-        noise, residual = expert.noise_scale, expert.residual_scale
-        for key, value in (("noise_scale", noise), ("residual_scale", residual)):
-            if value is not None and not math.isfinite(value):
-                out.append(Problem("error", f"{path}.{key}", f"must be a finite number (got {value})",
-                                   "write a number such as 0.01"))
-        if noise is not None and math.isfinite(noise) and noise < 0:
-            out.append(Problem("error", f"{path}.noise_scale", f"must be >= 0 (got {noise})",
-                               "write the standard deviation of the noise, e.g. 0.01"))
-        if residual == 0:
-            out.append(Problem("warning", f"{path}.residual_scale",
-                               "is 0, so this expert's output is always zero", "remove it or use e.g. 0.5"))
-    sources = {e.source_model for e in recipe.experts}
-    if len(recipe.experts) > 1 and len(sources) == 1:
-        out.append(Problem("warning", "experts", "every expert is the same model: outputs only differ "
-                           "after training, but routing is still worth seeing",
-                           "fine for demos; use different fine-tunes for a useful merge"))
-    return out

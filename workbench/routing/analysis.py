@@ -17,9 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from workbench.gates import diagnose
-from workbench.router_gates import GateDiagnostics
-from workbench.trace import RouterTrace
+from workbench.gates import GateDiagnostics, diagnose
+from workbench.routing.trace import RouterTrace
 
 
 def _json(t: Tensor) -> Any:

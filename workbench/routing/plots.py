@@ -19,9 +19,9 @@ import plotly.graph_objects as go
 import plotly.io as pio
 from plotly.subplots import make_subplots
 
-from workbench.analysis import Alignment, Divergence, Entropy, ExpertLoad
-from workbench.router_gates import CONDITION_WARN, GateDiagnostics
-from workbench.trace import RouterTrace
+from workbench.gates import CONDITION_WARN, GateDiagnostics
+from workbench.routing.analysis import Alignment, Divergence, Entropy, ExpertLoad
+from workbench.routing.trace import RouterTrace
 
 # Plotly's qualitative palette, then evenly spread hues for recipes with more experts.
 PALETTE = ["#636EFA", "#EF553B", "#00CC96", "#AB63FA", "#FFA15A", "#19D3F3", "#FF6692", "#B6E880",

@@ -20,15 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from workbench.trace import (
-    RouterTrace,
-    TraceError,
-    encode_text,
-    route,
-    router_inputs,
-    token_strings,
-    trace_text,
-)
+from workbench.gates import router_inputs
+from workbench.routing.trace import RouterTrace, TraceError, encode_text, route, token_strings, trace_text
 
 
 def route_states(states: list[Tensor], vectors: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:

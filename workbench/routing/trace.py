@@ -3,7 +3,7 @@
 `RouterTrace` is the one record plots and analysis read. It is filled from a built MoE by
 forward hooks on each layer's router (found by module type and weight shape), attached in
 `router_hooks`, a context manager that always removes them, or from the base model and a
-recipe's gates without a build (`workbench.preview`). Hooks only read the router's outputs
+recipe's gates without a build (`workbench.routing.preview`). Hooks only read the router's outputs
 (logits, renormalised top-k weights, top-k ids), so tracing cannot change what the model
 computes.
 
@@ -231,29 +231,3 @@ def trace_text(entry: Any, text: str, *, add_special_tokens: bool = True) -> Rou
         recorder.begin_step(len(ids), prefill=True)
         entry.model(input_ids=input_ids, use_cache=False, logits_to_keep=1)
     return recorder.finish(ids, entry.tokenizer, entry.expert_names, model=entry.ref)
-
-
-_POST_ATTN_NORM = re.compile(r"(?:^|\.)layers\.(\d+)\.post_attention_layernorm$")
-
-
-@contextmanager
-def router_inputs(model: nn.Module, *, last_only: bool = False) -> Iterator[list[Tensor]]:
-    """Capture what each layer's router sees, the post_attention_layernorm output (B, T, H)
-    (or (B, 1, H) with `last_only`), in layer order, for forwards run inside the block;
-    hooks always come off. Used by the preview and by `router_input` gates."""
-    found = sorted(((int(m.group(1)), mod) for name, mod in model.named_modules()
-                    if (m := _POST_ATTN_NORM.search(name))), key=lambda item: item[0])
-    if not found:
-        raise TraceError("the base model's layers have no post_attention_layernorm, so the router "
-                         "input cannot be captured; Llama/Mistral-style bases are supported")
-    captured: list[Tensor] = []
-
-    def keep(module: nn.Module, args: Any, output: Tensor) -> None:
-        captured.append((output[:, -1:, :] if last_only else output).detach())
-
-    handles = [mod.register_forward_hook(keep) for _, mod in found]
-    try:
-        yield captured
-    finally:
-        for handle in handles:
-            handle.remove()

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from workbench import jobs
 from workbench.errors import BuildError, WorkbenchError
-from workbench.hub import MANIFEST
 from workbench.recipe import RecipeError, errors, parse_recipe, validate
+from workbench.staging import MANIFEST
 from workbench.ui import shared
 from workbench.ui.sizes import human
 

@@ -43,9 +43,7 @@ class EngineBackend:
 
     def open(self, ref: str, base_ref: str, messages: list[dict[str, str]], settings: SamplingSettings, *,
              trace: bool, cancel: CancelToken, token: str | None, device: str) -> Stream:
-        from workbench.chat import prepare
-        from workbench.engine import registry
-        from workbench.generate import ReplyStream
+        from workbench.chat import ReplyStream, prepare, registry
 
         models = registry()
         entry = models.get(ref, device=device, token=token)
@@ -143,7 +141,7 @@ def reply(side: str, session: str, history: list[Any], moe: str, base: str, syst
     if not base:
         raise WorkbenchError("this MoE names no base model; type the base model to compare with")
     if shared.on_space() and base != base_of(moe):
-        from workbench.sources import parse_ref
+        from workbench.models import parse_ref
 
         parse_ref(base, allow_local=False)  # a visitor never names a folder on the server
     history = shared.chat_messages(history)

@@ -101,10 +101,10 @@ def gates_for(recipe: Recipe, entry: Any) -> Any:
 
 
 def base_entry(recipe: Recipe, *, token: str | None, device: str) -> Any:
-    from workbench.engine import registry
+    from workbench.chat import registry
 
     if shared.on_space():
-        from workbench.sources import parse_ref
+        from workbench.models import parse_ref
 
         parse_ref(recipe.base_model, allow_local=False)  # a visitor never names a server folder
     return registry().get(recipe.base_model, device=device, token=token)
@@ -112,7 +112,7 @@ def base_entry(recipe: Recipe, *, token: str | None, device: str) -> Any:
 
 def run_preview(yaml_text: str, text: str, *, token: str | None = None, device: str = "auto") -> Preview:
     """Route `text` the way the recipe's MoE would, from the base model alone."""
-    from workbench.preview import preview_routing
+    from workbench.routing import preview_routing
 
     started = time.perf_counter()
     recipe = recipe_for_preview(yaml_text)
@@ -126,8 +126,7 @@ def run_preview(yaml_text: str, text: str, *, token: str | None = None, device: 
 
 def run_alignment(yaml_text: str, *, token: str | None = None, device: str = "auto") -> tuple[Recipe, Any]:
     """The recipe's prompt-to-expert alignment: its own positive prompts routed by its gates."""
-    from workbench.analysis import alignment
-    from workbench.preview import alignment_traces
+    from workbench.routing import alignment, alignment_traces
 
     recipe = recipe_for_preview(yaml_text)
     entry = base_entry(recipe, token=token, device=device)

@@ -15,7 +15,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class RoutingView:
     trace: Any  # RouterTrace
-    divergence: Any = None  # analysis.Divergence against the base, for a chat reply
+    divergence: Any = None  # routing.Divergence against the base, for a chat reply
     note: str = ""
 
     def summary(self) -> str:
@@ -32,22 +32,22 @@ class RoutingView:
         return " · ".join(parts)
 
     def figures(self, layer: int) -> dict[str, Any]:
-        from workbench import analysis, plots
+        from workbench import routing
 
         t = self.trace
         return {
-            "heatmap": plots.routing_heatmap(t),
+            "heatmap": routing.routing_heatmap(t),
             "layer": self.layer_figure(layer),
-            "load": plots.expert_load_figure(analysis.expert_load(t), t.expert_names),
-            "entropy": plots.entropy_figure(analysis.routing_entropy(t)),
-            "divergence": plots.divergence_figure(self.divergence) if self.divergence is not None else None,
+            "load": routing.expert_load_figure(routing.expert_load(t), t.expert_names),
+            "entropy": routing.entropy_figure(routing.routing_entropy(t)),
+            "divergence": routing.divergence_figure(self.divergence) if self.divergence is not None else None,
         }
 
 
     def layer_figure(self, layer: float) -> Any:
-        from workbench import plots
+        from workbench import routing
 
-        return plots.layer_probs_heatmap(self.trace, max(0, min(int(layer or 0), self.trace.layers - 1)))
+        return routing.layer_probs_heatmap(self.trace, max(0, min(int(layer or 0), self.trace.layers - 1)))
 
 
 def from_reply(last: dict[str, Any] | None, *, token: str | None = None, device: str = "auto") -> RoutingView:
@@ -66,9 +66,8 @@ def from_reply(last: dict[str, Any] | None, *, token: str | None = None, device:
 
 def divergence_of(last: dict[str, Any], *, token: str | None, device: str) -> Any:
     """Teacher-forced next-token distributions of both models on the same prompt and reply."""
-    from workbench.analysis import divergence
-    from workbench.engine import registry
-    from workbench.generate import reply_logits
+    from workbench.chat import registry, reply_logits
+    from workbench.routing import divergence
 
     models = registry()
     moe = models.get(last["moe"], device=device, token=token)
@@ -80,8 +79,8 @@ def divergence_of(last: dict[str, Any], *, token: str | None, device: str) -> An
 
 def from_text(moe: str, text: str, *, token: str | None = None, device: str = "auto") -> RoutingView:
     """Route any text through a built MoE in one forward."""
-    from workbench.engine import registry
-    from workbench.trace import trace_text
+    from workbench.chat import registry
+    from workbench.routing import trace_text
 
     if not moe:
         raise WorkbenchError("choose a built MoE on the Chat tab first (or build one)")

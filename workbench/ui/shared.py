@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 import gradio as gr
 
 from workbench.errors import WorkbenchError
-from workbench.hub_source import env_token
+from workbench.models import env_token
 from workbench.recipe import ConfigUnavailable
 
 log = logging.getLogger(__name__)
@@ -135,7 +135,7 @@ class ConfigCache:
         self._lock = threading.Lock()
 
     def get(self, refs: list[str], token: str | None) -> dict[str, dict | ConfigUnavailable]:
-        from workbench.sources import parse_ref, read_configs
+        from workbench.models import parse_ref, read_configs
 
         out: dict[str, dict | ConfigUnavailable] = {}
         for ref in dict.fromkeys(refs):

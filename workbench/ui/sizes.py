@@ -1,6 +1,6 @@
 """Sizes before a build: parameters (total and active per token), disk and memory.
 
-Arithmetic on the base config.json only, with the tensor shapes of `workbench.layout`
+Arithmetic on the base config.json only, with the tensor shapes of `workbench.build.layout`
 (the same table the writer uses). Dimensions: L layers, E experts, k experts per token,
 H hidden, I intermediate (MLP), V vocabulary.
 """
@@ -10,8 +10,8 @@ from __future__ import annotations
 import html
 from dataclasses import dataclass
 
+from workbench.build import Dims, ties_embeddings
 from workbench.errors import BuildError
-from workbench.layout import Dims, ties_embeddings
 from workbench.recipe import Recipe
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from workbench import hub, jobs
+from workbench import build, jobs
 from workbench.ui import build_logic, shared
 from workbench.ui.tab_design import DesignTab
 
@@ -145,14 +145,14 @@ def _push_panel(builds: gr.State) -> gr.Dropdown:
 
     @shared.user_errors
     def show_card(folder: str, mine: list) -> str:
-        card = hub.model_card(Path(build_logic.check_build(folder, mine)))
+        card = build.model_card(Path(build_logic.check_build(folder, mine)))
         return card or "_This build has no model card._"
 
     @shared.user_errors
     def do_push(folder: str, mine: list, repo_id: str, private: bool, overwrite: bool,
                 oauth_token: gr.OAuthToken | None = None, progress: gr.Progress = shared.PROGRESS) -> str:
         folder = build_logic.check_build(folder, mine)
-        result = hub.push(Path(folder), (repo_id or "").strip(), token=shared.user_token(oauth_token) or "",
+        result = build.push(Path(folder), (repo_id or "").strip(), token=shared.user_token(oauth_token) or "",
                           private=private, overwrite=overwrite,
                           on_progress=lambda e: progress(e.fraction, desc=f"{e.stage}: {e.message}"))
         made = "new repo" if result.created else "replaced"

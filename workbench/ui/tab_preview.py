@@ -35,23 +35,24 @@ def render(design: DesignTab, tab: gr.Tab) -> None:
     @shared.user_errors
     def preview(yaml_text: str, probe: str, where: str, oauth_token: gr.OAuthToken | None = None,
                 progress: gr.Progress = shared.PROGRESS) -> tuple:
-        from workbench import plots
+        from workbench import routing
 
         progress(0.1, desc="Loading the base model and computing gates")
         token = shared.user_token(oauth_token)
         result = preview_logic.run_preview(yaml_text, probe, token=token, device=where)
-        return (gr.Markdown(result.note, visible=True), result.summary(), plots.routing_heatmap(result.trace),
-                plots.gate_similarity_figure(result.gates.diagnostics, result.names))
+        return (gr.Markdown(result.note, visible=True), result.summary(),
+                routing.routing_heatmap(result.trace),
+                routing.gate_similarity_figure(result.gates.diagnostics, result.names))
 
     @gpu(duration=60)
     @shared.user_errors
     def alignment(yaml_text: str, where: str, oauth_token: gr.OAuthToken | None = None) -> tuple:
-        from workbench import plots
+        from workbench import routing
 
         recipe, found = preview_logic.run_alignment(yaml_text, token=shared.user_token(oauth_token),
                                                     device=where)
         names = [e.source_model for e in recipe.experts]
-        return preview_logic.alignment_summary(found), plots.alignment_figure(found, names)
+        return preview_logic.alignment_summary(found), routing.alignment_figure(found, names)
 
     inputs = [design.yaml, text, device]
     outputs = [note, summary, heatmap, similarity]

@@ -23,12 +23,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from workbench.errors import WorkbenchError
-from workbench.hub_source import scrub
+from workbench.models import scrub
 from workbench.progress import Progress, ProgressFn, ignore_progress
+from workbench.staging import MANIFEST
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "workbench_manifest.json"
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
 RETRY_STATUS = (429, 500, 502, 503, 504)
 KEEP_REMOTE = (".gitattributes",)

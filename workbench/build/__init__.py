@@ -1,0 +1,22 @@
+"""Build: a recipe and its resolved models in, a verified MoE folder out (or nothing).
+
+Takes a `Recipe`, the `ModelSource`s of its models and the gates (or a worker computing
+them); streams every tensor from the sources into sharded safetensors in the output
+layout, with config, tokenizer, recipe copy, model card and manifest, in a staging folder
+that is verified and renamed into place. Also pushes a finished build to the Hub.
+
+    builder   plan, write, verify, commit: build()
+    layout    output tensor names, shapes, shards and config per family
+    writer    the streaming safetensors writer
+    card      the model card (README.md)
+    upload    push(): upload a build's manifest files in one checked commit
+"""
+
+from workbench.faces import face
+
+EXPORTS = {
+    "BuildResult": "builder", "build": "builder", "output_path": "builder", "parse_size": "builder",
+    "Dims": "layout", "ties_embeddings": "layout",
+    "model_card": "upload", "push": "upload",
+}
+__getattr__, __dir__ = face(__name__, EXPORTS)

@@ -1,0 +1,69 @@
+"""What the gates stage hands on: gate tensors, their bytes for a build, and diagnostics.
+
+`Gates` is the tensor form (computed with torch, used by the preview and by routers
+swapped in place); `RouterGates` is the form a build writes and that crosses from a gates
+child process (bytes, already cast); `GateDiagnostics` is plain numbers for cards, plots
+and the CLI. Nothing here imports torch, so a plain build can hold these types.
+
+Dimensions: L layers, E experts, H hidden.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+CONDITION_WARN = 5.0  # mergekit's threshold for "experts may not be distinguishable"
+
+
+@dataclass
+class GateDiagnostics:
+    condition_numbers: list[float]  # per layer, smax / smin of the (E, H) matrix; inf when singular
+    cosine: list[list[list[float]]]  # (L, E, E) expert-expert cosine similarity per layer
+    mean_cosine: list[list[float]]  # (E, E) averaged over layers
+    warnings: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain lists for JSON; an infinite condition number becomes None (JSON has no inf)."""
+        return {
+            "condition_numbers": [c if math.isfinite(c) else None for c in self.condition_numbers],
+            "cosine": self.cosine,
+            "mean_cosine": self.mean_cosine,
+            "warnings": list(self.warnings),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GateDiagnostics:
+        """The inverse of to_dict: None becomes an infinite condition number again."""
+        conditions = [math.inf if c is None else float(c) for c in data["condition_numbers"]]
+        return cls(conditions, data["cosine"], data["mean_cosine"], list(data["warnings"]))
+
+    def off_diagonal_cosine(self, layer: int) -> float:
+        """Mean cosine between distinct experts at `layer` (0 with a single expert)."""
+        rows = self.cosine[layer]
+        experts = len(rows)
+        total = sum(v for i, row in enumerate(rows) for j, v in enumerate(row) if i != j)
+        return total / max(experts * (experts - 1), 1)
+
+
+@dataclass(frozen=True)
+class RouterGates:
+    """What a build needs of its gates: the routers' bytes, in order, and what to report."""
+
+    mode: str
+    shape: tuple[int, int, int]  # (L, E, H)
+    dtype: str  # safetensors code of `rows`: "BF16", "F16" or "F32"
+    rows: list[bytes]  # rows[l]: layer l's (E, H) router weight, little-endian, row-major
+    diagnostics: GateDiagnostics
+    gates: Gates | None = None  # the tensors, where this process computed or was given them
+
+
+@dataclass
+class Gates:
+    vectors: Tensor  # (L, E, H) float32 on CPU; vectors[l] is layer l's router weight
+    mode: str
+    diagnostics: GateDiagnostics

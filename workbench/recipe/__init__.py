@@ -1,0 +1,24 @@
+"""Recipe: a design as YAML in, a checked `Recipe` and every `Problem` out.
+
+Takes recipe text (mergekit-moe's format, RECIPE.md) or the form's values, and the base's
+and experts' config.json as plain dicts; gives a pydantic `Recipe`, YAML back, and the
+problems of both (key path, what is wrong, how to fix it). Touches no torch and no file
+but the YAML.
+
+    schema    Recipe, Expert, Problem, ConfigUnavailable, caps
+    parse     YAML load / dump, structural checks
+    checks    validate(): counts, prompts, expert settings
+    compat    experts against the base, from config.json
+"""
+
+from workbench.faces import face
+
+EXPORTS = {
+    "ConfigUnavailable": "schema", "Expert": "schema", "GATE_MODES": "schema",
+    "PROMPTLESS_MODES": "schema", "Problem": "schema", "Recipe": "schema", "RecipeError": "schema",
+    "errors": "schema",
+    "dump_recipe": "parse", "load_recipe": "parse", "parse_recipe": "parse", "read_recipe": "parse",
+    "recipe_from_dict": "parse",
+    "validate": "checks",
+}
+__getattr__, __dir__ = face(__name__, EXPORTS)

@@ -1,0 +1,123 @@
+"""Semantic validation of a parsed recipe: counts, prompts, expert settings, compatibility.
+
+Returns every problem at once; compatibility facts arrive as plain config dicts (see
+`workbench.models.read_configs`), so nothing here touches torch or a weight file.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+from workbench.recipe.compat import check_compatibility
+from workbench.recipe.schema import (
+    MAX_EXPERTS,
+    MAX_PROMPT_CHARS,
+    MAX_PROMPTS_PER_SET,
+    PROMPTLESS_MODES,
+    ConfigUnavailable,
+    Problem,
+    Recipe,
+)
+
+
+def validate(recipe: Recipe, configs: Mapping[str, dict | ConfigUnavailable] | None = None) -> list[Problem]:
+    """Every problem of a parsed recipe; with `configs` (ref -> config.json), compatibility too."""
+    problems = _check_counts(recipe) + _check_prompts(recipe) + _check_experts(recipe)
+    if configs is not None:
+        problems += check_compatibility(recipe, configs)
+    return problems
+
+
+def _check_counts(recipe: Recipe) -> list[Problem]:
+    out, n, k = [], len(recipe.experts), recipe.experts_per_token
+    if k < 1:
+        out.append(Problem("error", "experts_per_token", f"must be at least 1 (got {k})",
+                           "use 2, the usual Mixtral setting"))
+    elif n < k:
+        out.append(Problem("error", "experts_per_token", f"is {k} but the recipe has only {n} experts",
+                           f"add experts or lower experts_per_token to {n}"))
+    if n > MAX_EXPERTS:
+        out.append(Problem("error", "experts", f"has {n} experts; the limit is {MAX_EXPERTS}",
+                           "remove experts"))
+    elif n & (n - 1):
+        out.append(Problem("warning", "experts", f"{n} experts is not a power of two",
+                           "older llama.cpp builds refuse such models; 2, 4, 8 or 16 load everywhere"))
+    if recipe.shared_experts:
+        out.append(Problem("error", "shared_experts", "Mixtral has no shared experts",
+                           "remove shared_experts (they are for Qwen2-MoE / DeepSeek outputs)"))
+    return out
+
+
+def _check_prompts(recipe: Recipe) -> list[Problem]:
+    out: list[Problem] = []
+    promptless = recipe.gate_mode in PROMPTLESS_MODES
+    for i, expert in enumerate(recipe.experts):
+        for key in ("positive_prompts", "negative_prompts"):
+            out += _check_prompt_list(getattr(expert, key), f"experts[{i}].{key}")
+        if promptless:
+            if expert.positive_prompts or expert.negative_prompts:
+                out.append(Problem("warning", f"experts[{i}]",
+                                   f"prompts are ignored in gate_mode '{recipe.gate_mode}'",
+                                   "use gate_mode 'hidden' to route by prompts"))
+            continue
+        if not expert.positive_prompts:
+            out.append(Problem("error", f"experts[{i}].positive_prompts",
+                               f"gate_mode '{recipe.gate_mode}' needs positive prompts for every expert",
+                               "add a few prompts this expert should take, one per line "
+                               "(or [\"\"] for zero positive prompting)"))
+        elif not any(p.strip() for p in expert.positive_prompts):
+            out.append(Problem("warning", f"experts[{i}].positive_prompts",
+                               "all positive prompts are empty: the gate is the BOS state minus the "
+                               "negatives (\"zero positive prompting\")",
+                               "fine if intended; otherwise add prompts this expert should take"))
+    if not promptless and len(recipe.experts) > 1:
+        sets = {(tuple(e.positive_prompts or ()), tuple(e.negative_prompts or ())) for e in recipe.experts}
+        if len(sets) == 1:
+            out.append(Problem("error", "experts", "every expert has the same prompts, so every router "
+                               "row is the same and routing is arbitrary",
+                               "give each expert prompts of its own theme"))
+    return out
+
+
+def _check_prompt_list(prompts: list[str] | None, path: str) -> list[Problem]:
+    if not prompts:
+        return []
+    out = []
+    if len(prompts) > MAX_PROMPTS_PER_SET:
+        out.append(Problem("error", path, f"has {len(prompts)} prompts; the limit is {MAX_PROMPTS_PER_SET}",
+                           "keep the most typical prompts"))
+    for j, prompt in enumerate(prompts):
+        if len(prompt) > MAX_PROMPT_CHARS:
+            out.append(Problem("error", f"{path}[{j}]",
+                               f"is {len(prompt)} characters; the limit is {MAX_PROMPT_CHARS}",
+                               "a short typical prompt routes as well as a long one"))
+    return out
+
+
+def _check_experts(recipe: Recipe) -> list[Problem]:
+    out = []
+    if not recipe.base_model.strip():
+        out.append(Problem("error", "base_model", "is empty", "name a hub id, a local folder or demo:NAME"))
+    for i, expert in enumerate(recipe.experts):
+        path = f"experts[{i}]"
+        if not expert.source_model.strip():
+            out.append(Problem("error", f"{path}.source_model", "is empty",
+                               "name a hub id, a local folder or demo:NAME"))
+        noise, residual = expert.noise_scale, expert.residual_scale
+        for key, value in (("noise_scale", noise), ("residual_scale", residual)):
+            if value is not None and not math.isfinite(value):
+                out.append(Problem("error", f"{path}.{key}", f"must be a finite number (got {value})",
+                                   "write a number such as 0.01"))
+        if noise is not None and math.isfinite(noise) and noise < 0:
+            out.append(Problem("error", f"{path}.noise_scale", f"must be >= 0 (got {noise})",
+                               "write the standard deviation of the noise, e.g. 0.01"))
+        if residual == 0:
+            out.append(Problem("warning", f"{path}.residual_scale",
+                               "is 0, so this expert's output is always zero", "remove it or use e.g. 0.5"))
+    sources = {e.source_model for e in recipe.experts}
+    if len(recipe.experts) > 1 and len(sources) == 1:
+        out.append(Problem("warning", "experts", "every expert is the same model: outputs only differ "
+                           "after training, but routing is still worth seeing",
+                           "fine for demos; use different fine-tunes for a useful merge"))
+    return out

@@ -1,0 +1,103 @@
+"""The recipe's data types: the schema of a frankenMoE design, its problems, and its caps.
+
+A recipe that mergekit-moe (0.1.x) accepts loads here with the same meaning (RECIPE.md).
+These types are what the other recipe modules (and every stage) hand each other:
+`Recipe`/`Expert` (pydantic, `extra="forbid"`), `Problem` (key path, what, how to fix) and
+`ConfigUnavailable` (a config.json that could not be read).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from workbench.errors import WorkbenchError
+
+GateMode = Literal["hidden", "hidden_avg", "cheap_embed", "random", "uniform_random", "router_input"]
+DType = Literal["bfloat16", "float16", "float32"]
+Architecture = Literal["mixtral"]
+
+GATE_MODES: tuple[str, ...] = GateMode.__args__
+DTYPES: tuple[str, ...] = DType.__args__
+# Modes whose gates do not come from prompts: prompts are optional there.
+PROMPTLESS_MODES = ("random", "uniform_random")
+GATE_MODE_ALIASES = {"hidden_last": "hidden"}
+DTYPE_HINTS = {
+    "bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32",
+    "float": "float32", "f16": "float16", "f32": "float32",
+}
+FUTURE_ARCHITECTURES = ("qwen", "deepseek")
+
+# Caps that keep one recipe from exhausting the machine (RELIABILITY.md).
+MAX_YAML_BYTES = 256 * 1024
+MAX_EXPERTS = 64
+MAX_PROMPTS_PER_SET = 64
+MAX_PROMPT_CHARS = 4000
+
+
+class Expert(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    source_model: str
+    positive_prompts: list[str] | None = None
+    negative_prompts: list[str] | None = None
+    noise_scale: float | None = None
+    residual_scale: float | None = None
+
+
+class Recipe(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    base_model: str
+    experts: list[Expert] = Field(min_length=1)
+    gate_mode: GateMode = "hidden"
+    dtype: DType | None = None
+    experts_per_token: int = 2
+    architecture: Architecture | None = None
+    shared_experts: list[Expert] | None = None
+
+    def model_refs(self) -> list[str]:
+        """Every distinct model reference, base first, in recipe order."""
+        refs = [self.base_model] + [e.source_model for e in self.experts]
+        return list(dict.fromkeys(refs))
+
+
+Level = Literal["error", "warning"]
+
+
+@dataclass(frozen=True)
+class Problem:
+    level: Level
+    path: str  # key path: "experts[1].positive_prompts", "" for the whole recipe
+    message: str  # what is wrong
+    fix: str = ""  # how to fix it
+
+    def __str__(self) -> str:
+        where = self.path or "recipe"
+        tail = f" Fix: {self.fix}" if self.fix else ""
+        return f"{self.level}: {where}: {self.message}.{tail}"
+
+    def to_dict(self) -> dict[str, str]:
+        return {"level": self.level, "path": self.path, "message": self.message, "fix": self.fix}
+
+
+@dataclass(frozen=True)
+class ConfigUnavailable:
+    """A model's config.json could not be read; `level` says whether that blocks a build."""
+
+    reason: str
+    level: Level = "error"
+
+
+def errors(problems: list[Problem]) -> list[Problem]:
+    return [p for p in problems if p.level == "error"]
+
+
+class RecipeError(WorkbenchError):
+    """A recipe that cannot be used; carries every problem found."""
+
+    def __init__(self, problems: list[Problem]):
+        self.problems = problems
+        super().__init__("\n".join(str(p) for p in problems))
