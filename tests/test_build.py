@@ -428,9 +428,14 @@ def test_existing_output_needs_force_and_survives_a_failed_rebuild(pico_factory,
         build(make_recipe(base, [base] * 2), out, device="cpu", on_progress=events.append)
     assert events == [] and (out / "keep.txt").read_text() == "mine"
 
-    build(make_recipe(base, [base] * 2), out, device="cpu", force=True)
+    with pytest.raises(BuildError, match="not an earlier workbench build .*keep.txt"):
+        build(make_recipe(base, [base] * 2), out, device="cpu", force=True)  # the user's folder
+    assert (out / "keep.txt").read_text() == "mine" and leftovers(tmp_path) == []
+
+    (out / "keep.txt").unlink()
+    build(make_recipe(base, [base] * 2), out, device="cpu")
+    build(make_recipe(base, [base] * 2), out, device="cpu", force=True)  # an earlier build: replaced
     manifest = (out / "workbench_manifest.json").read_text()
-    assert not (out / "keep.txt").exists()
     with monkeypatch.context() as m:
         fail_on_call(m, 9)
         with pytest.raises(RuntimeError, match="injected"):
@@ -442,16 +447,27 @@ def test_existing_output_needs_force_and_survives_a_failed_rebuild(pico_factory,
     assert leftovers(tmp_path) == []
 
 
-def test_output_left_aside_by_a_dead_swap_is_restored(pico_factory, tmp_path: Path) -> None:
+def test_output_left_aside_by_a_dead_swap_is_restored_only_while_whole(pico_factory, tmp_path: Path) -> None:
     base = pico_factory("identity", seed=1, family="llama")
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
+    build(make_recipe(base, [base] * 2), tmp_path / "built", device="cpu")
     aside = tmp_path / f".moe.old-{dead.pid}-0badf00d"
-    aside.mkdir()
-    (aside / "config.json").write_text("{}")
+    shutil.copytree(tmp_path / "built", aside)
     with pytest.raises(BuildError, match="exists"):
         build(make_recipe(base, [base] * 2), tmp_path / "moe", device="cpu")
-    assert (tmp_path / "moe" / "config.json").read_text() == "{}" and leftovers(tmp_path) == []
+    restored, built = tmp_path / "moe" / "config.json", tmp_path / "built" / "config.json"
+    assert restored.read_bytes() == built.read_bytes()
+    assert leftovers(tmp_path) == []
+
+    # Killed while deleting the old output (after the swap): part of it is gone. It is dropped,
+    # and the next build goes ahead instead of finding an incomplete model under the name.
+    half = tmp_path / f".again.old-{dead.pid}-0badf00d"
+    shutil.copytree(tmp_path / "built", half)
+    (half / "config.json").unlink()
+    build(make_recipe(base, [base] * 3), tmp_path / "again", device="cpu")
+    assert json.loads((tmp_path / "again" / "config.json").read_text())["num_local_experts"] == 3
+    assert leftovers(tmp_path) == []
 
 
 def test_refusals_happen_before_anything_is_written(pico_factory, tmp_path: Path, monkeypatch) -> None:

@@ -88,6 +88,32 @@ def test_build_end_to_end_in_a_subprocess(tmp_path, pico_factory):
     assert forced.returncode == 0, forced.stderr
 
 
+def test_force_never_deletes_a_folder_that_is_not_a_build(tmp_path, pico_factory, capsys, monkeypatch):
+    """`build ... userdir --force` (or `.`) once deleted the user's files to make room."""
+    base = pico_factory("llama")
+    recipe = write_recipe(tmp_path, base, [base, base], gate_mode="random")
+    project = tmp_path / "project"
+    (project / "src").mkdir(parents=True)
+    (project / "notes.txt").write_text("mine")
+    monkeypatch.chdir(project)
+    for out in (str(project), "."):
+        assert main(["build", str(recipe), out, "--device", "cpu", "--force"]) == 1
+        err = capsys.readouterr().err
+        assert "not an earlier workbench build" in err and "notes.txt" in err and "Traceback" not in err
+    assert sorted(p.name for p in project.iterdir()) == ["notes.txt", "src"]
+    assert (project / "notes.txt").read_text() == "mine"
+
+
+def test_an_empty_out_is_refused_not_taken_for_the_current_folder(tmp_path, pico_factory, capsys,
+                                                                  monkeypatch):
+    base = pico_factory("llama")
+    recipe = write_recipe(tmp_path, base, [base, base], gate_mode="random")
+    monkeypatch.chdir(tmp_path)
+    assert main(["build", str(recipe), "", "--device", "cpu", "--force"]) == 1
+    assert "OUT is empty" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.yaml"]
+
+
 def test_gates_json(tmp_path, pico_factory, capsys):
     base = pico_factory("llama")
     recipe = write_recipe(tmp_path, base, [base, base])

@@ -32,6 +32,13 @@ def folder_with(path: Path, **files: str) -> Path:
     return path
 
 
+def output_with(path: Path, **files: str) -> Path:
+    """A finished workbench output: the files and a manifest listing them."""
+    path.mkdir()
+    staging.write_manifest(path, [staging.write_text(path / name, text) for name, text in files.items()])
+    return path
+
+
 def names(root: Path) -> list[str]:
     return sorted(p.name for p in root.iterdir())
 
@@ -49,7 +56,7 @@ def test_staging_names_are_hidden_siblings_that_carry_the_pid(tmp_path: Path) ->
 def test_clean_stale_removes_dead_writers_folders_and_restores_a_set_aside_output(
         tmp_path: Path, dead_pid: int) -> None:
     folder_with(tmp_path / f".a.staging-{dead_pid}-0badf00d", half="written")
-    folder_with(tmp_path / f".b.old-{dead_pid}-0badf00d", config="old")  # b itself is gone
+    output_with(tmp_path / f".b.old-{dead_pid}-0badf00d", config="old")  # b itself is gone
     folder_with(tmp_path / "c", config="new")
     folder_with(tmp_path / f".c.old-{dead_pid}-0badf00d", config="old")  # c was swapped in
     live = folder_with(tmp_path / f".d.staging-{os.getpid()}-0badf00d")
@@ -57,6 +64,17 @@ def test_clean_stale_removes_dead_writers_folders_and_restores_a_set_aside_outpu
     assert names(tmp_path) == [live.name, "b", "c"]
     assert (tmp_path / "b" / "config").read_text() == "old"
     assert (tmp_path / "c" / "config").read_text() == "new"
+
+
+def test_an_old_output_killed_half_deleted_is_discarded_not_restored(tmp_path: Path, dead_pid: int) -> None:
+    """A --force rebuild killed while deleting the old output leaves part of it aside: putting
+    that back under the final name would pass an incomplete model off as a finished one."""
+    half = output_with(tmp_path / f".moe.old-{dead_pid}-0badf00d", config="old", shard="weights")
+    (half / "shard").unlink()
+    no_manifest = folder_with(tmp_path / f".other.old-{dead_pid}-0badf00d", config="old")
+    staging.clean_stale(tmp_path)
+    assert names(tmp_path) == []
+    assert not half.exists() and not no_manifest.exists()
 
 
 def test_manifest_lists_sizes_and_hashes_and_catches_changes(tmp_path: Path) -> None:
@@ -88,7 +106,7 @@ def test_make_durable_makes_files_world_readable(tmp_path: Path) -> None:
 
 
 def test_commit_replaces_only_with_force_and_leaves_nothing_beside(tmp_path: Path) -> None:
-    final = folder_with(tmp_path / "moe", config="old")
+    final = output_with(tmp_path / "moe", config="old")
     new = folder_with(staging.staging_path(final), config="new")
     with pytest.raises(BuildError, match="appeared during the build; pass --force"):
         staging.commit(new, final, force=False)
@@ -100,8 +118,17 @@ def test_commit_replaces_only_with_force_and_leaves_nothing_beside(tmp_path: Pat
     assert names(tmp_path) == ["empty", "moe"]
 
 
+def test_commit_never_replaces_a_folder_that_is_not_a_whole_output(tmp_path: Path) -> None:
+    """A user's folder that appeared (or changed) during the build is not replaced, even forced."""
+    mine = folder_with(tmp_path / "mine", **{"notes.txt": "x"})
+    new = folder_with(staging.staging_path(mine), config="new")
+    with pytest.raises(BuildError, match="is not an earlier workbench build .*notes.txt"):
+        staging.commit(new, mine, force=True)
+    assert names(mine) == ["notes.txt"] and new.is_dir()
+
+
 def test_commit_puts_the_old_output_back_when_the_rename_fails(tmp_path: Path, monkeypatch) -> None:
-    final = folder_with(tmp_path / "moe", config="old")
+    final = output_with(tmp_path / "moe", config="old")
     new = folder_with(staging.staging_path(final), config="new")
     real_rename = os.rename
 
@@ -121,10 +148,38 @@ def test_check_final_refuses_what_commit_would_refuse(tmp_path: Path) -> None:
     staging.check_final(tmp_path / "absent", force=False)
     (tmp_path / "empty").mkdir()
     staging.check_final(tmp_path / "empty", force=False)
-    full = folder_with(tmp_path / "full", config="mine")
+    full = output_with(tmp_path / "full", config="built")
     with pytest.raises(BuildError, match="exists; pass --force"):
         staging.check_final(full, force=False)
     staging.check_final(full, force=True)
     (tmp_path / "file").write_text("x")
     with pytest.raises(BuildError, match="not a folder"):
         staging.check_final(tmp_path / "file", force=True)
+
+
+@pytest.mark.parametrize("extra", ["user file", "file missing", "no manifest", "bad manifest"])
+def test_force_replaces_only_an_earlier_workbench_output(tmp_path: Path, extra: str) -> None:
+    """--force once deleted any folder given as OUT, a project included."""
+    folder = output_with(tmp_path / "out", config="built", shard="weights")
+    if extra == "user file":
+        (folder / "notes.txt").write_text("mine")
+    elif extra == "file missing":
+        (folder / "shard").unlink()
+    elif extra == "no manifest":
+        (folder / staging.MANIFEST).unlink()
+    else:
+        (folder / staging.MANIFEST).write_text("[1, 2")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    with pytest.raises(BuildError, match="not an earlier workbench build.*left untouched, even with --force"):
+        staging.check_final(folder, force=True)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
+def test_check_final_names_what_makes_a_path_impossible(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(BuildError, match="file is a file, so .* cannot be made under it"):
+        staging.check_final(tmp_path / "file" / "deeper" / "moe", force=False)
+    with pytest.raises(BuildError, match="name is 240 bytes; keep it under 200"):
+        staging.check_final(tmp_path / ("m" * 240), force=False)
+    with pytest.raises(BuildError, match="names no folder"):
+        staging.check_final(Path("/"), force=False)

@@ -4,8 +4,9 @@ Nothing is ever written under the final name, so a crash, a cancel or a kill -9 
 either the old folder or the new one, never half of one (RELIABILITY.md, "Crash-safe
 outputs"). A writer goes through these steps:
 
-    clean_stale(parent)                  # dead writers' leftovers; restores a folder a dead swap set aside
-    check_final(final, force)            # refuse early to replace a folder without force
+    clean_stale(parent)                  # dead writers' leftovers; a whole output a dead swap set aside
+    check_final(final, force)            # refuse early a name that cannot be made, a replace without
+                                         # force, or of anything but an earlier (whole) output
     folder = new_staging(final, needed)  # free space checked, an empty 0755 folder beside `final`
     try:
         write_text / copy_file / hash_file   # each file 0644, sized and hashed (WrittenFile)
@@ -42,6 +43,7 @@ from workbench.errors import BuildError
 log = logging.getLogger(__name__)
 
 MANIFEST = "workbench_manifest.json"
+MANIFEST_FORMAT = "moe-workbench-manifest/1"
 _STALE = re.compile(r"^\.(?P<name>.+)\.(?P<kind>staging|old)-(?P<pid>\d+)-[0-9a-f]+$")
 
 
@@ -94,13 +96,14 @@ def _pid_alive(pid: int) -> bool:
 
 
 def clean_stale(parent: Path) -> None:
-    """Remove staging folders of dead writers; put back an old output a dead swap left aside."""
+    """Remove staging folders of dead writers; put back an old output a dead swap left aside,
+    if it is still whole (a writer killed while deleting it leaves only part of it)."""
     for entry in parent.iterdir():
         match = _STALE.match(entry.name)
         if not match or not entry.is_dir() or _pid_alive(int(match["pid"])):
             continue
         final = parent / match["name"]
-        if match["kind"] == "old" and not final.exists():
+        if match["kind"] == "old" and not final.exists() and is_output(entry):
             log.warning("restoring %s, left aside by a build that died while swapping", final)
             os.rename(entry, final)
         else:
@@ -108,13 +111,49 @@ def clean_stale(parent: Path) -> None:
             discard(entry)
 
 
+MAX_NAME_BYTES = 200  # file names are capped at 255 bytes; a staging name adds about 30
+
+
 def check_final(final: Path, force: bool) -> None:
-    """Refuse, before any work, a final name that is not a folder or that `commit` would refuse."""
+    """Refuse, before any work, a final name that cannot be made or that `commit` would refuse."""
+    if not final.name:
+        raise BuildError(f"the output {str(final)!r} names no folder; name one, e.g. out/my-moe")
+    if len(final.name.encode("utf-8")) > MAX_NAME_BYTES:
+        raise BuildError(f"the output folder's name is {len(final.name.encode('utf-8'))} bytes; keep it "
+                         f"under {MAX_NAME_BYTES} (file names are capped at 255 bytes)")
+    for above in final.parents:
+        if above.exists() or above.is_symlink():
+            if not above.is_dir():
+                raise BuildError(f"{above} is a file, so {final} cannot be made under it; "
+                                 "choose another output folder")
+            break
     if final.is_symlink() or (final.exists() and not final.is_dir()):
         raise BuildError(f"{final} exists and is not a folder; choose another output name")
-    if final.is_dir() and any(final.iterdir()) and not force:
-        raise BuildError(f"{final} exists; pass --force to replace it (the old model stays until "
-                         "the new one is verified)")
+    if final.is_dir() and any(final.iterdir()):
+        if not force:
+            raise BuildError(f"{final} exists; pass --force to replace it (the old model stays until "
+                             "the new one is verified)")
+        _check_replaceable(final)
+
+
+def is_output(folder: Path) -> bool:
+    """Whether `folder` is a whole workbench output: a manifest listing exactly its files."""
+    try:
+        check_manifest(folder)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, BuildError):
+        return False
+    return True
+
+
+def _check_replaceable(final: Path) -> None:
+    """Only an earlier workbench output is ever replaced: never a folder of anything else."""
+    if is_output(final):
+        return
+    found = sorted(p.name for p in final.iterdir())
+    shown = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+    raise BuildError(f"{final} is not an earlier workbench build (it holds {shown} and no whole "
+                     f"{MANIFEST}), so it is left untouched, even with --force; choose another "
+                     "output folder, or empty this one yourself")
 
 
 # ---- files: each one 0644, hashed, and durable once the manifest is ---------------------
@@ -176,7 +215,7 @@ def write_manifest(folder: Path, written: list[WrittenFile]) -> WrittenFile:
         if shard.path.suffix == ".safetensors":
             fsync_path(shard.path)
     files = [{"path": w.path.name, "size": w.size, "sha256": w.sha256} for w in written]
-    manifest = {"format": "moe-workbench-manifest/1", "files": files,
+    manifest = {"format": MANIFEST_FORMAT, "files": files,
                 "total_size": sum(w.size for w in written)}
     done = write_text(folder / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     fsync_path(folder)
@@ -186,6 +225,8 @@ def write_manifest(folder: Path, written: list[WrittenFile]) -> WrittenFile:
 def check_manifest(folder: Path) -> set[str]:
     """The names the manifest lists, after checking the folder holds exactly them, at their sizes."""
     manifest = json.loads((folder / MANIFEST).read_text())
+    if manifest.get("format") != MANIFEST_FORMAT:
+        raise BuildError(f"{folder / MANIFEST} is not a {MANIFEST_FORMAT} manifest")
     listed = {f["path"]: f["size"] for f in manifest["files"]}
     present = {p.name for p in folder.iterdir()} - {MANIFEST}
     if present != set(listed):
@@ -210,6 +251,7 @@ def commit(staging: Path, final: Path, force: bool) -> None:
     if final.is_dir() and any(final.iterdir()):
         if not force:
             raise BuildError(f"{final} appeared during the build; pass --force to replace it")
+        _check_replaceable(final)  # again: it may have changed during the build
         aside = final.parent / f".{final.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
         os.rename(final, aside)
         try:

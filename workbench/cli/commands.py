@@ -123,6 +123,8 @@ def cmd_gates(args: argparse.Namespace) -> int:
 def cmd_build(args: argparse.Namespace) -> int:
     from workbench.build import build, parse_size
 
+    if not args.out.strip():  # Path("") is the current folder: never build into it unasked
+        raise WorkbenchError("OUT is empty; name the output folder, e.g. out/my-moe")
     recipe, problems = read_recipe(args.recipe)
     _print_problems(problems)
     try:
