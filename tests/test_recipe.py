@@ -79,6 +79,53 @@ def test_oversized_yaml_refused():
     assert "larger than" in problems[0].message
 
 
+def alias_bomb(levels: int = 9) -> str:
+    """Nine anchors of nine aliases each: 521 bytes that stand for 9**9 strings."""
+    lines = ['l0: &l0 ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    for i in range(1, levels):
+        lines.append(f"l{i}: &l{i} [" + ",".join([f"*l{i - 1}"] * 9) + "]")
+    return "\n".join(lines) + f"\nbase_model: *l{levels - 1}\nexperts:\n  - source_model: x\n"
+
+
+def test_an_alias_bomb_is_refused_before_it_expands():
+    """It once took 67 s and 4 GB of the server's memory on every keystroke in the editor."""
+    problems = problems_of(alias_bomb())
+    assert len(problems) == 1 and problems[0].level == "error"
+    assert "aliases" in problems[0].message and "line 5" in problems[0].message  # 9**5 > the cap
+    assert "instead of nesting anchors" in problems[0].fix
+
+
+def test_deep_nesting_and_self_reference_are_messages_not_crashes():
+    deep = problems_of("base_model: " + "[" * 20_000 + "]" * 20_000 + "\n")
+    assert len(deep) == 1 and "nested more than 64 levels deep" in deep[0].message
+    assert "line 1" in deep[0].message
+    loop = problems_of("base_model: &a [*a]\nexperts: []\n")
+    assert len(loop) == 1 and "refers to itself" in loop[0].message
+
+
+def test_ordinary_anchors_still_work_as_in_mergekit():
+    recipe, problems = parse_recipe("""
+base_model: org/base
+experts:
+  - source_model: org/a
+    positive_prompts: &code ["def f(x):", "class A:"]
+  - source_model: org/b
+    positive_prompts: ["math"]
+    negative_prompts: *code
+""")
+    assert recipe is not None and not errors(problems)
+    assert recipe.experts[1].negative_prompts == ["def f(x):", "class A:"]
+
+
+def test_unreadable_recipe_files_are_messages(tmp_path):
+    bad = tmp_path / "latin1.yaml"
+    bad.write_bytes(GOOD.encode() + "# caf\xe9\n".encode("latin-1"))
+    with pytest.raises(RecipeError, match=r"not UTF-8 text \(byte 0xe9 at offset \d+\).*save it as UTF-8"):
+        load_recipe(str(bad))
+    with pytest.raises(RecipeError, match="cannot read"):
+        load_recipe(str(tmp_path / "a\0b.yaml"))
+
+
 def test_not_a_mapping():
     assert "mapping" in problems_of("- just\n- a list\n")[0].message
 

@@ -18,7 +18,7 @@ import yaml
 
 from workbench.gates import GateDiagnostics
 from workbench.models import DEMO_MODELS, DemoModel
-from workbench.recipe import PROMPTLESS_MODES, Recipe, dump_recipe
+from workbench.recipe import PROMPTLESS_MODES, Recipe, dump_recipe, load_yaml
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def _front_matter(text: str) -> dict:
     if end < 0:
         return {}
     try:
-        meta = yaml.safe_load(text[3:end])
+        meta = load_yaml(text[3:end])
     except yaml.YAMLError:
         log.info("base model card has unreadable front matter; license left as 'other'")
         return {}

@@ -35,6 +35,7 @@ from torch import nn
 from workbench.chat.share import share_between, unique_bytes
 from workbench.device import pick_device
 from workbench.errors import SourceError
+from workbench.recipe import load_yaml
 
 log = logging.getLogger(__name__)
 
@@ -127,8 +128,8 @@ def _recipe_facts(folder: Path, experts: int) -> tuple[list[str], str | None]:
     """(expert source models, base model) from a built MoE's recipe copy; generic names without one."""
     generic = [f"expert {e}" for e in range(experts)]
     try:
-        data = yaml.safe_load((folder / RECIPE_COPY).read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError):
+        data = load_yaml((folder / RECIPE_COPY).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
         return generic, None
     if not isinstance(data, dict):
         return generic, None

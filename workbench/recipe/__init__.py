@@ -9,6 +9,7 @@ but the YAML.
     parse     YAML load / dump, structural checks
     checks    validate(): counts, prompts, expert settings
     compat    experts against the base, from config.json
+    safe_yaml YAML with nesting depth and alias expansion capped
 """
 
 from workbench.faces import face
@@ -18,7 +19,7 @@ EXPORTS = {
     "PROMPTLESS_MODES": "schema", "Problem": "schema", "Recipe": "schema", "RecipeError": "schema",
     "errors": "schema",
     "dump_recipe": "parse", "load_recipe": "parse", "parse_recipe": "parse", "read_recipe": "parse",
-    "recipe_from_dict": "parse",
+    "recipe_from_dict": "parse", "load_yaml": "safe_yaml",
     "validate": "checks",
 }
 __getattr__, __dir__ = face(__name__, EXPORTS)

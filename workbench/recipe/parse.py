@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from workbench.recipe.safe_yaml import YamlRefused, load_yaml
 from workbench.recipe.schema import (
     DTYPE_HINTS,
     DTYPES,
@@ -49,11 +50,14 @@ def parse_recipe(text: str) -> tuple[Recipe | None, list[Problem]]:
         return None, [Problem("error", "", f"recipe is larger than {MAX_YAML_BYTES // 1024} KB",
                               "shorten the prompts or split the design")]
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         what = getattr(exc, "problem", None) or str(exc)
+        if isinstance(exc, YamlRefused):
+            return None, [Problem("error", "", f"the YAML{where} {what}",
+                                  "write the values out instead of nesting anchors and aliases")]
         return None, [Problem("error", "", f"YAML syntax error{where}: {what}",
                               "check indentation and quoting around that spot")]
     if not isinstance(data, dict):
@@ -157,6 +161,12 @@ def read_recipe(path: str) -> tuple[Recipe, list[Problem]]:
     except OSError as exc:
         raise RecipeError([Problem("error", "", f"cannot read {path}: {exc.strerror}",
                                    "check the path")]) from exc
+    except UnicodeDecodeError as exc:
+        byte = exc.object[exc.start]
+        raise RecipeError([Problem("error", "", f"{path} is not UTF-8 text (byte 0x{byte:02x} at offset "
+                                   f"{exc.start})", "save it as UTF-8")]) from exc
+    except ValueError as exc:  # a NUL in the path
+        raise RecipeError([Problem("error", "", f"cannot read {path!r}: {exc}", "check the path")]) from exc
     recipe, problems = parse_recipe(text)
     if recipe is None or errors(problems):
         raise RecipeError(problems)
