@@ -6,6 +6,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -112,6 +113,19 @@ def test_an_empty_out_is_refused_not_taken_for_the_current_folder(tmp_path, pico
     assert main(["build", str(recipe), "", "--device", "cpu", "--force"]) == 1
     assert "OUT is empty" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.yaml"]
+
+
+def test_a_config_that_build_would_refuse_fails_validate_first(tmp_path, pico_factory, capsys):
+    """`num_hidden_layers: -3` passed validate and crashed build with an AttributeError."""
+    base = shutil.copytree(pico_factory("llama"), tmp_path / "base")
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "num_hidden_layers": -3}))
+    recipe = write_recipe(tmp_path, base, [base, base])
+    assert main(["validate", str(recipe)]) == 1
+    err = capsys.readouterr().err
+    assert "base_model" in err and "num_hidden_layers is -3" in err and "Traceback" not in err
+    assert main(["build", str(recipe), str(tmp_path / "out"), "--device", "cpu"]) == 1
+    assert "num_hidden_layers is -3" in capsys.readouterr().err and not (tmp_path / "out").exists()
 
 
 def test_gates_json(tmp_path, pico_factory, capsys):

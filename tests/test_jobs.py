@@ -23,6 +23,7 @@ from workbench.models import child_environment
 from workbench.progress import Progress
 
 FAKE = "tests.test_jobs:fake_build"
+ROOT = Path(__file__).resolve().parents[1]
 RECIPE = """
 base_model: org/base
 experts:
@@ -43,6 +44,8 @@ def fake_build(recipe, out: Path, *, token, on_progress, cancel, **options):
         on_progress(Progress("write", step / 5 if kind != "slow" else 0.01, f"tensor {step}"))
         if kind == "crash" and step == 2:
             os.kill(os.getpid(), signal.SIGSEGV)
+        if kind == "bug" and step == 2:  # a bug whose message and traceback hold server paths
+            open(out.parent / "no-such-folder" / "x")
         time.sleep(0.05)
         cancel.check()
     out.mkdir(parents=True)
@@ -130,9 +133,22 @@ def test_crash_in_child_is_an_error_and_the_queue_goes_on(tmp_path):
     jobs = BuildQueue(FAKE)
     crashed = jobs.submit(request(tmp_path, "crash-g"))
     after = jobs.submit(request(tmp_path, "ok-h"))
-    last = finish(crashed)[-1]
-    assert last.kind == "error" and "ended unexpectedly" in last.message
+    events = finish(crashed)
+    assert events[-1].kind == "error" and "ended unexpectedly" in events[-1].message
+    shown = " ".join(e.message for e in events)  # faulthandler's report names server files
+    assert "Fatal Python error" not in shown and 'File "' not in shown and str(ROOT) not in shown
     assert finish(after)[-1].kind == "done"
+
+
+def test_a_bug_in_the_build_shows_no_traceback_or_server_path(tmp_path, caplog):
+    """The page gets a plain message; the traceback goes to the server log only."""
+    job = BuildQueue(FAKE).submit(request(tmp_path, "bug-z"))
+    with caplog.at_level("ERROR", logger="workbench.jobs.queue"):
+        events = finish(job)
+    shown = [e.message for e in events]
+    assert events[-1].kind == "error" and "unexpected FileNotFoundError" in events[-1].message
+    assert not [m for m in shown if str(tmp_path) in m or "Traceback" in m or 'File "' in m], shown
+    assert "Traceback" in caplog.text and str(tmp_path) in caplog.text
 
 
 def test_queue_limit_answers_quickly(tmp_path):

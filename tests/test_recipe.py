@@ -126,6 +126,20 @@ def test_unreadable_recipe_files_are_messages(tmp_path):
         load_recipe(str(tmp_path / "a\0b.yaml"))
 
 
+def test_half_a_surrogate_pair_is_refused_where_it_is():
+    """`"\\ud83e"` passed validate and then failed the build after writing 0.86 GB. The YAML
+    reader refuses the escape; a form (JSON from the browser) can still carry one."""
+    yaml_text = GOOD.replace('["math"]', '["math", "robot \\ud83e"]')
+    assert "invalid Unicode character escape" in errors(problems_of(yaml_text))[0].message
+    experts = [{"source_model": "org/a", "positive_prompts": ["code"]},
+               {"source_model": "org/b", "positive_prompts": ["math", "robot \ud83e"]}]
+    recipe, _ = recipe_from_dict({"base_model": "org/base", "experts": experts})
+    found = by_path(validate(recipe), "error")
+    assert list(found) == ["experts[1].positive_prompts[1]"]
+    assert "U+D83E" in found["experts[1].positive_prompts[1]"].message
+    assert not errors(problems_of(GOOD.replace('["math"]', '["robot \\U0001F916"]')))
+
+
 def test_not_a_mapping():
     assert "mapping" in problems_of("- just\n- a list\n")[0].message
 

@@ -151,6 +151,34 @@ def test_invalid_config_json_names_the_file(tmp_path, pico_llama):
         resolve(str(folder))
 
 
+@pytest.mark.parametrize("key, value", [("hidden_size", "576x"), ("num_attention_heads", "9"),
+                                        ("num_hidden_layers", -3), ("intermediate_size", 0),
+                                        ("num_key_value_heads", 1.5), ("vocab_size", True)])
+def test_config_facts_that_are_not_positive_whole_numbers_are_named(tmp_path, pico_llama, key, value):
+    """A merge computes with these; a string or a negative count once crashed validate or build."""
+    folder = _copy_model(pico_llama, tmp_path / "m")
+    _edit_config(folder, **{key: value})
+    with pytest.raises(SourceError, match=rf"config\.json: {key} is {value!r}; it must be a positive whole"):
+        read_config(str(folder))
+
+
+def test_deep_or_huge_config_json_is_a_message(tmp_path, pico_llama):
+    folder = _copy_model(pico_llama, tmp_path / "m")
+    (folder / "config.json").write_text('{"a": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(SourceError, match="nested too deeply"):
+        read_config(str(folder))
+    (folder / "config.json").write_text('{"model_type": "llama", "pad": "' + "x" * (2 << 20) + '"}')
+    with pytest.raises(SourceError, match="a config.json is a few KB"):
+        read_config(str(folder))
+
+
+def test_a_reference_with_a_nul_or_control_character_is_a_message(tmp_path):
+    for ref in (f"{tmp_path}/a\0b", "org/na\nme"):
+        with pytest.raises(SourceError, match="control character U\\+00(00|0A)"):
+            parse_ref(ref)
+    assert isinstance(read_configs([f"{tmp_path}/a\0b"])[f"{tmp_path}/a\0b"], ConfigUnavailable)
+
+
 def test_local_paths_refused_on_a_public_space(pico_llama):
     with pytest.raises(SourceError, match="local model folders are not allowed"):
         resolve(str(pico_llama), allow_local=False)

@@ -19,10 +19,8 @@ from dataclasses import asdict
 from typing import Any
 
 from workbench.errors import WorkbenchError
-from workbench.jobs.queue import JobEvent
+from workbench.jobs.queue import SERVER_ONLY, JobEvent
 from workbench.models import env_token
-
-log = logging.getLogger(__name__)
 
 
 class _Emitter:
@@ -89,9 +87,11 @@ def child_main(stdin: Any = None, stdout: Any = None) -> int:
     except MemoryError:
         emitter.send(JobEvent("error", message="the build ran out of memory; close other programs "
                                                "or build on a machine with more RAM"))
-    except Exception as exc:  # a bug: report it readably, log the traceback for the server log
-        log.error("build failed: %s", scrub("".join(traceback.format_exception(exc)), token))
-        emitter.send(JobEvent("error", message=scrub(f"unexpected {type(exc).__name__}: {exc}", token)))
+    except Exception as exc:  # a bug: the page gets a plain message, the server log the traceback
+        for line in scrub("".join(traceback.format_exception(exc)), token).splitlines():
+            print(SERVER_ONLY + line, file=sys.stderr, flush=True)
+        emitter.send(JobEvent("error", message=f"the build stopped on an unexpected {type(exc).__name__} "
+                                               "(a bug in the workbench); the server log has the details"))
     else:
         emitter.send(JobEvent("done", "done", 1.0, f"built {result.path}", result=_result_dict(result)))
     return 0

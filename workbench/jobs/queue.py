@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import queue
+import re
 import signal
 import subprocess
 import sys
@@ -39,6 +40,11 @@ log = logging.getLogger(__name__)
 
 DEFAULT_RUNNER = "workbench.build:build"
 FINAL_KINDS = ("done", "error", "cancelled")
+# A child's stderr line for the server log only: tracebacks hold server paths.
+SERVER_ONLY = "server-log| "
+# What the page's build log shows of the child's stderr: its log records. Anything else
+# (progress bars, a crash's fatal-error report with server paths) goes to the server log.
+_LOG_RECORD = re.compile(r"^(DEBUG|INFO|WARNING|ERROR|CRITICAL) [\w.]+: ")
 State = Literal["queued", "running", "done", "error", "cancelled"]
 
 
@@ -223,10 +229,12 @@ class BuildQueue:
         reader.join(timeout=5)
         if final is None:
             code = child.returncode
-            tail = " | ".join(stderr_tail)
+            if stderr_tail and not job._cancel.is_set():  # a crash's last words hold server paths
+                log.error("build %s ended with exit code %s; its last output: %s", job.id, code,
+                          " | ".join(stderr_tail))
             message = ("stopped" if job._cancel.is_set() else
                        f"the build process ended unexpectedly (exit code {code}); nothing was written. "
-                       + (f"Last output: {tail}" if tail else "Check the server log"))
+                       "The server log has its last output")
             job._emit(JobEvent("cancelled" if job._cancel.is_set() else "error", message=message))
 
     def _relay(self, child: subprocess.Popen, job: Job) -> JobEvent | None:
@@ -266,9 +274,14 @@ def _drain(stream: Any, tail: deque[str], job: Job) -> None:
     """Keep the child's stderr (its log) flowing; its last lines explain a crash."""
     for line in stream:
         line = line.rstrip()
-        if line:
+        if line.startswith(SERVER_ONLY):
+            log.error("build %s: %s", job.id, line[len(SERVER_ONLY):])
+        elif line:
             tail.append(line[:300])
-            job._emit(JobEvent("log", message=line[:500]))
+            if _LOG_RECORD.match(line):
+                job._emit(JobEvent("log", message=line[:500]))
+            else:
+                log.info("build %s: %s", job.id, line[:500])
 
 
 _default: BuildQueue | None = None

@@ -73,6 +73,10 @@ def parse_ref(ref: str, *, allow_local: bool = True) -> ModelRef:
     hub-shaped ref means the Hub even if a folder of that name exists on the server.
     """
     text = ref.strip() if isinstance(ref, str) else ""
+    control = next((c for c in text if ord(c) < 32 or ord(c) == 127), None)
+    if control is not None:
+        raise SourceError(f"model reference {ref!r} contains the control character U+{ord(control):04X}: "
+                          "give a Hub id (org/name), a local folder or " + DEMO_PREFIX + "NAME")
     if not text:
         raise SourceError(f"empty model reference {ref!r}: give a Hub id (org/name), a local folder "
                           f"or {DEMO_PREFIX}NAME")
@@ -207,14 +211,36 @@ def _load_config(path: Path, *, shown: str | None = None) -> dict[str, Any]:
     shown = shown or str(path)
     if not path.is_file():
         raise SourceError(f"{shown} is missing: a model folder needs the config.json transformers wrote")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise SourceError(f"{shown} is {path.stat().st_size / 1e6:.1f} MB; a config.json is a few KB: "
+                          "re-download or re-save the model")
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise SourceError(f"{shown} is not valid JSON ({exc}): re-download or re-save the model") from None
+    except RecursionError:
+        raise SourceError(f"{shown} is nested too deeply to be a model config: re-save the model") from None
     if not isinstance(config, dict):
         raise SourceError(f"{shown} holds a JSON {type(config).__name__}, not an object: re-save the model")
     _check_trust(config, shown)
+    _check_shape(config, shown)
     return config
+
+
+# The facts a merge computes with; each must be a positive whole number where present.
+SHAPE_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "head_dim", "vocab_size")
+MAX_CONFIG_BYTES = 1 << 20
+
+
+def _check_shape(config: dict[str, Any], shown: str) -> None:
+    for key in SHAPE_FIELDS:
+        value = config.get(key)
+        if key == "head_dim" and value is None:
+            continue  # derived from hidden_size / num_attention_heads
+        if key in config and (type(value) is not int or value < 1):
+            raise SourceError(f"{shown}: {key} is {value!r}; it must be a positive whole number: "
+                              "fix the config or re-download the model")
 
 
 # Families transformers has shipped natively for years; asking transformers itself (below)

@@ -23,7 +23,7 @@ from workbench.recipe.schema import (
 
 def validate(recipe: Recipe, configs: Mapping[str, dict | ConfigUnavailable] | None = None) -> list[Problem]:
     """Every problem of a parsed recipe; with `configs` (ref -> config.json), compatibility too."""
-    problems = _check_counts(recipe) + _check_prompts(recipe) + _check_experts(recipe)
+    problems = _check_counts(recipe) + _check_prompts(recipe) + _check_experts(recipe) + _check_text(recipe)
     if configs is not None:
         problems += check_compatibility(recipe, configs)
     return problems
@@ -120,4 +120,29 @@ def _check_experts(recipe: Recipe) -> list[Problem]:
         out.append(Problem("warning", "experts", "every expert is the same model: outputs only differ "
                            "after training, but routing is still worth seeing",
                            "fine for demos; use different fine-tunes for a useful merge"))
+    return out
+
+
+def _texts(recipe: Recipe) -> list[tuple[str, str]]:
+    """(key path, text) of every string the recipe holds."""
+    found = [("base_model", recipe.base_model)]
+    for group in ("experts", "shared_experts"):
+        for i, expert in enumerate(getattr(recipe, group) or []):
+            found.append((f"{group}[{i}].source_model", expert.source_model))
+            for key in ("positive_prompts", "negative_prompts"):
+                prompts = getattr(expert, key) or []
+                found += [(f"{group}[{i}].{key}[{j}]", text) for j, text in enumerate(prompts)]
+    return found
+
+
+def _check_text(recipe: Recipe) -> list[Problem]:
+    """Strings that cannot be written as UTF-8: YAML's "\\ud83e" escape makes half a character,
+    which a build would only find when writing the recipe copy, after the weights."""
+    out = []
+    for path, text in _texts(recipe):
+        lone = next((c for c in text if "\ud800" <= c <= "\udfff"), None)
+        if lone is not None:
+            out.append(Problem("error", path, f"contains U+{ord(lone):04X}, half of a UTF-16 surrogate pair, "
+                               "which is not a character", "write the character itself, or escape it "
+                               "whole as \\U0001F916 (eight hex digits)"))
     return out
