@@ -350,3 +350,59 @@ def test_offline_hub_with_the_real_client(caplog, monkeypatch):
     assert SECRET not in "".join(traceback.format_exception(info.value)) and SECRET not in caplog.text
     with pytest.raises(SourceError, match="no network"):
         read_config("org/model", token=SECRET)
+
+
+@pytest.fixture
+def online_mode(monkeypatch):
+    """huggingface_hub as on a user's machine (tests run it offline), with a fresh reachability."""
+    from workbench.models import hub as hub_source
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hub_source, "reachability", hub_source._Reachability())
+    for name in _PROXIES:
+        monkeypatch.delenv(name, raising=False)
+    return hub_source
+
+
+_PROXIES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+
+
+def test_offline_is_found_once_and_answered_at_once(online_mode, monkeypatch):
+    """Offline, huggingface_hub retried every request for ~24 s: three Hub ids kept validation
+    (and every other session behind it) waiting for over a minute."""
+    probes, downloads = [], []
+    monkeypatch.setattr(online_mode, "_probe", lambda endpoint: probes.append(endpoint) or False)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *a, **k: downloads.append(a))
+    found = read_configs(["org/a", "org/b", "mistralai/Mistral-7B-v0.1"])
+    assert all(isinstance(v, ConfigUnavailable) and v.level == "warning" and "no network" in v.reason
+               for v in found.values())
+    assert len(probes) == 1 and downloads == []  # one probe; no request ever made
+    with pytest.raises(SourceError, match="no network"):
+        resolve("org/c")
+    assert len(probes) == 1
+
+
+def test_the_probe_is_a_short_tcp_connection_to_the_endpoint(online_mode):
+    import socket
+
+    listening = socket.socket()
+    listening.bind(("127.0.0.1", 0))
+    listening.listen()
+    port = listening.getsockname()[1]
+    assert online_mode._probe(f"http://127.0.0.1:{port}") is True
+    listening.close()
+    assert online_mode._probe(f"http://127.0.0.1:{port}") is False  # refused: nobody listens
+
+
+def test_a_network_failure_mid_call_marks_the_hub_unreachable(online_mode, monkeypatch):
+    calls = []
+
+    def no_route(*args, **kwargs):
+        calls.append(args)
+        raise httpx2.ConnectError("[Errno 101] Network is unreachable")
+
+    monkeypatch.setattr(online_mode, "_probe", lambda endpoint: True)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_route)
+    found = read_configs(["org/a", "org/b"])
+    assert all("no network" in v.reason for v in found.values()) and len(calls) == 1
+

@@ -15,6 +15,10 @@ from __future__ import annotations
 import logging
 import os
 import re
+import socket
+import threading
+import time
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,13 +87,81 @@ def scrub(text: str, token: str | None) -> str:
     return _TOKEN_LIKE.sub("hf_***", text)
 
 
+# ---- reachability: offline is found out once, then answered at once --------------------------
+#
+# Offline, huggingface_hub retries each request five times over about 24 s; a recipe naming
+# three Hub models kept validation (and, through the queue, other users) waiting for over a
+# minute. So the first call makes a 3-second TCP connection to the Hub's endpoint; if that
+# fails, or a real call fails for want of a network, every call in the next minute fails at
+# once with HubUnreachable.
+
+PROBE_SECONDS = 3.0
+RECHECK_SECONDS = 60.0
+_PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+
+
+class _Reachability:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()  # one probe at a time; the others wait for its answer
+        self.known: bool | None = None
+        self.until = 0.0
+
+    def check(self, doing: str, name: str) -> None:
+        """Return if the Hub is (or may be) reachable; raise HubUnreachable at once if not."""
+        from huggingface_hub import constants
+
+        if constants.HF_HUB_OFFLINE:  # huggingface_hub answers from its cache, without the network
+            return
+        with self.lock:
+            if self.known is None or time.monotonic() >= self.until:
+                self.set(_probe(constants.ENDPOINT))
+            reachable = self.known
+        if not reachable:
+            raise HubUnreachable(f"cannot reach the Hugging Face Hub while {doing} {name}: {NO_NETWORK_HINT}")
+
+    def set(self, reachable: bool) -> None:
+        self.known, self.until = reachable, time.monotonic() + RECHECK_SECONDS
+
+
+reachability = _Reachability()
+
+
+def _probe(endpoint: str) -> bool:
+    """Whether a TCP connection to the Hub's endpoint opens within PROBE_SECONDS (DNS included)."""
+    if any(os.environ.get(v) for v in _PROXY_VARIABLES):
+        return True  # only the proxy can tell; a failing call marks the Hub unreachable instead
+    url = urllib.parse.urlsplit(endpoint)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    answer: list[bool] = []
+
+    def connect() -> None:  # in a thread: name resolution has no timeout of its own
+        try:
+            socket.create_connection((url.hostname, port), timeout=PROBE_SECONDS).close()
+            answer.append(True)
+        except OSError:
+            answer.append(False)
+
+    worker = threading.Thread(target=connect, name="hub-probe", daemon=True)
+    worker.start()
+    worker.join(PROBE_SECONDS)
+    reachable = bool(answer and answer[0])
+    if not reachable:
+        log.info("the Hugging Face Hub (%s) is not reachable; Hub models are not checked for %.0f s",
+                 url.hostname, RECHECK_SECONDS)
+    return reachable
+
+
 def _call(doing: str, name: str, revision: str | None, token: str | None, fn: Callable[[], T]) -> T:
+    reachability.check(doing, name)
     try:
         return fn()
     except Exception as exc:  # translated below; anything we cannot explain re-raises as it is
         error = _translate(exc, doing, name, revision, token)
         if error is None:
             raise
+        if isinstance(error, HubUnreachable):
+            with reachability.lock:
+                reachability.set(False)
         log.debug("hub call failed while %s %s: %s: %s", doing, name, type(exc).__name__,
                   scrub(str(exc), token))
     # Raised outside the except block so the Hub exception (and its request headers) is not
