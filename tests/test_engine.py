@@ -294,6 +294,23 @@ def test_old_history_is_dropped_to_fit_the_context(reg, base):
     assert len(prompt.token_ids) + prompt.max_new_tokens <= entry.context_length
 
 
+def test_a_huge_crafted_history_is_cut_in_a_few_renders(reg, base, monkeypatch):
+    """64 messages of 7,999 characters once took 87 s: one render and tokenising per dropped
+    message, and a prompt as long as the whole context."""
+    from workbench.chat import request
+
+    entry = reg.get(str(base), device="cpu")
+    renders = []
+    real = request.render
+    monkeypatch.setattr(request, "render", lambda tok, convo: renders.append(len(convo)) or real(tok, convo))
+    history = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"turn {i} " + "x w " * 150}
+               for i in range(63)] + [{"role": "user", "content": "and now?"}]
+    (prompt,) = prepare(history, SAMPLED, [entry.tokenizer], [100_000])  # a context past the server's cap
+    assert len(prompt.token_ids) <= request.MAX_PROMPT_TOKENS
+    assert "and now?" in prompt.text and "turn 62" in prompt.text and 40 <= prompt.dropped_messages < 63
+    assert len(renders) <= 10  # a binary search, not one render per dropped message
+
+
 def test_both_sides_get_the_same_rendered_prompt(reg, base, moe):
     b, m = reg.get(str(base), device="cpu"), reg.get(str(moe), device="cpu")
     for_base, for_moe = prepare("Hi there", SAMPLED, [b.tokenizer, m.tokenizer],

@@ -86,6 +86,24 @@ def test_content_blocks_are_normalised_and_history_and_system_reach_the_model(fa
         {"role": "assistant", "content": "answer"}, {"role": "user", "content": "second"}]
 
 
+def test_a_crafted_history_is_bounded_and_left_out_turns_are_said(fake, monkeypatch):
+    """Each streamed token sends the pane's history back: 10,000 turns cost seconds a token."""
+    history = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"m{i}"} for i in range(10_000)]
+    base_history, _ = chat_logic.add_user("last", history, history)
+    assert len(base_history) == chat_logic.MAX_SHOWN and base_history[-1]["content"] == "last"
+    real_open = fake.open
+
+    def open_with_cut(*args, **kwargs):
+        stream = real_open(*args, **kwargs)
+        stream.prompt = SimpleNamespace(token_ids=[1, 2, 3], dropped_messages=150)
+        return stream
+
+    monkeypatch.setattr(fake, "open", open_with_cut)
+    updates = run("base", history + [{"role": "user", "content": "last"}])
+    assert all(len(u.history) <= chat_logic.MAX_SHOWN + 1 for u in updates)
+    assert "the 150 oldest messages were left out to fit the context" in updates[-1].stats
+
+
 def test_empty_message_and_missing_model_are_messages_not_crashes(fake):
     with pytest.raises(WorkbenchError, match="empty"):
         chat_logic.add_user("   ", [], [])

@@ -20,6 +20,10 @@ log = logging.getLogger(__name__)
 MAX_MESSAGE_CHARS = 8000  # per message; the browser's max_length is not enforced on the server
 MAX_MESSAGES = 64  # history turns kept from a client-sent conversation
 MAX_NEW_TOKENS = 2048
+# A prompt's tokens at most, whatever the context: CPU prefill time and attention memory grow
+# with them, and the chat lane is shared (64 messages of 8,000 characters once took 87 s).
+MAX_PROMPT_TOKENS = 4096
+MAX_PROMPT_CHARS = 32 * MAX_PROMPT_TOKENS  # no tokenizer packs more than this into the cap
 # Used only when a tokenizer has no chat template; both sides then share this one.
 FALLBACK_TEMPLATE = (
     "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
@@ -109,26 +113,48 @@ def prepare(messages: str | Sequence[dict[str, str]], settings: SamplingSettings
             tokenizers: Sequence[Any], context_lengths: Sequence[int]) -> list[ChatPrompt]:
     """One ChatPrompt per model, rendered with tokenizers[0]'s template (the base, if any).
 
-    History is dropped oldest first until the prompt fits every model's context with room
-    for at least one new token; a last message that alone does not fit is a ChatError.
+    The newest history that fits is kept: the prompt must leave every model's context room
+    for at least one new token and stay within MAX_PROMPT_TOKENS (prefill time and memory
+    grow with it, and one chat lane serves everyone). System messages are always kept; a
+    last message that alone does not fit is a ChatError. Finding the cut renders the
+    conversation O(log n) times, never once per dropped message.
     """
     settings.check()
     convo = normalise_messages(messages)
-    dropped = 0
-    while True:
-        text = render(tokenizers[0], convo)
+    lead = next(i for i, m in enumerate(convo) if m["role"] != "system")  # the last is the user's
+    system, turns = convo[:lead], convo[lead:]
+    limits = [min(n - 1, MAX_PROMPT_TOKENS) for n in context_lengths]
+
+    def attempt(keep: int) -> tuple[str, list[list[int]]] | None:
+        """The prompt with the newest `keep` turns, or None when it does not fit."""
+        text = render(tokenizers[0], system + turns[-keep:])
         ids = [encode(tok, text) for tok in tokenizers]
-        over = [(len(i), n) for i, n in zip(ids, context_lengths, strict=True) if len(i) >= n]
-        if not over:
-            break
-        first_kept = next((j for j, m in enumerate(convo) if m["role"] != "system"), 0)
-        if len(convo) - first_kept <= 1:
-            length, limit = over[0]
-            raise ChatError(f"the prompt is {length} tokens and the model's context is {limit}: "
-                            "shorten the message")
-        del convo[first_kept]
-        dropped += 1
+        return (text, ids) if all(len(i) <= n for i, n in zip(ids, limits, strict=True)) else None
+
+    # No tokenizer averages 32 characters a token over a conversation, so older turns past
+    # MAX_PROMPT_CHARS cannot fit: leave them out before any tokenising.
+    keep = len(turns)
+    while keep > 1 and sum(len(m["content"]) for m in turns[-keep:]) > MAX_PROMPT_CHARS:
+        keep -= 1
+    found = attempt(keep)
+    if found is None:
+        low, high = 1, keep - 1  # the largest keep in [low, high] that fits, if any
+        while low <= high:
+            middle = (low + high) // 2
+            tried = attempt(middle)
+            if tried is None:
+                high = middle - 1
+            else:
+                found, keep, low = tried, middle, middle + 1
+        if found is None:
+            text = render(tokenizers[0], system + turns[-1:])
+            length = max(len(encode(tok, text)) for tok in tokenizers)
+            raise ChatError(f"the prompt is {length} tokens and at most {min(limits)} fit here (the "
+                            f"model's context is {min(context_lengths)} tokens, a prompt at most "
+                            f"{MAX_PROMPT_TOKENS}): shorten the message or the system prompt")
+    text, ids = found
+    dropped = len(turns) - keep
     if dropped:
-        log.info("dropped %d oldest message(s) to fit the context", dropped)
+        log.info("left out the %d oldest message(s) to fit the context", dropped)
     return [ChatPrompt(text, i, min(settings.max_new_tokens, n - len(i)), dropped)
             for i, n in zip(ids, context_lengths, strict=True)]

@@ -58,6 +58,9 @@ class EngineBackend:
 
 
 _backend: Backend = EngineBackend()
+# Turns a pane keeps: every streamed token sends the pane's whole history back to the
+# browser, so a crafted history of 10,000 messages cost seconds per token.
+MAX_SHOWN = 200
 
 
 def backend() -> Backend:
@@ -144,7 +147,7 @@ def reply(side: str, session: str, history: list[Any], moe: str, base: str, syst
         from workbench.models import parse_ref
 
         parse_ref(base, allow_local=False)  # a visitor never names a folder on the server
-    history = shared.chat_messages(history)
+    history = shared.chat_messages(history)[-MAX_SHOWN:]
     if not history or history[-1]["role"] != "user":
         return
     cancel = start_token(session, side)
@@ -163,7 +166,9 @@ def reply(side: str, session: str, history: list[Any], moe: str, base: str, syst
         if side == "moe" and getattr(result, "trace", None) is not None:
             last = {"trace": result.trace, "moe": moe, "base": base,
                     "prompt_ids": backend().prompt_ids(stream), "reply_ids": list(result.token_ids)}
-        yield PaneUpdate(history, stats_line(result.stats), last)
+        dropped = getattr(stream.prompt, "dropped_messages", 0)
+        left_out = f" · the {dropped} oldest messages were left out to fit the context" if dropped else ""
+        yield PaneUpdate(history, stats_line(result.stats) + left_out, last)
     finally:
         _release(session, side, cancel)
 
@@ -180,7 +185,8 @@ def add_user(message: Any, base_history: list[Any], moe_history: list[Any]) -> t
     if not text:
         raise WorkbenchError("the message is empty: type something to send")
     turn = {"role": "user", "content": text}
-    return [*shared.chat_messages(base_history), turn], [*shared.chat_messages(moe_history), turn]
+    return ([*shared.chat_messages(base_history)[-MAX_SHOWN + 1:], turn],
+            [*shared.chat_messages(moe_history)[-MAX_SHOWN + 1:], turn])
 
 
 def drop_last_reply(history: list[Any]) -> list[dict[str, str]]:
