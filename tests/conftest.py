@@ -32,10 +32,12 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def isolated_env() -> None:
+def isolated_env(tmp_path_factory: pytest.TempPathFactory) -> None:
     """Never touch the user's caches, tokens or the network from a test."""
     os.environ["MOE_WORKBENCH_CACHE"] = os.environ.get("MOE_WORKBENCH_TEST_CACHE") or str(_HOME / "cache")
     os.environ["MOE_WORKBENCH_OUTPUTS"] = str(_HOME / "outputs")
+    # The app loads models by path only from configured folders: the tests' pico models live here.
+    os.environ["MOE_WORKBENCH_MODEL_ROOTS"] = str(tmp_path_factory.getbasetemp())
 
 
 @pytest.fixture(scope="session")

@@ -98,6 +98,36 @@ def test_unload_frees_the_model(base):
     assert registry.unload(str(base)) == 0
 
 
+def test_the_registry_is_bounded_and_unloads_the_least_recently_used(pico_factory):
+    """Loaded models were never evicted: every model anyone chatted with stayed in memory."""
+    a, b, c = (pico_factory(name, seed=i + 1) for i, name in enumerate(("lru-a", "lru-b", "lru-c")))
+    one = Registry().get(str(a), device="cpu")
+    size = unique_bytes([one.model])
+    registry = Registry(max_bytes=int(size * 2.5))  # room for two of these models, not three
+    first = registry.get(str(a), device="cpu")
+    alive = weakref.ref(first.model)
+    del first, one
+    registry.get(str(b), device="cpu")
+    registry.get(str(a), device="cpu")  # a is now the most recently used
+    registry.get(str(c), device="cpu")  # over the bound: b goes
+    assert sorted(e.ref for e in registry.loaded()) == sorted([str(a), str(c)])
+    assert registry.resident_bytes() <= registry.max_bytes and alive() is not None
+    registry.get(str(b), device="cpu")  # a is the oldest now
+    assert sorted(e.ref for e in registry.loaded()) == sorted([str(b), str(c)]) and alive() is None
+    tiny = Registry(max_bytes=1)
+    assert tiny.get(str(a), device="cpu") is not None and len(tiny.loaded()) == 1  # the one asked for stays
+
+
+def test_the_bound_comes_from_the_environment(monkeypatch):
+    monkeypatch.setenv("MOE_WORKBENCH_MODEL_GB", "1.5")
+    assert Registry().max_bytes == 1_500_000_000
+    monkeypatch.setenv("MOE_WORKBENCH_MODEL_GB", "lots")
+    with pytest.raises(SourceError, match="MOE_WORKBENCH_MODEL_GB='lots' is not a number of GB"):
+        Registry()
+    monkeypatch.delenv("MOE_WORKBENCH_MODEL_GB")
+    assert Registry().max_bytes > 1e9  # half this machine's memory
+
+
 def test_unknown_model_is_a_clear_error_and_leaves_nothing(tmp_path):
     registry = Registry()
     with pytest.raises(SourceError, match="missing"):

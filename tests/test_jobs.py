@@ -148,6 +148,9 @@ def test_a_bug_in_the_build_shows_no_traceback_or_server_path(tmp_path, caplog):
     shown = [e.message for e in events]
     assert events[-1].kind == "error" and "unexpected FileNotFoundError" in events[-1].message
     assert not [m for m in shown if str(tmp_path) in m or "Traceback" in m or 'File "' in m], shown
+    deadline = time.monotonic() + 10  # stderr is drained beside the events: it may trail the last one
+    while "Traceback" not in caplog.text and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert "Traceback" in caplog.text and str(tmp_path) in caplog.text
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,9 +11,9 @@ from pathlib import Path
 import gradio as gr
 import pytest
 
-from workbench.errors import BuildError
+from workbench.errors import BuildError, WorkbenchError
 from workbench.spaces_compat import gpu
-from workbench.ui import shared
+from workbench.ui import build_logic, shared
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -71,6 +72,27 @@ def test_on_a_space_local_folders_are_refused_in_validation(monkeypatch, pico_ll
     assert "local model folders are not allowed" in found.reason
     monkeypatch.delenv("SPACE_ID")
     assert isinstance(shared.ConfigCache().get([str(pico_llama)], None)[str(pico_llama)], dict)
+
+
+def test_only_folders_under_the_model_roots_are_loaded_by_path(monkeypatch, tmp_path, pico_llama):
+    """The chat's Base box once loaded (and replied with) any folder on the server."""
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(pico_llama, elsewhere)
+    monkeypatch.setenv("MOE_WORKBENCH_MODEL_ROOTS", str(pico_llama.parent))
+    monkeypatch.chdir(pico_llama.parent)
+    for ref in ("demo:smollm2-135m-instruct", "org/name", str(pico_llama)):
+        shared.check_model_ref(ref)
+    with pytest.raises(WorkbenchError, match="outside those this app loads models from.*MODEL_ROOTS"):
+        shared.check_model_ref(str(elsewhere), "the base model")
+    found = shared.ConfigCache().get([str(elsewhere)], None)[str(elsewhere)]
+    assert found.level == "error" and "outside those this app loads models from" in found.reason
+    recipe = (f"base_model: {elsewhere}\nexperts:\n  - source_model: {elsewhere}\n"
+              "    positive_prompts: [code]\n  - source_model: demo:smollm2-135m-instruct\n"
+              "    positive_prompts: [math]\n")
+    with pytest.raises(WorkbenchError, match="outside"):
+        build_logic.make_request(recipe, "new-moe", "cpu", None, "5GB", False)
+    monkeypatch.setenv("MOE_WORKBENCH_MODEL_ROOTS", str(tmp_path))
+    shared.check_model_ref(str(elsewhere))
 
 
 def test_launch_is_local_by_default_and_configurable(monkeypatch):

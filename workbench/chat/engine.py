@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import threading
+import time
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -170,13 +172,34 @@ def load_model(ref: str, *, device: str = "auto", token: str | None = None,
 class _Slot:
     lock: threading.Lock = field(default_factory=threading.Lock)
     entry: LoadedModel | None = None
+    used: float = 0.0  # time.monotonic() of the last get(): the least recent goes first
+
+
+def default_max_bytes() -> int:
+    """$MOE_WORKBENCH_MODEL_GB (GB of models kept loaded), else half of this machine's memory."""
+    given = os.environ.get("MOE_WORKBENCH_MODEL_GB", "").strip()
+    if given:
+        try:
+            gb = float(given)
+        except ValueError:
+            raise SourceError(f"MOE_WORKBENCH_MODEL_GB={given!r} is not a number of GB; e.g. 8") from None
+        if not gb > 0:
+            raise SourceError(f"MOE_WORKBENCH_MODEL_GB={given!r} must be above 0")
+        return int(gb * 1e9)
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
 
 
 class Registry:
-    """Loaded models by (reference, device); load once, share equal tensors, unload on request."""
+    """Loaded models by (reference, device); load once, share equal tensors, unload on request.
 
-    def __init__(self, *, allow_local: bool = True) -> None:
+    Bounded: once the loaded models hold more than `max_bytes` of distinct tensors, the least
+    recently used are unloaded (never the one just asked for). A reply already streaming
+    keeps its model alive until it ends; the registry only stops handing it out.
+    """
+
+    def __init__(self, *, allow_local: bool = True, max_bytes: int | None = None) -> None:
         self.allow_local = allow_local  # False in a public Space: no server folders by name
+        self.max_bytes = max_bytes if max_bytes is not None else default_max_bytes()
         self._lock = threading.Lock()
         self._slots: dict[tuple[str, str], _Slot] = {}
 
@@ -200,9 +223,24 @@ class Registry:
                 with self._lock:
                     if self._slots.get(key) is not slot:
                         continue  # its load failed or it was unloaded while we waited: start over
+                    slot.used = time.monotonic()
                 if slot.entry is None:
                     slot.entry = self._load(key, device, token, slot)
+                    self._evict(keep=key)
                 return slot.entry
+
+    def _evict(self, keep: tuple[str, str]) -> None:
+        """Unload the least recently used models until the rest fit in max_bytes."""
+        while self.resident_bytes() > self.max_bytes:
+            with self._lock:
+                others = [(s.used, k) for k, s in self._slots.items() if k != keep and s.entry is not None]
+                if not others:
+                    return  # the one model asked for is larger than the bound: it stays
+                _, oldest = min(others)
+                del self._slots[oldest]  # a get() that holds the slot still returns its model
+            log.info("unloading %s (least recently used) to keep loaded models under %.1f GB",
+                     oldest[0], self.max_bytes / 1e9)
+            _free_memory()
 
     def _load(self, key: tuple[str, str], device: str, token: str | None, slot: _Slot) -> LoadedModel:
         try:
@@ -235,9 +273,7 @@ class Registry:
         for slot in dropped:
             slot.entry = None
         if dropped:
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            _free_memory()
         return len(dropped)
 
     def clear(self) -> None:
@@ -247,6 +283,12 @@ class Registry:
     def resident_bytes(self) -> int:
         """Bytes of distinct tensor storage held by all loaded models together."""
         return unique_bytes(entry.model for entry in self.loaded())
+
+
+def _free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 _REGISTRY: Registry | None = None

@@ -31,6 +31,8 @@ def make_request(yaml_text: str, name: str, device: str, dtype: str | None, shar
     problems = problems + (validate(recipe) if recipe is not None else [])
     if recipe is None or errors(problems):
         raise RecipeError(errors(problems) or problems)
+    for ref in recipe.model_refs():
+        shared.check_model_ref(ref)
     out = output_path(shared.outputs_root(), (name or "").strip())
     if out.exists() and not replace:
         raise BuildError(f"an output named {out.name!r} exists; tick 'replace' or choose another name")

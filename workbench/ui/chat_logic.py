@@ -143,10 +143,8 @@ def reply(side: str, session: str, history: list[Any], moe: str, base: str, syst
     base = (base or "").strip() or base_of(moe)
     if not base:
         raise WorkbenchError("this MoE names no base model; type the base model to compare with")
-    if shared.on_space() and base != base_of(moe):
-        from workbench.models import parse_ref
-
-        parse_ref(base, allow_local=False)  # a visitor never names a folder on the server
+    if base != base_of(moe):  # typed in the Base box (the MoE's own base came with the build)
+        shared.check_model_ref(base, "the base model")
     history = shared.chat_messages(history)[-MAX_SHOWN:]
     if not history or history[-1]["role"] != "user":
         return

@@ -103,10 +103,7 @@ def gates_for(recipe: Recipe, entry: Any) -> Any:
 def base_entry(recipe: Recipe, *, token: str | None, device: str) -> Any:
     from workbench.chat import registry
 
-    if shared.on_space():
-        from workbench.models import parse_ref
-
-        parse_ref(recipe.base_model, allow_local=False)  # a visitor never names a server folder
+    shared.check_model_ref(recipe.base_model, "base_model")
     return registry().get(recipe.base_model, device=device, token=token)
 
 

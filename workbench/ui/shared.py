@@ -46,6 +46,34 @@ def on_space() -> bool:
     return bool(os.environ.get("SPACE_ID"))
 
 
+def model_roots() -> list[Path]:
+    """Folders the app may load models from by path: the outputs folder, the folder the app
+    started in, and those in $MOE_WORKBENCH_MODEL_ROOTS (separated by the OS's path separator)."""
+    listed = os.environ.get("MOE_WORKBENCH_MODEL_ROOTS", "").split(os.pathsep)
+    extra = [Path(p).expanduser() for p in listed if p]
+    return [p.resolve() for p in (outputs_root(), Path.cwd(), *extra)]
+
+
+def check_model_ref(ref: str, where: str = "model") -> None:
+    """Refuse a model the app has no business loading, before anything reads it.
+
+    Demo models and Hub ids are fine. A folder is fine under `model_roots()`, never on a
+    Space: a visitor must not make the server read its folders (or another visitor's builds).
+    """
+    from workbench.models import parse_ref
+
+    parsed = parse_ref(ref, allow_local=not on_space())  # a SourceError on a Space for any folder
+    if parsed.kind != "local":
+        return
+    path = Path(parsed.name).resolve()
+    roots = model_roots()
+    if not any(path == root or root in path.parents for root in roots):
+        shown = ", ".join(str(r) for r in dict.fromkeys(roots))
+        raise WorkbenchError(f"{where} {ref!r} is a folder outside those this app loads models from "
+                             f"({shown}); move it under one of them, or add its parent folder to "
+                             "MOE_WORKBENCH_MODEL_ROOTS and restart the app")
+
+
 def oauth_available() -> bool:
     """Gradio's Hugging Face sign-in needs the `gradio[oauth]` extras (authlib, itsdangerous)."""
     import importlib.util
@@ -135,16 +163,15 @@ class ConfigCache:
         self._lock = threading.Lock()
 
     def get(self, refs: list[str], token: str | None) -> dict[str, dict | ConfigUnavailable]:
-        from workbench.models import parse_ref, read_configs
+        from workbench.models import read_configs
 
         out: dict[str, dict | ConfigUnavailable] = {}
         for ref in dict.fromkeys(refs):
-            if on_space():
-                try:
-                    parse_ref(ref, allow_local=False)
-                except WorkbenchError as exc:
-                    out[ref] = ConfigUnavailable(str(exc))
-                    continue
+            try:
+                check_model_ref(ref)
+            except WorkbenchError as exc:
+                out[ref] = ConfigUnavailable(str(exc))
+                continue
             # Per token (by its hash, never the token itself): one user's access to a private
             # model must not show its config to another.
             key = (ref, hashlib.sha256(token.encode()).hexdigest() if token else "")
