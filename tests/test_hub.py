@@ -110,6 +110,19 @@ def test_busy_hub_is_retried_then_explained(tmp_path):
         push(build, "me/other", token=TOKEN, api=api, sleep=lambda s: None)
 
 
+def test_an_offline_push_says_no_network(tmp_path):
+    """It said "Something went wrong (ConnectError)": httpx's errors are not OSErrors."""
+    build = make_build(tmp_path / "moe")
+    api = FakeApi()
+
+    def offline(repo_id, token):
+        raise httpx2.ConnectError("[Errno -3] Temporary failure in name resolution")
+
+    api.repo_exists = offline
+    with pytest.raises(HubError, match="no network: cannot reach the Hugging Face Hub.*build is intact"):
+        push(build, "me/moe", token=TOKEN, api=api, sleep=lambda s: None)
+
+
 @pytest.mark.parametrize("status, words", [(401, "rejected the token"), (403, "may not write to 'me'")])
 def test_auth_errors_are_specific_and_never_show_the_token(tmp_path, caplog, status, words):
     build = make_build(tmp_path / "moe")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -96,12 +95,6 @@ def test_token_comes_from_the_signed_in_user_on_a_space(monkeypatch):
     assert shared.user_token(None) is None  # a logged-out visitor never gets the owner's token
     assert shared.user_token(type("T", (), {"token": "hf_visitor"})()) == "hf_visitor"
 
-
-def test_recipe_download_is_per_session_file():
-    a = build_logic.recipe_file("base_model: a\n", "session/../A")
-    b = build_logic.recipe_file("base_model: b\n", "B")
-    assert a != b and Path(a).read_text() == "base_model: a\n" and ".." not in a
-    assert oct(os.stat(a).st_mode & 0o777) == "0o644"
 
 
 def test_a_folder_sent_by_the_browser_must_be_one_of_the_sessions_builds(outputs, tmp_path, monkeypatch):

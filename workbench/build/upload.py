@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from workbench.errors import WorkbenchError
-from workbench.models import scrub
+from workbench.models import network_errors, scrub
 from workbench.progress import Progress, ProgressFn, ignore_progress
 from workbench.staging import MANIFEST
 
@@ -204,6 +204,7 @@ class _Caller:
         if status is not None:
             detail = scrub(str(getattr(exc, "server_message", "") or ""), self.token)
             return HubError(f"the Hub answered HTTP {status} {where}" + (f": {detail}" if detail else ""))
-        if isinstance(exc, (ConnectionError, TimeoutError, OSError)):
-            return HubError(f"cannot reach the Hugging Face Hub {where}; check the network and try again")
+        if isinstance(exc, (OSError, *network_errors())):
+            return HubError(f"no network: cannot reach the Hugging Face Hub {where}; check the connection "
+                            "and push again (the local build is intact)")
         return None

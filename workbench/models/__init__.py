@@ -17,7 +17,7 @@ from workbench.faces import face
 EXPORTS = {
     "ModelSource": "sources", "demo_model_path": "sources", "parse_ref": "sources", "read_configs": "sources",
     "resolve": "sources",
-    "child_environment": "hub", "env_token": "hub", "scrub": "hub",
+    "child_environment": "hub", "env_token": "hub", "network_errors": "hub", "scrub": "hub",
     "DEMO_MODELS": "demo", "DemoModel": "demo",
     "DTYPE_NAMES": "tensors", "TensorFileError": "tensors", "TensorInfo": "tensors",
     "WeightIndex": "tensors", "dtype_code": "tensors", "tensor_nbytes": "tensors", "torch_dtype": "tensors",

@@ -188,7 +188,7 @@ def _translate(exc: Exception, doing: str, name: str, revision: str | None,
                            f"commit sha of that repo, or leave out '@{revision}'")
     if isinstance(exc, hf_errors.DisabledRepoError):
         return SourceError(f"{name} has been disabled on the Hub: choose another model")
-    if isinstance(exc, _network_errors()):
+    if isinstance(exc, network_errors()):
         offline = " (HF_HUB_OFFLINE is set)" if isinstance(exc, hf_errors.OfflineModeIsEnabled) else ""
         return HubUnreachable(
             f"cannot reach the Hugging Face Hub{offline} while {doing} {name}: {NO_NETWORK_HINT}")
@@ -212,7 +212,7 @@ def _http_error(exc: Any, doing: str, name: str, token: str | None) -> SourceErr
                        + (f" ({detail})" if detail else "") + ": check the model id and your access")
 
 
-def _network_errors() -> tuple[type[BaseException], ...]:
+def network_errors() -> tuple[type[BaseException], ...]:
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     classes: list[type[BaseException]] = [ConnectionError, TimeoutError, LocalEntryNotFoundError]

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import html
-import os
-import tempfile
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -158,14 +156,3 @@ def check_build(folder: str | None, session_builds: list[str]) -> str:
 def build_choices(session_builds: list[str]) -> list[tuple[str, str]]:
     """(folder name, path) pairs for a dropdown."""
     return [(Path(p).name, p) for p in visible_builds(session_builds)]
-
-
-def recipe_file(yaml_text: str, session: str) -> str:
-    """The editor's YAML as a file to download (one per session, rewritten each time)."""
-    safe = "".join(c for c in session if c.isalnum()) or "local"
-    folder = Path(tempfile.gettempdir()) / "moe-workbench-recipes" / safe
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "recipe.yaml"
-    path.write_text(yaml_text or "", encoding="utf-8")
-    os.chmod(path, 0o644)
-    return str(path)

@@ -42,19 +42,16 @@ def render(design: DesignTab, tab: gr.Tab) -> BuildTab:
         with gr.Column(scale=3):
             ui = _controls(builds)
         with gr.Column(scale=2):
-            download = gr.DownloadButton("Download recipe YAML", value=str(shared.PRESETS / "demo.yaml"),
-                                         elem_id="wb-download", variant="secondary")
+            download = gr.Button("Download recipe YAML", elem_id="wb-download", variant="secondary")
             model = _push_panel(builds)
     _wire_build(design, ui)
-
-    def recipe_download(text: str, request: gr.Request) -> str:
-        return build_logic.recipe_file(text, request.session_hash or "local")
 
     def refresh(mine: list[str]) -> gr.Dropdown:
         found = build_logic.build_choices(mine)
         return gr.Dropdown(choices=found, value=found[-1][1] if found else None)
 
-    tab.select(recipe_download, [design.yaml], [download], show_progress="hidden")
+    # The browser saves the editor's text itself: no server file to cap, clean up or serve.
+    download.click(None, [design.yaml], None, js=SAVE_RECIPE)
     for event in (tab.select, builds.change):
         event(refresh, [builds], [model], show_progress="hidden")
     return BuildTab(builds)
@@ -82,6 +79,17 @@ def _controls(builds: gr.State) -> _Controls:
                      elem_id="wb-build-log")
     return _Controls(name, device, dtype, shard, replace, start, stop, status, summary, log, gr.State(""),
                      builds)
+
+
+SAVE_RECIPE = """(text) => {
+  const link = document.createElement("a");
+  link.href = URL.createObjectURL(new Blob([text], {type: "application/x-yaml"}));
+  link.download = "recipe.yaml";
+  document.body.appendChild(link);
+  link.click();
+  link.remove();
+  setTimeout(() => URL.revokeObjectURL(link.href), 1000);
+}"""
 
 
 def _wire_build(design: DesignTab, ui: _Controls) -> None:
