@@ -107,8 +107,18 @@ def test_a_crafted_history_is_bounded_and_left_out_turns_are_said(fake, monkeypa
 def test_empty_message_and_missing_model_are_messages_not_crashes(fake):
     with pytest.raises(WorkbenchError, match="empty"):
         chat_logic.add_user("   ", [], [])
-    with pytest.raises(WorkbenchError, match="choose a built MoE"):
-        run("moe", [{"role": "user", "content": "hi"}], moe="")
+
+
+
+def test_without_a_moe_the_base_chats_alone_and_the_moe_pane_says_what_to_do(fake):
+    """With no build, the typed message vanished and both panes showed "Error"."""
+    history = [{"role": "user", "content": "hi"}]
+    (note,) = run("moe", history, moe="")
+    assert note.history == history and "build one on the Build tab" in note.stats
+    replies = run("base", history, moe="", base="demo:smollm2-135m-instruct")
+    assert replies[-1].history[-1]["content"].startswith("demo:smollm2-135m-instruct".split("/")[-1])
+    assert fake.opened == [{"ref": "demo:smollm2-135m-instruct", "base": "demo:smollm2-135m-instruct",
+                            "messages": history, "trace": False}]
 
 
 def test_stop_one_side_of_one_session_only(fake):

@@ -105,3 +105,12 @@ def test_demo_preset_preview_build_chat_and_routing(demo_model_path, tmp_path, m
     assert base_updates[-1].history[-1]["content"] == moe_updates[-1].history[-1]["content"] != ""
     view = routing_logic.from_reply(moe_updates[-1].last, device="cpu")
     assert float(view.divergence.kl.max()) < 1e-3
+
+
+def test_routing_with_nothing_to_show_says_what_to_do_first():
+    """Routing before any reply showed a bare "Error" pill."""
+    assert "No chat reply yet" in routing_logic.nothing_to_route(True, None, None)
+    assert "No chat reply yet" in routing_logic.nothing_to_route(True, {"trace": None}, "out/moe")
+    assert "No MoE chosen" in routing_logic.nothing_to_route(False, None, "")
+    assert routing_logic.nothing_to_route(True, {"trace": object()}, None) == ""
+    assert routing_logic.nothing_to_route(False, None, "out/moe") == ""

@@ -61,6 +61,9 @@ _backend: Backend = EngineBackend()
 # Turns a pane keeps: every streamed token sends the pane's whole history back to the
 # browser, so a crafted history of 10,000 messages cost seconds per token.
 MAX_SHOWN = 200
+NO_MOE = ("No MoE chosen yet: build one on the Build tab, then pick it in the MoE box above. "
+          "The base model answers meanwhile.")
+DEFAULT_BASE = "demo:smollm2-135m-instruct"  # the Base box's value before any MoE is chosen
 
 
 def backend() -> Backend:
@@ -136,9 +139,10 @@ def reply(side: str, session: str, history: list[Any], moe: str, base: str, syst
     With `session_builds` (the handler passes them) the MoE folder, which arrives from the
     browser, must be one this session may use.
     """
-    if not moe:
-        raise WorkbenchError("choose a built MoE first (build one on the Build tab)")
-    if session_builds is not None:
+    if not moe and side == "moe":
+        yield PaneUpdate(shared.chat_messages(history)[-MAX_SHOWN:], NO_MOE)
+        return
+    if moe and session_builds is not None:
         build_logic.check_build(moe, session_builds)
     base = (base or "").strip() or base_of(moe)
     if not base:

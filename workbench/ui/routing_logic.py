@@ -50,6 +50,17 @@ class RoutingView:
         return routing.layer_probs_heatmap(self.trace, max(0, min(int(layer or 0), self.trace.layers - 1)))
 
 
+def nothing_to_route(from_reply: bool, last: dict[str, Any] | None, moe: str | None) -> str:
+    """What to do first, when the tab has nothing to show yet ('' when it has)."""
+    if from_reply and (not last or last.get("trace") is None):
+        return ("**No chat reply yet.** Send a message on the Chat tab with a MoE chosen (build one on "
+                "the Build tab first), then come back; or pick *This text* and type any text.")
+    if not from_reply and not moe:
+        return ("**No MoE chosen.** Build one on the Build tab and choose it on the Chat tab, then route "
+                "any text here. To see routing before building, use the Preview tab.")
+    return ""
+
+
 def from_reply(last: dict[str, Any] | None, *, token: str | None = None, device: str = "auto") -> RoutingView:
     """The last MoE chat reply's trace, with its divergence from the base model when both load."""
     if not last or last.get("trace") is None:

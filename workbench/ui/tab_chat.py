@@ -38,7 +38,8 @@ def render(built: BuildTab, tab: gr.Tab) -> ChatTab:
     last = gr.State(None)
     with gr.Row(equal_height=True):
         moe = gr.Dropdown([], label="MoE", info="a finished build", scale=3, elem_id="wb-chat-moe")
-        base = gr.Textbox(label="Base model", info="read from the MoE's recipe; change it to compare another",
+        base = gr.Textbox(chat_logic.DEFAULT_BASE, label="Base model",
+                          info="read from the MoE's recipe; change it to compare another",
                           scale=3, elem_id="wb-chat-base")
     with gr.Accordion("System prompt and sampling (shared by both sides)", open=False):
         system = gr.Textbox(label="System prompt", lines=2, placeholder="optional")
@@ -157,4 +158,5 @@ def _wire_models(built: BuildTab, tab: gr.Tab, moe: gr.Dropdown, base: gr.Textbo
 
     tab.select(refresher(False), [built.builds, moe], [moe], show_progress="hidden")
     built.builds.change(refresher(True), [built.builds, moe], [moe], show_progress="hidden")
-    moe.change(chat_logic.base_of, [moe], [base], show_progress="hidden")
+    # A MoE names its base; with none chosen the box keeps what it had (the base chats alone).
+    moe.change(lambda chosen: chat_logic.base_of(chosen) or gr.skip(), [moe], [base], show_progress="hidden")

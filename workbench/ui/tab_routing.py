@@ -39,6 +39,10 @@ def render(chat: ChatTab, tab: gr.Tab, tabs: gr.Tabs) -> None:
     def route(kind: str, typed: str, last: dict | None, moe: str | None, mine: list, at: float,
               oauth_token: gr.OAuthToken | None = None, progress: gr.Progress = shared.PROGRESS) -> dict:
         token = shared.user_token(oauth_token)
+        first = routing_logic.nothing_to_route(kind == SOURCES[0], last, moe)
+        if first:  # an empty state says what to do, not "Error"
+            return {summary: first, heatmap: None, per_layer: None, load: None, entropy: None,
+                    divergence: gr.Plot(None, visible=False), view: None, layer: gr.skip()}
         progress(0.2, desc="Tracing")
         if kind == SOURCES[1]:
             shown = routing_logic.from_text(build_logic.check_build(moe, mine), typed, token=token)
