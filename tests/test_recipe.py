@@ -13,6 +13,7 @@ from workbench.recipe import (
     dump_recipe,
     errors,
     parse_recipe,
+    patch_yaml,
     recipe_from_dict,
     validate,
 )
@@ -284,3 +285,29 @@ def test_form_dict_path_matches_yaml_path():
     recipe, problems = recipe_from_dict({"base_model": "b", "experts": [{"source_model": "a"}],
                                          "gate_mode": "hidden_last"})
     assert problems == [] and recipe.gate_mode == "hidden"
+
+
+@pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.stem)
+def test_patching_a_preset_with_its_own_recipe_changes_nothing(path):
+    """The Design tab writes form edits into the user's YAML; with no edit, not a byte moves."""
+    text = path.read_text()
+    recipe, _ = parse_recipe(text)
+    assert patch_yaml(text, recipe.model_dump(exclude_none=True)) == text
+
+
+def test_a_patch_changes_only_the_edited_node():
+    text = GOOD.replace('["math"]', '["math"]  # keep this comment\n    negative_prompts: [\'story\']')
+    recipe, _ = parse_recipe(text)
+    data = recipe.model_dump(exclude_none=True)
+    data["experts"][0]["positive_prompts"] = ["code", "more code"]
+    data["experts"][1].pop("negative_prompts")
+    patched = patch_yaml(text, data)
+    assert '["code", "more code"]' in patched and "# keep this comment" in patched
+    assert "negative_prompts" not in patched and "experts_per_token" not in patched  # default: left out
+    assert parse_recipe(patched)[0].model_dump(exclude_none=True) == data
+
+
+def test_a_patch_refuses_text_that_is_not_a_safe_mapping():
+    assert patch_yaml(alias_bomb(), {"base_model": "x"}) is None
+    assert patch_yaml("- a list", {"base_model": "x"}) is None
+    assert patch_yaml("base_model: [oops", {"base_model": "x"}) is None

@@ -119,7 +119,10 @@ def test_add_remove_duplicate_move_experts():
     assert names(removed) == first[1:]
     added = design_logic.restructure(start.draft, "add", -1, None)
     assert len(added.data["experts"]) == 5
-    assert any(p.path == "experts[4].source_model" for p in added.problems)  # the new card needs a model
+    # The new card starts from the base model: only its prompts are left to fill in.
+    assert added.data["experts"][4]["source_model"] == start.data["base_model"]
+    new_card = [p.path for p in added.problems if p.path.startswith("experts[4]")]
+    assert new_card == ["experts[4].positive_prompts"]
     assert any(p.path == "experts" and "power of two" in p.message for p in added.problems)
 
 
@@ -161,3 +164,26 @@ def test_sizes_say_why_they_are_missing():
     assert "config.json" in sizes.estimate_html(recipe, "offline")
     assert "parses" in sizes.estimate_html(None, None)
     assert sizes.human(1_234_567) == "1.23 M" and sizes.human(2.5e9, "B") == "2.50 GB"
+
+
+def test_a_form_edit_keeps_the_users_yaml_comments_and_layout():
+    """Form edits re-dumped the recipe: comments gone, keys reordered, quotes stripped."""
+    text = PRESETS[1].read_text()  # demo.yaml: a comment block, quoted prompts, its own key order
+    checked, _ = design_logic.from_yaml(text, None)
+    assert checked.yaml_in(text) == text  # nothing edited: byte for byte
+    top = [checked.data["base_model"], checked.data["gate_mode"], checked.data.get("dtype"), 1, None]
+    cards = [form.expert_fields(e) for e in checked.data["experts"]]
+    cards[2][1] += "\nA story about a brave little toaster."
+    edited = design_logic.from_form(checked.draft, top, cards, None)
+    patched = edited.yaml_in(text)
+    removed = [line for line in text.splitlines() if line not in patched.splitlines()]
+    added = [line for line in patched.splitlines() if line not in text.splitlines()]
+    assert removed == ["experts_per_token: 2"]
+    assert added == ["experts_per_token: 1", '      - "A story about a brave little toaster."']
+    assert parse_recipe(patched)[0] == edited.recipe
+
+
+def test_a_form_edit_on_yaml_that_does_not_parse_writes_the_whole_recipe():
+    checked, _ = design_logic.from_yaml(PRESETS[1].read_text(), None)
+    assert checked.yaml_in("experts: [oops") == checked.yaml
+    assert checked.yaml_in("") == checked.yaml

@@ -10,6 +10,7 @@ but the YAML.
     checks    validate(): counts, prompts, expert settings
     compat    experts against the base, from config.json
     safe_yaml YAML with nesting depth and alias expansion capped
+    edit      an edit written into the user's YAML, comments and layout kept
 """
 
 from workbench.faces import face
@@ -19,7 +20,7 @@ EXPORTS = {
     "PROMPTLESS_MODES": "schema", "Problem": "schema", "Recipe": "schema", "RecipeError": "schema",
     "errors": "schema",
     "dump_recipe": "parse", "load_recipe": "parse", "parse_recipe": "parse", "read_recipe": "parse",
-    "recipe_from_dict": "parse", "load_yaml": "safe_yaml",
+    "recipe_from_dict": "parse", "load_yaml": "safe_yaml", "patch_yaml": "edit",
     "validate": "checks",
 }
 __getattr__, __dir__ = face(__name__, EXPORTS)

@@ -62,8 +62,10 @@ def render_form(out: DesignOutputs, demo: gr.Blocks) -> None:
             gate = gr.Dropdown([(f"{m} ({GATE_HELP[m]})", m) for m in GATE_MODES], value=mode, scale=3,
                                label="Gate mode", info="how router rows come from the prompts",
                                interactive=True)
+            # No `minimum`: Gradio refuses a value under it before any handler runs, which left
+            # 0 in the field, the YAML at 2 and every other edit dropped; validation says why.
             k = gr.Number(data.get("experts_per_token", 2), label="Experts per token", precision=0,
-                          minimum=1, scale=1, info="top-k", interactive=True)
+                          scale=1, info="top-k", interactive=True)
             dtype = gr.Dropdown(DTYPE_CHOICES, value=data.get("dtype", ""), label="Output dtype", scale=1,
                                 info="of the weights", interactive=True)
             family = gr.Dropdown(FAMILY_CHOICES, value=data.get("architecture", ""), label="Output family",
@@ -128,22 +130,27 @@ def _wire(out: DesignOutputs, top: list[Any], cards: list[_Card], slots: dict[st
                                          [[values[f] for f in card.fields] for card in cards],
                                          shared.user_token(oauth_token))
         html = checked.slots()
-        return {out.draft: checked.draft, out.yaml: checked.yaml, out.yaml_problems: checked.problems_html,
-                out.summary: checked.summary(), **{slots[key]: html[key] for key in keys}}
+        update = {out.draft: checked.draft, out.yaml_problems: checked.problems_html,
+                  out.summary: checked.summary(), **{slots[key]: html[key] for key in keys}}
+        # A re-rendered form reports its fields as changed too: the YAML is written only for a
+        # real edit, and then only where it differs (the user may be typing in it right now).
+        if checked.data != values[out.draft]["data"]:
+            update[out.yaml] = checked.yaml_in(values[out.yaml])
+        return update
 
     updates = {out.draft, out.yaml, out.yaml_problems, out.summary, *slots.values()}
     # `.change`, not `.input`: Gradio fires `input` on key presses only, so a deletion or a paste
-    # would go unvalidated. Nothing writes to these fields but the user (a new form is a new render).
+    # would go unvalidated.
     for component in fields:
-        component.change(edited, {out.draft, *fields}, updates, show_progress="hidden",
+        component.change(edited, {out.draft, out.yaml, *fields}, updates, show_progress="hidden",
                          trigger_mode="always_last")
 
     def structural(action: str, index: int) -> Callable[..., dict]:
         @shared.user_errors
-        def change(current: dict, oauth_token: gr.OAuthToken | None = None) -> dict:
+        def change(current: dict, text: str, oauth_token: gr.OAuthToken | None = None) -> dict:
             checked = design_logic.restructure(current, action, index, shared.user_token(oauth_token))
             return {out.draft: checked.draft, out.revision: design_logic.next_revision(),
-                    out.yaml: checked.yaml, out.yaml_problems: checked.problems_html,
+                    out.yaml: checked.yaml_in(text), out.yaml_problems: checked.problems_html,
                     out.summary: checked.summary()}
 
         return change
@@ -151,5 +158,5 @@ def _wire(out: DesignOutputs, top: list[Any], cards: list[_Card], slots: dict[st
     changed = {out.draft, out.revision, out.yaml, out.yaml_problems, out.summary}
     for i, card in enumerate(cards):
         for action, button in card.buttons.items():
-            button.click(structural(action, i), [out.draft], changed, show_progress="hidden")
-    add.click(structural("add", -1), [out.draft], changed, show_progress="hidden")
+            button.click(structural(action, i), [out.draft, out.yaml], changed, show_progress="hidden")
+    add.click(structural("add", -1), [out.draft, out.yaml], changed, show_progress="hidden")

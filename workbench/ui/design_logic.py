@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from workbench.recipe import Problem, Recipe, errors, parse_recipe, recipe_from_dict, validate
+from workbench.recipe import Problem, Recipe, errors, parse_recipe, patch_yaml, recipe_from_dict, validate
 from workbench.ui import form, shared, sizes
 
 BLANK = "blank"
@@ -57,6 +57,11 @@ class Checked:
     @property
     def yaml(self) -> str:
         return form.data_yaml(self.data, self.recipe)
+
+    def yaml_in(self, text: str | None) -> str:
+        """The user's YAML `text` with this data written in (comments and layout kept), or the
+        canonical dump when `text` is not a YAML mapping."""
+        return patch_yaml(text or "", self.data) or self.yaml
 
     @property
     def problems_html(self) -> str:
@@ -134,8 +139,8 @@ def restructure(draft: dict[str, Any], action: str, index: int, token: str | Non
     """Add, remove, duplicate or move an expert card."""
     data = copy.deepcopy(draft["data"])
     experts = data.setdefault("experts", [])
-    if action == "add":
-        experts.append(dict(NEW_EXPERT))
+    if action == "add":  # a new expert starts from the base model: one thing left to fill in
+        experts.append({**NEW_EXPERT, "source_model": data.get("base_model") or ""})
     elif not 0 <= index < len(experts):
         raise IndexError(f"no expert {index}")
     elif action == "remove":
