@@ -191,9 +191,9 @@ def test_demo_build_runs_to_the_end_with_its_progress_bar(page):
 
 def test_both_chat_panes_stream_a_reply(page):
     open_tab(page, "4 · Chat")
-    page.wait_for_function("document.querySelector('#wb-chat-moe input').value.includes('browser-moe')",
+    page.wait_for_function("document.querySelector('#wb-chat-moe-build input').value.includes('browser-moe')",
                            timeout=20_000)
-    assert page.input_value("#wb-chat-base textarea") == "demo:smollm2-135m-instruct"
+    assert page.input_value("#wb-chat-base-model textarea") == "demo:smollm2-135m-instruct"
     page.get_by_text("System prompt and sampling").click()
     tokens = page.locator("#wb-max-new input[type=number]")
     tokens.fill("24")

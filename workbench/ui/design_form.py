@@ -40,9 +40,9 @@ def render_form(out: DesignOutputs, demo: gr.Blocks) -> None:
     """Attach the re-rendering form to the current Blocks context."""
 
     # One render at a time: two running at once (page load + a first edit) race on the event table.
-    @gr.render(inputs=[out.draft], triggers=[out.revision.change, demo.load], show_progress="hidden",
-               concurrency_limit=1)
-    def _form(draft: dict[str, Any]) -> None:
+    @gr.render(inputs=[out.draft, out.revision], triggers=[out.revision.change, demo.load],
+               show_progress="hidden", concurrency_limit=1)
+    def _form(draft: dict[str, Any], revision: int) -> None:
         data = draft["data"]
         experts = data.get("experts") or []
         problems = [form.problem_from_dict(p) for p in draft["problems"]]
@@ -50,32 +50,35 @@ def render_form(out: DesignOutputs, demo: gr.Blocks) -> None:
         slots: dict[str, gr.HTML] = {}
 
         def slot(key: str) -> None:
-            slots[key] = gr.HTML(html[key], elem_classes="wb-slot")
+            slots[key] = gr.HTML(html[key], elem_classes="wb-slot", **_kept(f"slot:{key}"))
 
         with gr.Group(elem_classes="wb-section"):
             base = gr.Textbox(data.get("base_model", ""), label="Base model", info="donates attention, "
                               "embeddings and the tokenizer; " + MODEL_HELP, elem_id="wb-base-model",
-                              interactive=True)
+                              interactive=True, **_kept("base_model"))
         slot("base_model")
         with gr.Row(equal_height=True):
             mode = data.get("gate_mode", "hidden")
             gate = gr.Dropdown([(f"{m} ({GATE_HELP[m]})", m) for m in GATE_MODES], value=mode, scale=3,
                                label="Gate mode", info="how router rows come from the prompts",
-                               interactive=True)
+                               interactive=True, **_kept("gate_mode"))
             # No `minimum`: Gradio refuses a value under it before any handler runs, which left
             # 0 in the field, the YAML at 2 and every other edit dropped; validation says why.
             k = gr.Number(data.get("experts_per_token", 2), label="Experts per token", precision=0,
-                          scale=1, info="top-k", interactive=True)
+                          scale=1, info="top-k", interactive=True, **_kept("experts_per_token"))
             dtype = gr.Dropdown(DTYPE_CHOICES, value=data.get("dtype", ""), label="Output dtype", scale=1,
-                                info="of the weights", interactive=True)
+                                info="of the weights", interactive=True, **_kept("dtype"))
             family = gr.Dropdown(FAMILY_CHOICES, value=data.get("architecture", ""), label="Output family",
-                                 scale=1, info="Qwen/DeepSeek later", interactive=True)
+                                 scale=1, info="Qwen/DeepSeek later", interactive=True,
+                                 **_kept("architecture"))
         slot("settings")
         top = [base, gate, dtype, k, family]  # form.TOP_KEYS order
         cards = [_card(i, expert, slot) for i, expert in enumerate(experts)]
         slot("experts")
-        add = gr.Button("+ Add expert", size="sm", elem_id="wb-add-expert")
-        _wire(out, top, cards, slots, add)
+        add = gr.Button("+ Add expert", size="sm", elem_id="wb-add-expert", **_kept("add"))
+        # Which draft the browser's form was drawn from, sent with every field event.
+        drawn = gr.Number(revision, visible=False, **_kept("drawn"))
+        _wire(out, top, cards, slots, add, drawn)
 
 
 @dataclass
@@ -88,31 +91,45 @@ def _card(i: int, expert: dict[str, Any], slot: Callable[[str], None]) -> _Card:
     source, positive, negative, noise, residual = form.expert_fields(expert)
     with gr.Column(elem_classes="wb-card", elem_id=f"wb-expert-{i}"):
         with gr.Row(elem_classes="wb-card-head"):
-            gr.Markdown(f"### Expert {i + 1}", elem_classes="wb-card-title")
-            buttons = {action: gr.Button(label, size="sm", min_width=width, scale=0, elem_classes="wb-icon")
+            gr.Markdown(f"### Expert {i + 1}", elem_classes="wb-card-title", **_kept(f"experts[{i}]:title"))
+            buttons = {action: gr.Button(label, size="sm", min_width=width, scale=0, elem_classes="wb-icon",
+                                         **_kept(f"experts[{i}]:{action}"))
                        for action, label, width in (("up", "↑", 40), ("down", "↓", 40),
                                                     ("duplicate", "Duplicate", 96), ("remove", "Remove", 84))}
         slot(f"experts[{i}]")
         fields = [gr.Textbox(source, label="Source model", interactive=True,
-                             info="its MLPs become this expert; " + MODEL_HELP)]
+                             info="its MLPs become this expert; " + MODEL_HELP,
+                             **_kept(f"experts[{i}].source"))]
         slot(f"experts[{i}].source_model")
         with gr.Row():
             with gr.Column():
                 fields.append(gr.Textbox(positive, label="Positive prompts", lines=3, max_lines=12,
-                                         interactive=True, info='one per line; "" is the empty prompt'))
+                                         interactive=True, info='one per line; "" is the empty prompt',
+                                         **_kept(f"experts[{i}].positive")))
                 slot(f"experts[{i}].positive_prompts")
             with gr.Column():
                 fields.append(gr.Textbox(negative, label="Negative prompts", lines=3, max_lines=12,
-                                         interactive=True, info="one per line; optional"))
+                                         interactive=True, info="one per line; optional",
+                                         **_kept(f"experts[{i}].negative")))
                 slot(f"experts[{i}].negative_prompts")
         with gr.Row():
             # Text, not gr.Number: an unset scale must stay unset (a Number shows and returns 0).
             fields.append(gr.Textbox(_number(noise), label="Noise scale", placeholder="none",
-                                     interactive=True, info="adds scale·N(0,1) to its MLPs"))
+                                     interactive=True, info="adds scale·N(0,1) to its MLPs",
+                                     **_kept(f"experts[{i}].noise")))
             fields.append(gr.Textbox(_number(residual), label="Residual scale", placeholder="none",
-                                     interactive=True, info="multiplies its down projection"))
+                                     interactive=True, info="multiplies its down projection",
+                                     **_kept(f"experts[{i}].residual")))
         slot(f"experts[{i}].scales")
     return _Card(fields, buttons)
+
+
+def _kept(key: str) -> dict[str, Any]:
+    """A component that keeps its id across re-renders (its value still comes from the new
+    draft). With its listeners keyed too, events the browser sends while a new form replaces
+    the old still find their listener: fresh ids per render made them fail on the server
+    (KeyError in gradio's get_fn) and show "Could not parse server response" toasts."""
+    return {"key": key, "preserved_by_key": None}
 
 
 def _number(value: float | None) -> str:
@@ -120,20 +137,25 @@ def _number(value: float | None) -> str:
 
 
 def _wire(out: DesignOutputs, top: list[Any], cards: list[_Card], slots: dict[str, gr.HTML],
-          add: gr.Button) -> None:
+          add: gr.Button, drawn: gr.Number) -> None:
     fields = top + [f for card in cards for f in card.fields]
     keys = form.slot_keys(len(cards))
 
     @shared.user_errors
     def edited(values: dict, oauth_token: gr.OAuthToken | None = None) -> dict:
+        if values[drawn] != values[out.revision]:
+            # A form the draft has moved past (a YAML edit re-renders it) reports the values it
+            # was drawn with as it is replaced: not an edit, and never written into the YAML
+            # the user may be typing in.
+            return {component: gr.skip() for component in updates}
         checked = design_logic.from_form(values[out.draft], [values[c] for c in top],
                                          [[values[f] for f in card.fields] for card in cards],
                                          shared.user_token(oauth_token))
         html = checked.slots()
         update = {out.draft: checked.draft, out.yaml_problems: checked.problems_html,
                   out.summary: checked.summary(), **{slots[key]: html[key] for key in keys}}
-        # A re-rendered form reports its fields as changed too: the YAML is written only for a
-        # real edit, and then only where it differs (the user may be typing in it right now).
+        # A new form reports its fields as changed too: the YAML is written only for a real
+        # edit, and then only where it differs.
         if checked.data != values[out.draft]["data"]:
             update[out.yaml] = checked.yaml_in(values[out.yaml])
         return update
@@ -142,8 +164,8 @@ def _wire(out: DesignOutputs, top: list[Any], cards: list[_Card], slots: dict[st
     # `.change`, not `.input`: Gradio fires `input` on key presses only, so a deletion or a paste
     # would go unvalidated.
     for component in fields:
-        component.change(edited, {out.draft, out.yaml, *fields}, updates, show_progress="hidden",
-                         trigger_mode="always_last")
+        component.change(edited, {out.draft, out.revision, drawn, out.yaml, *fields}, updates,
+                         show_progress="hidden", trigger_mode="always_last", key=f"edited:{component.key}")
 
     def structural(action: str, index: int) -> Callable[..., dict]:
         @shared.user_errors
@@ -158,5 +180,6 @@ def _wire(out: DesignOutputs, top: list[Any], cards: list[_Card], slots: dict[st
     changed = {out.draft, out.revision, out.yaml, out.yaml_problems, out.summary}
     for i, card in enumerate(cards):
         for action, button in card.buttons.items():
-            button.click(structural(action, i), [out.draft, out.yaml], changed, show_progress="hidden")
-    add.click(structural("add", -1), [out.draft, out.yaml], changed, show_progress="hidden")
+            button.click(structural(action, i), [out.draft, out.yaml], changed, show_progress="hidden",
+                         key=f"{action}:{i}")
+    add.click(structural("add", -1), [out.draft, out.yaml], changed, show_progress="hidden", key="add")

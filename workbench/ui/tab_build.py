@@ -60,7 +60,8 @@ def render(design: DesignTab, tab: gr.Tab) -> BuildTab:
 def _controls(builds: gr.State) -> _Controls:
     with gr.Group():
         name = gr.Textbox("demo-moe", label="Output name", elem_id="wb-output-name",
-                          info=f"a plain folder name; builds go to {shared.outputs_root()}")
+                          info="a plain folder name; builds go to "
+                          + ("this Space's storage" if shared.on_space() else str(shared.outputs_root())))
         with gr.Row():
             device = gr.Dropdown(["auto", "cpu", "cuda"], value="auto", label="Device",
                                  info="where the gates are computed")

@@ -37,10 +37,11 @@ def examples() -> list[str]:
 def render(built: BuildTab, tab: gr.Tab) -> ChatTab:
     last = gr.State(None)
     with gr.Row(equal_height=True):
-        moe = gr.Dropdown([], label="MoE", info="a finished build", scale=3, elem_id="wb-chat-moe")
+        moe = gr.Dropdown([], label="MoE", info="a finished build", scale=3,
+                          elem_id="wb-chat-moe-build")
         base = gr.Textbox(chat_logic.DEFAULT_BASE, label="Base model",
                           info="read from the MoE's recipe; change it to compare another",
-                          scale=3, elem_id="wb-chat-base")
+                          scale=3, elem_id="wb-chat-base-model")
     with gr.Accordion("System prompt and sampling (shared by both sides)", open=False):
         system = gr.Textbox(label="System prompt", lines=2, placeholder="optional")
         with gr.Row():
