@@ -90,6 +90,46 @@ def test_chat_streams_text_and_stats(models, capsys):
     assert out.startswith(f"== model: {models['base']}") and "tokens/s" in out
 
 
+def test_chat_trace_prints_the_routing_summary(models, capsys):
+    """`chat --trace` without --json traced the reply, then printed nothing of it."""
+    argv = ["chat", str(models["moe"]), "--prompt", "Hello", "--max-new-tokens", "4", "--device", "cpu",
+            "--trace"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "== routing of the model's reply" in out and "expert load" in out and "routing entropy" in out
+
+
+def test_preview_of_copies_of_the_base_says_it_is_exact(models, capsys, tmp_path):
+    """The CLI called every preview an estimate past layer 0; the UI rightly says copies are exact."""
+    argv = ["preview", str(models["recipe"]), "--text", "Once upon a time", "--device", "cpu"]
+    assert main(argv) == 0
+    assert "exact at every layer" in capsys.readouterr().out
+    noisy = yaml.safe_load(models["recipe"].read_text())
+    noisy["experts"][0]["noise_scale"] = 0.01
+    other = tmp_path / "noisy.yml"
+    other.write_text(yaml.safe_dump(noisy))
+    assert main(["preview", str(other), "--text", "Once upon a time", "--device", "cpu"]) == 0
+    assert "later layers assume the experts behave like the base" in capsys.readouterr().out
+
+
+def test_build_prints_the_gate_warnings_the_ui_shows(pico_factory, tmp_path, capsys):
+    base = pico_factory("cli-base", seed=6)
+    same = Recipe(base_model=str(base), dtype="float32", experts=[
+        Expert(source_model=str(base), positive_prompts=["the same words"]) for _ in range(2)])
+    recipe = tmp_path / "same.yml"
+    recipe.write_text(yaml.safe_dump(same.model_dump(exclude_none=True)))
+    assert main(["build", str(recipe), str(tmp_path / "moe"), "--device", "cpu"]) == 1  # identical sets
+    # Different sets that end on the same token: the same last-token state at layer 0.
+    varied = same.model_copy(update={"experts": [
+        Expert(source_model=str(base), positive_prompts=["x y z"]),
+        Expert(source_model=str(base), positive_prompts=["x y z z"])]})
+    recipe.write_text(yaml.safe_dump(varied.model_dump(exclude_none=True)))
+    capsys.readouterr()
+    assert main(["build", str(recipe), str(tmp_path / "moe"), "--device", "cpu"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: layer 0: condition number" in err
+
+
 @pytest.mark.parametrize("argv, message", [
     (["chat", "{moe}", "--prompt", "   "], "empty"),
     (["chat", "{moe}", "--prompt", "hi", "--temperature", "-2"], "temperature"),

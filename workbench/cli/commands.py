@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from workbench.cli.inspect import add_commands, seed
+from workbench.cli.inspect import add_commands, print_gate_warnings, seed
 from workbench.errors import WorkbenchError
 from workbench.models import env_token
 from workbench.progress import Progress
@@ -135,6 +135,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         result = build(recipe, Path(args.out), device=args.device, dtype=args.dtype,
                        shard_size=shard_size, seed=args.seed, force=args.force,
                        token=env_token(), on_progress=bar)
+    print_gate_warnings(result.diagnostics.warnings)
     size = result.total_bytes / 1e9
     print(f"built {result.path}: {len(recipe.experts)} experts (top-{recipe.experts_per_token}), "
           f"{len(result.files)} files, {size:.2f} GB in {result.seconds:.1f} s")

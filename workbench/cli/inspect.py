@@ -150,19 +150,25 @@ def cmd_preview(args: argparse.Namespace) -> int:
                "trace": trace.to_dict(), "summary": summary,
                "alignment": aligned.to_dict() if aligned else None, "gates": gates.diagnostics.to_dict()})
         return 0
-    print(f"preview of {args.recipe} (gate_mode {gates.mode}, top-{recipe.experts_per_token}); "
-          "layer 0 is exact, later layers assume the experts behave like the base")
+    exactness = ("exact at every layer: every expert is a copy of the base" if recipe.experts_copy_the_base()
+                 else "layer 0 is exact, later layers assume the experts behave like the base")
+    print(f"preview of {args.recipe} (gate_mode {gates.mode}, top-{recipe.experts_per_token}); {exactness}")
     _print_grid(trace)
     _print_summary(summary, names)
     if aligned is not None:
         print(f"prompt-to-expert alignment: {aligned.score:.3f} (chance {aligned.chance:.3f})")
-    warnings = gates.diagnostics.warnings
+    print_gate_warnings(gates.diagnostics.warnings)
+    return 0
+
+
+def print_gate_warnings(warnings: list[str]) -> None:
+    """The gates' per-layer warnings on stderr, the first few in full (the UI shows the same)."""
     for warning in warnings[:MAX_WARNINGS]:
         print(f"warning: {warning}", file=sys.stderr)
     if len(warnings) > MAX_WARNINGS:
         more = len(warnings) - MAX_WARNINGS
-        print(f"warning: ... and {more} more layers like these (--json lists them all)", file=sys.stderr)
-    return 0
+        print(f"warning: ... and {more} more layers like these (`gates --json` lists them all)",
+              file=sys.stderr)
 
 
 def cmd_trace(args: argparse.Namespace) -> int:
@@ -219,6 +225,11 @@ def cmd_chat(args: argparse.Namespace) -> int:
     replies = [stream.result for stream in streams]
     if args.json:
         _emit(_chat_json(settings, streams[0].prompt.text, entries, replies))
+    elif replies[0].trace is not None:  # --trace: what the routers did over prompt and reply
+        from workbench.routing import routing_summary
+
+        print(f"== routing of the model's reply ({replies[0].trace.num_tokens} tokens)")
+        _print_summary(routing_summary(replies[0].trace), replies[0].trace.expert_names)
     return 0
 
 

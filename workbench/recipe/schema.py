@@ -58,6 +58,12 @@ class Recipe(BaseModel):
     architecture: Architecture | None = None
     shared_experts: list[Expert] | None = None
 
+    def experts_copy_the_base(self) -> bool:
+        """Every expert is the base model unchanged (no noise, no residual scale): the MoE then
+        computes as the base at every layer, so a preview from the base's states is exact."""
+        return all(e.source_model == self.base_model and not e.noise_scale and e.residual_scale in (None, 1)
+                   for e in self.experts)
+
     def model_refs(self) -> list[str]:
         """Every distinct model reference, base first, in recipe order."""
         refs = [self.base_model] + [e.source_model for e in self.experts]

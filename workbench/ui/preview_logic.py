@@ -117,8 +117,7 @@ def run_preview(yaml_text: str, text: str, *, token: str | None = None, device: 
     gates = gates_for(recipe, entry)
     names = [e.source_model for e in recipe.experts]
     trace = preview_routing(gates, entry, text, recipe.experts_per_token, expert_names=names)
-    exact = all(name == recipe.base_model for name in names)
-    return Preview(recipe, trace, gates, exact, time.perf_counter() - started)
+    return Preview(recipe, trace, gates, recipe.experts_copy_the_base(), time.perf_counter() - started)
 
 
 def run_alignment(yaml_text: str, *, token: str | None = None, device: str = "auto") -> tuple[Recipe, Any]:
