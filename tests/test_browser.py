@@ -115,7 +115,8 @@ def open_tab(page, name: str) -> None:
 def test_page_loads_offline_with_the_demo_preset(page, server):
     assert page.title() == "MoE Workbench"
     assert page.input_value("#wb-base-model textarea") == "demo:smollm2-135m-instruct"
-    assert "Write a Python function" in page.locator("#wb-expert-0 textarea").nth(1).input_value()
+    positives = page.locator("#wb-expert-0").get_by_label("Positive prompts")
+    assert "Write a Python function" in positives.input_value()
     summary = wait_for_text(page, "#wb-summary", ("PARAMETERS",), 60)  # sizes shown in capitals
     assert "Ready" in summary and "ACTIVE PER TOKEN" in summary
     hosts = {urlparse(url).hostname for url in page.requests if url.startswith("http")}
@@ -147,7 +148,7 @@ def test_bad_yaml_shows_an_inline_error_and_a_good_edit_updates_the_form(page):
 
 
 def test_a_field_edit_shows_its_problem_next_to_the_field(page):
-    source = page.locator("#wb-expert-1 textarea").first
+    source = page.locator("#wb-expert-1").get_by_label("Source model")
     source.fill("")
     card = wait_for_text(page, "#wb-expert-1", ("is empty",), 20)
     assert "name a hub id" in card

@@ -77,7 +77,7 @@ def test_slow_typing_in_the_yaml_keeps_every_character_and_comment(page, shots):
     assert [line for line in before.splitlines() if line not in after.splitlines()] == []
     assert after.startswith("# The embedded default")
     wait_for_text(page, "#wb-summary", ("Ready",), 30)
-    form = page.locator("#wb-expert-0 textarea").nth(1).input_value()
+    form = page.locator("#wb-expert-0").get_by_label("Positive prompts").input_value()
     assert form.endswith("Slow typer continues with a longer line")
     no_error_shown(page)
 
@@ -88,9 +88,12 @@ def test_switching_every_preset_shows_no_error_toast(page, shots):
         page.locator("#wb-preset input").click()
         time.sleep(0.6)
         page.get_by_role("option", name=name, exact=True).click()
-        time.sleep(3)
         expected = {"raiden-16x3b": 16, "cognito-2x7b": 2, "blank": 2}.get(name, 4)
+        deadline = time.monotonic() + 60  # a busy machine re-renders 16 cards slowly
+        while page.locator(".wb-card").count() != expected and time.monotonic() < deadline:
+            time.sleep(0.25)
         assert page.locator(".wb-card").count() == expected, name
+        time.sleep(1.5)  # any late event of the old form arrives by now
         no_error_shown(page)
     page.screenshot(path=str(shots / "presets.png"))
     assert editor_text(page).startswith("# The embedded default")
@@ -118,7 +121,8 @@ def test_a_form_edit_keeps_the_yaml_comments_and_top_k_zero_is_explained(page, s
 
     page.locator("#wb-add-expert").click()
     page.wait_for_selector("#wb-expert-4", timeout=30_000)
-    assert page.locator("#wb-expert-4 textarea").first.input_value() == "demo:smollm2-135m-instruct"
+    source = page.locator("#wb-expert-4").get_by_label("Source model")
+    assert source.input_value() == "demo:smollm2-135m-instruct"
     problems = page.inner_text("#wb-expert-4")
     assert "positive_prompts" in problems or "prompt" in problems
     assert editor_text(page).startswith("# The embedded default")

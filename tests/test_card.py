@@ -45,7 +45,7 @@ def test_front_matter_lists_hub_models_and_no_local_paths(tmp_path: Path) -> Non
     meta = front_matter(card)
     assert meta["license"] == "apache-2.0"
     assert meta["base_model"] == ["org/coder", "org/writer"]  # the Hub refuses non-ids there
-    assert "| 0 | org/coder |" in card and "on my-base" in card
+    assert "| 0 | code \\| pipes | org/coder |" in card and "on my-base" in card  # named by its prompt
     assert {"moe", "frankenmoe", "merge"} <= set(meta["tags"])
     assert str(tmp_path) not in card.split("## Recipe")[0]
 

@@ -54,7 +54,8 @@ def test_trace_json_matches_the_preview_for_an_identity_moe(models, capsys):
     preview = run_json(capsys, "preview", str(models["recipe"]), "--text", text, "--device", "cpu", "--json")
     assert set(traced) == {"command", "model", "trace", "summary"} and traced["trace"]["source"] == "model"
     assert traced["trace"]["topk_ids"] == preview["trace"]["topk_ids"]
-    assert traced["trace"]["expert_names"] == [str(models["base"])] * 4
+    labels = ["def add(a, b): return…", "Solve 2x + 3…", "Once upon a time…", "Hello! How are you…"]
+    assert traced["trace"]["expert_names"] == preview["trace"]["expert_names"] == labels
 
 
 def test_trace_prints_a_grid_and_writes_html(models, capsys, tmp_path):

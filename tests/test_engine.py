@@ -171,7 +171,9 @@ def test_unequal_models_share_nothing(pico_factory):
 
 def test_moe_entry_knows_its_experts(reg, base, moe):
     entry = reg.get(str(moe), device="cpu")
-    assert entry.is_moe and entry.top_k == 2 and entry.expert_names == [str(base)] * 4
+    # No names in the recipe: each expert is called by its first prompt (the build's recipe copy).
+    assert entry.is_moe and entry.top_k == 2 and len(entry.expert_names) == 4
+    assert len(set(entry.expert_names)) == 4 and str(base) not in entry.expert_names
     assert entry.base_ref == str(base) and not reg.get(str(base), device="cpu").is_moe
 
 

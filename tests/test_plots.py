@@ -162,6 +162,15 @@ def test_alignment_gate_and_divergence_figures():
     assert strip["data"][0]["marker"]["color"] == [colors[2], colors[0], colors[2]]
 
 
+def test_divergence_below_a_floor_says_identical_instead_of_drawing_noise():
+    """Copies of the base gave tall red bars on an axis of 1e-11 nats."""
+    noise = Divergence(torch.tensor([3e-12, 8e-11, 1e-12]), torch.tensor([2, 0, 2]), ["a", "b", "c"], NAMES)
+    fig = check_renderable(plots.divergence_figure(noise))
+    assert fig["data"] == [] and "identical to the base" in fig["layout"]["annotations"][0]["text"]
+    real = Divergence(torch.tensor([3e-12, 2e-6, 1e-12]), torch.tensor([2, 0, 2]), ["a", "b", "c"], NAMES)
+    assert len(check_renderable(plots.divergence_figure(real))["data"]) == 1
+
+
 def test_many_experts_get_distinct_colours():
     colors = plots.expert_colors(16)
     assert len(set(colors)) == 16 and all(re.fullmatch(r"#[0-9a-fA-F]{6}", c) for c in colors)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from workbench.recipe import Problem, parse_recipe
+from workbench.recipe import Problem, errors, parse_recipe
 from workbench.ui import design_logic, form, sizes
 
 PRESETS = sorted(Path(__file__).parent.parent.joinpath("presets").glob("*.yaml"))
@@ -47,7 +47,8 @@ def form_values(data: dict) -> tuple[list, list]:
     top = [data.get(k, "") if k != "experts_per_token" else data.get(k, 2) for k in form.TOP_KEYS]
     cards = [form.expert_fields(e) for e in data["experts"]]
     # The textboxes hand numbers back as text.
-    cards = [[*c[:3], "" if c[3] is None else str(c[3]), "" if c[4] is None else str(c[4])] for c in cards]
+    text = lambda v: "" if v is None else str(v)  # noqa: E731
+    cards = [[*c[:3], text(c[3]), text(c[4]), c[5]] for c in cards]
     return top, cards
 
 
@@ -58,6 +59,21 @@ def test_every_preset_round_trips_through_the_form(path):
     top, cards = form_values(data)
     again, problems = parse_recipe(form.data_yaml(form.form_data(data, top, cards), None))
     assert again == recipe
+
+
+def test_an_expert_name_round_trips_and_labels_the_expert():
+    data = {"base_model": "org/base", "experts": [
+        {"source_model": "org/a", "name": "code", "positive_prompts": ["def f(x): return x"]},
+        {"source_model": "org/b", "positive_prompts": ["Once upon a time there was a fox"]}]}
+    top, cards = form_values(data)
+    checked = design_logic.check(form.form_data(data, top, cards), None)
+    assert checked.recipe.experts[0].name == "code" and checked.recipe.experts[1].name is None
+    assert checked.recipe.expert_labels() == ["code", "Once upon a time…"]
+    assert "name: code" in checked.yaml
+    cards[0][5] = "x" * 41
+    too_long = design_logic.check(form.form_data(data, top, cards), None)
+    assert [p.path for p in errors(too_long.problems)] == ["experts[0].name"]
+    assert too_long.slots()["experts[0].source_model"]  # shown beside the name's field
 
 
 def test_form_keeps_scales_and_reports_bad_numbers_at_their_path():

@@ -125,10 +125,11 @@ def _prompts(prompts: list[str] | None) -> str:
 
 
 def _experts_table(recipe: Recipe, sources: dict[str, Any]) -> str:
-    rows = ["## Experts\n", "| # | model | positive prompts | negative prompts |", "|---|---|---|---|"]
-    for i, expert in enumerate(recipe.experts):
-        name = display_name(expert.source_model)
-        rows.append(f"| {i} | {_cell(name)} | {_prompts(expert.positive_prompts)} | "
+    rows = ["## Experts\n", "| # | name | model | positive prompts | negative prompts |",
+            "|---|---|---|---|---|"]
+    for i, (expert, label) in enumerate(zip(recipe.experts, recipe.expert_labels(), strict=True)):
+        model = display_name(expert.source_model)
+        rows.append(f"| {i} | {_cell(label)} | {_cell(model)} | {_prompts(expert.positive_prompts)} | "
                     f"{_prompts(expert.negative_prompts)} |")
     return "\n".join(rows) + "\n"
 

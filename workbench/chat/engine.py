@@ -31,13 +31,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import nn
 
 from workbench.chat.share import share_between, unique_bytes
 from workbench.device import pick_device
 from workbench.errors import SourceError
-from workbench.recipe import load_yaml
+from workbench.recipe import parse_recipe
 
 log = logging.getLogger(__name__)
 
@@ -127,18 +126,17 @@ def materialise(model: nn.Module) -> None:
 
 
 def _recipe_facts(folder: Path, experts: int) -> tuple[list[str], str | None]:
-    """(expert source models, base model) from a built MoE's recipe copy; generic names without one."""
+    """(expert labels, base model) from a built MoE's recipe copy; generic names without one."""
     generic = [f"expert {e}" for e in range(experts)]
     try:
-        data = load_yaml((folder / RECIPE_COPY).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        text = (folder / RECIPE_COPY).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
         return generic, None
-    if not isinstance(data, dict):
+    recipe, _ = parse_recipe(text)
+    if recipe is None:
         return generic, None
-    listed = data.get("experts") if isinstance(data.get("experts"), list) else []
-    names = [str(e.get("source_model")) for e in listed if isinstance(e, dict) and e.get("source_model")]
-    base = data.get("base_model")
-    return (names if len(names) == experts else generic), (str(base) if base else None)
+    names = recipe.expert_labels()
+    return (names if len(names) == experts else generic), recipe.base_model
 
 
 def load_model(ref: str, *, device: str = "auto", token: str | None = None,

@@ -139,7 +139,7 @@ def cmd_preview(args: argparse.Namespace) -> int:
     base = registry().get(recipe.base_model, device=args.device, token=env_token())
     gates = compute_gates(recipe, base.path, device=args.device, seed=args.seed, model=base.model,
                           tokenizer=base.tokenizer)
-    names = [e.source_model for e in recipe.experts]
+    names = recipe.expert_labels()
     trace = preview_routing(gates, base, args.text, recipe.experts_per_token, expert_names=names)
     summary = routing_summary(trace)
     prompted = all(e.positive_prompts for e in recipe.experts)  # random modes may have none

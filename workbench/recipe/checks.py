@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from workbench.recipe.compat import check_compatibility
 from workbench.recipe.schema import (
     MAX_EXPERTS,
+    MAX_NAME_CHARS,
     MAX_PROMPT_CHARS,
     MAX_PROMPTS_PER_SET,
     PROMPTLESS_MODES,
@@ -23,7 +24,8 @@ from workbench.recipe.schema import (
 
 def validate(recipe: Recipe, configs: Mapping[str, dict | ConfigUnavailable] | None = None) -> list[Problem]:
     """Every problem of a parsed recipe; with `configs` (ref -> config.json), compatibility too."""
-    problems = _check_counts(recipe) + _check_prompts(recipe) + _check_experts(recipe) + _check_text(recipe)
+    problems = (_check_counts(recipe) + _check_prompts(recipe) + _check_experts(recipe) + _check_names(recipe)
+                + _check_text(recipe))
     if configs is not None:
         problems += check_compatibility(recipe, configs)
     return problems
@@ -129,10 +131,30 @@ def _texts(recipe: Recipe) -> list[tuple[str, str]]:
     for group in ("experts", "shared_experts"):
         for i, expert in enumerate(getattr(recipe, group) or []):
             found.append((f"{group}[{i}].source_model", expert.source_model))
+            if expert.name:
+                found.append((f"{group}[{i}].name", expert.name))
             for key in ("positive_prompts", "negative_prompts"):
                 prompts = getattr(expert, key) or []
                 found += [(f"{group}[{i}].{key}[{j}]", text) for j, text in enumerate(prompts)]
     return found
+
+
+def _check_names(recipe: Recipe) -> list[Problem]:
+    out = []
+    for i, expert in enumerate(recipe.experts):
+        name = expert.name
+        if name is None:
+            continue
+        if not name.strip() or len(name) > MAX_NAME_CHARS or any(ord(c) < 32 for c in name):
+            out.append(Problem("error", f"experts[{i}].name", f"is {name!r}; a name is 1 to {MAX_NAME_CHARS} "
+                               "characters on one line", "write a short label such as 'code' or 'stories', "
+                               "or leave it out"))
+    names = [e.name.strip() for e in recipe.experts if e.name and e.name.strip()]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        out.append(Problem("warning", "experts", f"the name(s) {', '.join(twice)} are used more than once",
+                           "give each expert its own name, so that legends tell them apart"))
+    return out
 
 
 def _check_text(recipe: Recipe) -> list[Problem]:

@@ -41,6 +41,7 @@ class Expert(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     source_model: str
+    name: str | None = None  # workbench extension: what plots, tables and the card call it
     positive_prompts: list[str] | None = None
     negative_prompts: list[str] | None = None
     noise_scale: float | None = None
@@ -64,10 +65,33 @@ class Recipe(BaseModel):
         return all(e.source_model == self.base_model and not e.noise_scale and e.residual_scale in (None, 1)
                    for e in self.experts)
 
+    def expert_labels(self) -> list[str]:
+        """What every plot, table and card calls each expert: its `name`; else the gist of its
+        first positive prompt ("Write a Python function…"); else its source model's name.
+        Labels that come out equal get " (2)", " (3)" so a legend can tell them apart."""
+        labels, seen = [], {}
+        for expert in self.experts:
+            label = (expert.name or "").strip() or _gist(expert.positive_prompts) or \
+                expert.source_model.rstrip("/").split("/")[-1]
+            seen[label] = seen.get(label, 0) + 1
+            labels.append(label if seen[label] == 1 else f"{label} ({seen[label]})")
+        return labels
+
     def model_refs(self) -> list[str]:
         """Every distinct model reference, base first, in recipe order."""
         refs = [self.base_model] + [e.source_model for e in self.experts]
         return list(dict.fromkeys(refs))
+
+
+def _gist(prompts: list[str] | None, words: int = 4, chars: int = 28) -> str:
+    """The first few words of the first non-empty prompt, on one line."""
+    text = " ".join(next((p for p in prompts or [] if p.strip()), "").split())
+    short = " ".join(text.split(" ")[:words])
+    short = short if len(short) <= chars else short[:chars - 1].rstrip()
+    return short + ("…" if short != text else "")
+
+
+MAX_NAME_CHARS = 40
 
 
 Level = Literal["error", "warning"]

@@ -21,6 +21,6 @@ EXPORTS = {
     "routing_entropy": "analysis", "routing_summary": "analysis",
     "alignment_figure": "plots", "divergence_figure": "plots", "entropy_figure": "plots",
     "expert_load_figure": "plots", "gate_similarity_figure": "plots", "layer_probs_heatmap": "plots",
-    "routing_heatmap": "plots",
+    "routing_heatmap": "plots", "IDENTICAL_NATS": "plots",
 }
 __getattr__, __dir__ = face(__name__, EXPORTS)

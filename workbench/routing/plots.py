@@ -200,8 +200,23 @@ def gate_similarity_figure(diag: GateDiagnostics, names: list[str]) -> go.Figure
     return fig
 
 
+IDENTICAL_NATS = 1e-6  # KL below this is float rounding, not a difference a reader should see
+
+
 def divergence_figure(div: Divergence) -> go.Figure:
-    """KL(MoE || base) per reply token, each bar coloured by the expert that produced it."""
+    """KL(MoE || base) per reply token, each bar coloured by the expert that produced it.
+
+    Below IDENTICAL_NATS everywhere the bars are rounding noise (copies of the base give
+    1e-11): the figure then says the two models are identical instead of drawing them."""
+    largest = float(div.kl.max()) if len(div.kl) else 0.0
+    if largest < IDENTICAL_NATS:
+        fig = go.Figure()
+        fig.add_annotation(text=f"identical to the base: the largest KL is {largest:.1e} nats, "
+                                f"below {IDENTICAL_NATS:.0e}", showarrow=False, x=0.5, y=0.5,
+                           xref="paper", yref="paper", font={"size": 15})
+        fig.update_layout(template=TEMPLATE, title={"text": "Base vs MoE: KL of next-token distributions"},
+                          xaxis={"visible": False}, yaxis={"visible": False}, height=220)
+        return fig
     colors = expert_colors(len(div.expert_names))
     experts = div.top_expert.tolist()
     tokens = [token_label(t, 24) for t in div.tokens]

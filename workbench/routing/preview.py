@@ -76,7 +76,7 @@ def alignment_traces(recipe: Any, entry: Any, *, gates: Any = None) -> list[list
     """Traces of every expert's positive prompts, tokenised as the gates saw them, for
     `analysis.alignment`: routed by `gates` over the base `entry` (preview), or by the
     built MoE `entry` itself when `gates` is None."""
-    names = [e.source_model for e in recipe.experts]
+    names = recipe.expert_labels()
     out = []
     for expert in recipe.experts:
         traces = []

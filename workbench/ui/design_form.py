@@ -17,11 +17,9 @@ import gradio as gr
 from workbench.recipe import GATE_MODES
 from workbench.ui import design_logic, form, shared
 
-GATE_HELP = {"hidden": "mergekit default", "hidden_avg": "averaged states", "cheap_embed": "embeddings only",
-             "random": "no prompts", "uniform_random": "no prompts", "router_input": "workbench"}
 DTYPE_CHOICES = [("from the base model", ""), ("bfloat16", "bfloat16"), ("float16", "float16"),
                  ("float32", "float32")]
-FAMILY_CHOICES = [("Mixtral (default)", ""), ("Mixtral", "mixtral")]
+GATE_INFO = "how router rows come from the prompts; hidden is mergekit's default"
 MODEL_HELP = "a Hub id (org/name[@revision]), a local folder, or demo:smollm2-135m-instruct"
 
 
@@ -59,8 +57,9 @@ def render_form(out: DesignOutputs, demo: gr.Blocks) -> None:
         slot("base_model")
         with gr.Row(equal_height=True):
             mode = data.get("gate_mode", "hidden")
-            gate = gr.Dropdown([(f"{m} ({GATE_HELP[m]})", m) for m in GATE_MODES], value=mode, scale=3,
-                               label="Gate mode", info="how router rows come from the prompts",
+            # Plain mode names: "hidden (mergekit default)" did not fit the field.
+            gate = gr.Dropdown([(m, m) for m in GATE_MODES], value=mode, scale=3,
+                               label="Gate mode", info=GATE_INFO,
                                interactive=True, **_kept("gate_mode"))
             # No `minimum`: Gradio refuses a value under it before any handler runs, which left
             # 0 in the field, the YAML at 2 and every other edit dropped; validation says why.
@@ -68,12 +67,15 @@ def render_form(out: DesignOutputs, demo: gr.Blocks) -> None:
                           scale=1, info="top-k", interactive=True, **_kept("experts_per_token"))
             dtype = gr.Dropdown(DTYPE_CHOICES, value=data.get("dtype", ""), label="Output dtype", scale=1,
                                 info="of the weights", interactive=True, **_kept("dtype"))
-            family = gr.Dropdown(FAMILY_CHOICES, value=data.get("architecture", ""), label="Output family",
+            # One Mixtral entry, whether the recipe spells `architecture: mixtral` out or not.
+            family_value = data.get("architecture", "")
+            family = gr.Dropdown([("Mixtral", family_value)], value=family_value, label="Output family",
                                  scale=1, info="Qwen/DeepSeek later", interactive=True,
                                  **_kept("architecture"))
         slot("settings")
         top = [base, gate, dtype, k, family]  # form.TOP_KEYS order
-        cards = [_card(i, expert, slot) for i, expert in enumerate(experts)]
+        labels = design_logic.expert_labels(data)
+        cards = [_card(i, expert, labels[i], slot) for i, expert in enumerate(experts)]
         slot("experts")
         add = gr.Button("+ Add expert", size="sm", elem_id="wb-add-expert", **_kept("add"))
         # Which draft the browser's form was drawn from, sent with every field event.
@@ -87,8 +89,8 @@ class _Card:
     buttons: dict[str, gr.Button]
 
 
-def _card(i: int, expert: dict[str, Any], slot: Callable[[str], None]) -> _Card:
-    source, positive, negative, noise, residual = form.expert_fields(expert)
+def _card(i: int, expert: dict[str, Any], placeholder: str, slot: Callable[[str], None]) -> _Card:
+    source, positive, negative, noise, residual, name = form.expert_fields(expert)
     with gr.Column(elem_classes="wb-card", elem_id=f"wb-expert-{i}"):
         with gr.Row(elem_classes="wb-card-head"):
             gr.Markdown(f"### Expert {i + 1}", elem_classes="wb-card-title", **_kept(f"experts[{i}]:title"))
@@ -97,9 +99,12 @@ def _card(i: int, expert: dict[str, Any], slot: Callable[[str], None]) -> _Card:
                        for action, label, width in (("up", "↑", 40), ("down", "↓", 40),
                                                     ("duplicate", "Duplicate", 96), ("remove", "Remove", 84))}
         slot(f"experts[{i}]")
-        fields = [gr.Textbox(source, label="Source model", interactive=True,
-                             info="its MLPs become this expert; " + MODEL_HELP,
-                             **_kept(f"experts[{i}].source"))]
+        with gr.Row():
+            fields = [gr.Textbox(source, label="Source model", interactive=True, scale=3,
+                                 info="its MLPs become this expert; " + MODEL_HELP,
+                                 **_kept(f"experts[{i}].source"))]
+            named = gr.Textbox(name, label="Name", interactive=True, scale=1, placeholder=placeholder,
+                               info="in plots and the card; optional", **_kept(f"experts[{i}].name"))
         slot(f"experts[{i}].source_model")
         with gr.Row():
             with gr.Column():
@@ -120,6 +125,7 @@ def _card(i: int, expert: dict[str, Any], slot: Callable[[str], None]) -> _Card:
             fields.append(gr.Textbox(_number(residual), label="Residual scale", placeholder="none",
                                      interactive=True, info="multiplies its down projection",
                                      **_kept(f"experts[{i}].residual")))
+        fields.append(named)  # form.EXPERT_KEYS order: the name comes last
         slot(f"experts[{i}].scales")
     return _Card(fields, buttons)
 

@@ -87,6 +87,14 @@ def check(data: dict[str, Any], token: str | None, earlier: list[Problem] | None
     return Checked(data, recipe, problems, base_config)
 
 
+def expert_labels(data: dict[str, Any]) -> list[str]:
+    """What each expert of recipe data is called when it has no name (the form's placeholder)."""
+    recipe, _ = recipe_from_dict(data)
+    if recipe is not None:
+        return recipe.expert_labels()
+    return [f"expert {i}" for i in range(len(data.get("experts") or []))]
+
+
 def status_line(recipe: Recipe | None, problems: list[Problem]) -> str:
     """One line over the sizes: ready, or how many errors stand in the way."""
     bad, warn = len(errors(problems)), len(problems) - len(errors(problems))

@@ -20,7 +20,8 @@ from workbench.recipe import Problem, Recipe, dump_recipe
 
 EMPTY_PROMPT = '""'
 TOP_KEYS = ("base_model", "gate_mode", "dtype", "experts_per_token", "architecture")
-EXPERT_KEYS = ("source_model", "positive_prompts", "negative_prompts", "noise_scale", "residual_scale")
+EXPERT_KEYS = ("source_model", "positive_prompts", "negative_prompts", "noise_scale", "residual_scale",
+               "name")
 _ESCAPE = re.compile(r"\\(.)", re.DOTALL)
 
 
@@ -56,7 +57,7 @@ def expert_fields(expert: dict[str, Any]) -> list[Any]:
     """One expert dict as the values of its card's fields, in EXPERT_KEYS order."""
     return [expert.get("source_model", ""), encode_prompts(expert.get("positive_prompts")),
             encode_prompts(expert.get("negative_prompts")), expert.get("noise_scale"),
-            expert.get("residual_scale")]
+            expert.get("residual_scale"), expert.get("name", "")]
 
 
 def form_data(previous: dict[str, Any], top: Sequence[Any], cards: Sequence[Sequence[Any]]) -> dict[str, Any]:
@@ -71,10 +72,10 @@ def form_data(previous: dict[str, Any], top: Sequence[Any], cards: Sequence[Sequ
             data[key] = value
     data["experts"] = []
     for values in cards:
-        source, positive, negative, noise, residual = values
-        expert = {"source_model": (source or "").strip(), "positive_prompts": decode_prompts(positive),
-                  "negative_prompts": decode_prompts(negative), "noise_scale": _scale(noise),
-                  "residual_scale": _scale(residual)}
+        source, positive, negative, noise, residual, name = values
+        expert = {"source_model": (source or "").strip(), "name": (name or "").strip() or None,
+                  "positive_prompts": decode_prompts(positive), "negative_prompts": decode_prompts(negative),
+                  "noise_scale": _scale(noise), "residual_scale": _scale(residual)}
         data["experts"].append({k: v for k, v in expert.items() if v is not None})
     return _ordered(data)
 
@@ -135,6 +136,8 @@ def slot_for(path: str, expert_count: int) -> str:
         return f"experts[{index}].scales"
     if key in ("source_model", "positive_prompts", "negative_prompts"):
         return f"experts[{index}].{key}"
+    if key == "name":
+        return f"experts[{index}].source_model"  # the name sits beside the source model
     return f"experts[{index}]"
 
 

@@ -37,7 +37,7 @@ class Preview:
 
     @property
     def names(self) -> list[str]:
-        return [e.source_model for e in self.recipe.experts]
+        return self.recipe.expert_labels()
 
     @property
     def note(self) -> str:
@@ -115,7 +115,7 @@ def run_preview(yaml_text: str, text: str, *, token: str | None = None, device: 
     recipe = recipe_for_preview(yaml_text)
     entry = base_entry(recipe, token=token, device=device)
     gates = gates_for(recipe, entry)
-    names = [e.source_model for e in recipe.experts]
+    names = recipe.expert_labels()
     trace = preview_routing(gates, entry, text, recipe.experts_per_token, expert_names=names)
     return Preview(recipe, trace, gates, recipe.experts_copy_the_base(), time.perf_counter() - started)
 

@@ -25,8 +25,14 @@ class RoutingView:
         parts = [f"{t.num_tokens} tokens ({prompt} prompt, {t.num_tokens - prompt} generated) · {t.layers} "
                  f"layers · {t.experts} experts, top-{t.k} · routed by {what}"]
         if self.divergence is not None and len(self.divergence.kl):
+            from workbench.routing import IDENTICAL_NATS
+
             kl = self.divergence.kl
-            parts.append(f"mean KL(MoE ‖ base) {float(kl.mean()):.4f} nats, largest {float(kl.max()):.4f}")
+            if float(kl.max()) < IDENTICAL_NATS:
+                parts.append("replies identical to the base model's (KL below 1e-6 nats at every token)")
+            else:
+                parts.append(f"mean KL(MoE ‖ base) {float(kl.mean()):.4f} nats, "
+                             f"largest {float(kl.max()):.4f}")
         if self.note:
             parts.append(self.note)
         return " · ".join(parts)

@@ -51,7 +51,7 @@ def render(design: DesignTab, tab: gr.Tab) -> None:
 
         recipe, found = preview_logic.run_alignment(yaml_text, token=shared.user_token(oauth_token),
                                                     device=where)
-        names = [e.source_model for e in recipe.experts]
+        names = recipe.expert_labels()
         return preview_logic.alignment_summary(found), routing.alignment_figure(found, names)
 
     inputs = [design.yaml, text, device]
