@@ -188,6 +188,12 @@ def test_demo_build_runs_to_the_end_with_its_progress_bar(page):
     assert seen_bar, "no progress bar was shown during the build"
     assert "model.safetensors" in page.inner_text("#wb-build-summary")
     shot(page, "build")
+    # The same name again, without 'replace': said in the status, not left under "finished".
+    page.click("#wb-build")
+    status = wait_for_text(page, "#wb-build-status", ("Not started",), 30)
+    assert "browser-moe" in status and "exists" in status
+    assert page.inner_text("#wb-build-summary").strip() == ""
+    assert page.locator(".toast-body").count() == 0
 
 
 def test_both_chat_panes_stream_a_reply(page):

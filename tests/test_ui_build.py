@@ -119,3 +119,35 @@ def test_a_folder_sent_by_the_browser_must_be_one_of_the_sessions_builds(outputs
 def test_progress_text_reads_as_a_sentence(eta, text):
     event = jobs.JobEvent("progress", stage="write", fraction=0.4, eta_seconds=eta)
     assert build_logic.progress_text(event) == text
+
+
+class ScriptedJob:
+    """A job whose events are given: what a build with gates beside the copy reports."""
+
+    def __init__(self, events):
+        self.events = events
+
+    def stream(self, poll):
+        yield from self.events
+
+
+def test_the_bar_never_goes_back_and_the_log_names_each_stage_once():
+    """The bar reached 90% 'almost done' and restarted at 'Computing gates (0%)'; the log held
+    80 lines of '[gates] importing torch'."""
+    progress = lambda stage, f, m: jobs.JobEvent("progress", stage, f, m)  # noqa: E731
+    events = [progress("resolve", 0.0, "demo"), progress("resolve", 1.0, "ready")]
+    events += [progress("write", f / 10, f"tensor {f}") for f in range(10)]
+    events += [progress("gates", 0.0, "importing torch")] * 80
+    events += [progress("gates", 0.5, "running 6 prompt sets")] * 40 + [progress("gates", 1.0, "ready")]
+    events += [progress("write", 1.0, "routers"), progress("verify", 1.0, "verified"),
+               jobs.JobEvent("done", "done", 1.0, "built", result={"path": "x", "files": [], "total_bytes": 0,
+                                                                   "seconds": 1.0})]
+    views = list(build_logic.Follower(ScriptedJob(events), queue=None, interval=0.0).views())
+    bars = [v.fraction for v in views if v.fraction is not None]
+    assert bars == sorted(bars) and bars[-1] == 1.0
+    assert any("Computing gates" in v.description and v.fraction >= 0.85 for v in views)
+    log = views[-1].log.splitlines()
+    assert [line for line in log if line.startswith("[gates]")] == ["[gates] importing torch",
+                                                                     "[gates] done in under a second"]
+    assert len(log) < 12
+

@@ -60,6 +60,8 @@ class Follower:
     interval: float = 0.25
     lines: deque = field(default_factory=lambda: deque(maxlen=300))
     _last: float = 0.0
+    _stage: str | None = None  # the stage the log last named, and since when
+    _since: float = 0.0
 
     def views(self) -> Iterator[BuildView]:
         fraction, description = None, ""
@@ -73,15 +75,31 @@ class Follower:
             if event.kind == "log":
                 self.lines.append(event.message)
             elif event.kind == "progress":
-                fraction, description = event.fraction, progress_text(event)
-                self.lines.append(f"[{event.stage}] {event.message}")
+                # One bar for the whole build, never going back: the gates run beside the copy
+                # and report their own stage, which names the wait but does not move the bar.
+                fraction = max(fraction or 0.0, overall_fraction(event.stage, event.fraction))
+                description = progress_text(event)
+                self._log_stage(event)
             if event.kind in jobs.FINAL_KINDS:
+                self._log_stage(None)
                 yield self.final(event)
                 return
             if time.monotonic() - self._last >= self.interval:
                 self._last = time.monotonic()
                 # The progress bar drawn over the status box carries the stage and time left.
                 yield BuildView("", self.log, fraction, description)
+
+    def _log_stage(self, event: jobs.JobEvent | None) -> None:
+        """Each stage once in the log, with how long it took: not a line per progress event."""
+        now = time.monotonic()
+        stage = None if event is None else event.stage
+        if stage == self._stage:
+            return
+        if self._stage is not None:
+            self.lines.append(f"[{self._stage}] done in {format_seconds(now - self._since)}")
+        if event is not None:
+            self.lines.append(f"[{stage}] {event.message}")
+        self._stage, self._since = stage, now
 
     @property
     def log(self) -> str:
@@ -96,6 +114,17 @@ class Follower:
             return BuildView("■ Build cancelled; nothing was written.", self.log, finished=True)
         self.lines.append(f"error: {event.message}")
         return BuildView(f"✖ Build failed: {html.escape(event.message)}", self.log, finished=True)
+
+
+# Where each stage's own 0..1 sits on the build's one bar. The gates are computed beside the
+# write (the write waits for them at the routers), so they have no span of their own.
+SPANS = {"resolve": (0.0, 0.05), "demo": (0.0, 0.05), "write": (0.05, 0.95), "verify": (0.95, 1.0),
+         "done": (1.0, 1.0)}
+
+
+def overall_fraction(stage: str, fraction: float) -> float:
+    low, high = SPANS.get(stage, (0.0, 0.0))
+    return low + (high - low) * min(max(fraction, 0.0), 1.0)
 
 
 def progress_text(event: jobs.JobEvent) -> str:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import html
 from dataclasses import dataclass
 from pathlib import Path
 
 import gradio as gr
 
 from workbench import build, jobs
+from workbench.errors import WorkbenchError
 from workbench.ui import build_logic, shared
 from workbench.ui.tab_design import DesignTab
 
@@ -97,7 +99,11 @@ def _wire_build(design: DesignTab, ui: _Controls) -> None:
     @shared.user_errors
     def run(yaml_text: str, name: str, device: str, dtype: str, shard: str, replace: bool, mine: list,
             oauth_token: gr.OAuthToken | None = None, progress: gr.Progress = shared.PROGRESS):
-        request = build_logic.make_request(yaml_text, name, device, dtype, shard, replace)
+        try:
+            request = build_logic.make_request(yaml_text, name, device, dtype, shard, replace)
+        except WorkbenchError as exc:  # said where the old "Build finished" would still stand
+            yield {ui.status: f"✖ Not started: {html.escape(str(exc))}", ui.summary: ""}
+            return
         queue = jobs.default_queue()
         job = queue.submit(request, token=shared.user_token(oauth_token))
         yield {ui.job_id: job.id, ui.start: gr.Button(interactive=False),
