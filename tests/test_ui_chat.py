@@ -160,7 +160,7 @@ def test_the_gradio_handler_yields_pane_updates(fake, tmp_path):
     stream = _streamer("moe")
     history = [{"role": "user", "content": "hi"}]
     outputs = list(stream(history, str(moe), "org/base", "", 0.0, 1.0, 0, 16, 1.0, 0, "cpu", [str(moe)],
-                          request))
+                          None, request))
     final_history, stats, last = outputs[-1]
     assert final_history[-1]["content"].startswith("my-moe") and "tokens/s" in stats
     assert last["moe"] == str(moe)
@@ -178,3 +178,16 @@ def test_a_moe_the_session_may_not_use_is_refused(fake, tmp_path):
         list(chat_logic.reply("moe", "s", [{"role": "user", "content": "hi"}], str(tmp_path), "org/base", "",
                               SETTINGS, session_builds=[]))
     assert fake.opened == []
+
+
+def test_a_reply_that_waited_says_so_apart_from_its_first_token_time(fake):
+    """'0.58 s to first token' hid 5.5 s spent queued behind other users and the other pane."""
+    import time
+
+    history = [{"role": "user", "content": "hi"}]
+    waited = list(chat_logic.reply("base", "s", history, "", "org/base", "", SETTINGS,
+                                   sent_at=time.time() - 5.5))[-1]
+    assert waited.stats.startswith("queued 5.") and "to first token" in waited.stats
+    prompt = list(chat_logic.reply("base", "s", history, "", "org/base", "", SETTINGS,
+                                   sent_at=time.time()))[-1]
+    assert not prompt.stats.startswith("queued")

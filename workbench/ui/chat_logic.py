@@ -8,6 +8,7 @@ of a long prefill). Tokens are kept per (session, pane) in a small table, never 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +62,7 @@ _backend: Backend = EngineBackend()
 # Turns a pane keeps: every streamed token sends the pane's whole history back to the
 # browser, so a crafted history of 10,000 messages cost seconds per token.
 MAX_SHOWN = 200
+MIN_SHOWN_WAIT = 0.5  # seconds a reply waited (other users, the other pane) before it is mentioned
 NO_MOE = ("No MoE chosen yet: build one on the Build tab, then pick it in the MoE box above. "
           "The base model answers meanwhile.")
 DEFAULT_BASE = "demo:smollm2-135m-instruct"  # the Base box's value before any MoE is chosen
@@ -133,12 +135,14 @@ def conversation(system: str, history: list[Any]) -> list[dict[str, str]]:
 
 def reply(side: str, session: str, history: list[Any], moe: str, base: str, system: str,
           settings: SamplingSettings, *, token: str | None = None, device: str = "auto",
-          session_builds: list[str] | None = None) -> Iterator[PaneUpdate]:
+          session_builds: list[str] | None = None, sent_at: float | None = None) -> Iterator[PaneUpdate]:
     """Stream one pane's answer to the last user message in `history`.
 
     With `session_builds` (the handler passes them) the MoE folder, which arrives from the
-    browser, must be one this session may use.
+    browser, must be one this session may use. `sent_at` (time.time() when the user sent the
+    message) lets the stats say how long the reply waited before it started.
     """
+    waited = max(0.0, time.time() - sent_at) if sent_at else 0.0
     if not moe and side == "moe":
         yield PaneUpdate(shared.chat_messages(history)[-MAX_SHOWN:], NO_MOE)
         return
@@ -170,7 +174,8 @@ def reply(side: str, session: str, history: list[Any], moe: str, base: str, syst
                     "prompt_ids": backend().prompt_ids(stream), "reply_ids": list(result.token_ids)}
         dropped = getattr(stream.prompt, "dropped_messages", 0)
         left_out = f" · the {dropped} oldest messages were left out to fit the context" if dropped else ""
-        yield PaneUpdate(history, stats_line(result.stats) + left_out, last)
+        queued = f"queued {waited:.1f} s · " if waited >= MIN_SHOWN_WAIT else ""
+        yield PaneUpdate(history, queued + stats_line(result.stats) + left_out, last)
     finally:
         _release(session, side, cancel)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -95,11 +96,11 @@ def _streamer(side: str):
     @shared.user_errors
     def stream(history: list, moe: str, base: str, system: str, temperature: float, top_p: float,
                top_k: float, max_new: float, penalty: float, seed: float, device: str, mine: list,
-               request: gr.Request, oauth_token: gr.OAuthToken | None = None):
+               sent: float | None, request: gr.Request, oauth_token: gr.OAuthToken | None = None):
         settings = _settings(temperature, top_p, top_k, max_new, penalty, seed)
         for update in chat_logic.reply(side, request.session_hash or "", history, moe, base, system, settings,
                                        token=shared.user_token(oauth_token), device=device,
-                                       session_builds=mine):
+                                       session_builds=mine, sent_at=sent):
             out = [update.history, update.stats]
             yield (*out, update.last) if side == "moe" and update.last is not None else (*out, gr.skip())
 
@@ -110,21 +111,22 @@ def _wire(panes: list[_Pane], message: gr.Textbox, send: gr.Button, stop_both: g
           regenerate: gr.Button, clear: gr.Button, moe: gr.Dropdown, base: gr.Textbox,
           settings: list, last: gr.State, builds: gr.State) -> None:
     base_pane, moe_pane = panes
+    sent = gr.State(None)  # when the message was sent: a reply's stats say how long it waited
 
     def streams(after: Any) -> None:
         for pane in panes:
-            after.success(_streamer(pane.side), [pane.chat, moe, base, *settings, builds],
+            after.success(_streamer(pane.side), [pane.chat, moe, base, *settings, builds, sent],
                           [pane.chat, pane.stats, last], concurrency_id="chat", concurrency_limit=4,
                           show_progress="hidden")
 
     @shared.user_errors
     def submit(text: str, base_history: list, moe_history: list) -> tuple:
         base_history, moe_history = chat_logic.add_user(text, base_history, moe_history)
-        return "", base_history, moe_history
+        return "", base_history, moe_history, time.time()
 
     for trigger in (send.click, message.submit):
         streams(trigger(submit, [message, base_pane.chat, moe_pane.chat],
-                        [message, base_pane.chat, moe_pane.chat], show_progress="hidden"))
+                        [message, base_pane.chat, moe_pane.chat, sent], show_progress="hidden"))
 
     def stopper(sides: tuple[str, ...]):
         def stop(request: gr.Request) -> None:
@@ -138,11 +140,11 @@ def _wire(panes: list[_Pane], message: gr.Textbox, send: gr.Button, stop_both: g
     def again(base_history: list, moe_history: list, seed: float) -> tuple:
         # A new seed, shown in the settings: the regenerated reply is itself reproducible.
         drop = chat_logic.drop_last_reply
-        return drop(base_history), drop(moe_history), int(seed or 0) + 1
+        return drop(base_history), drop(moe_history), int(seed or 0) + 1, time.time()
 
     seed = settings[6]
     histories = [base_pane.chat, moe_pane.chat]
-    streams(regenerate.click(again, [*histories, seed], [*histories, seed], show_progress="hidden"))
+    streams(regenerate.click(again, [*histories, seed], [*histories, seed, sent], show_progress="hidden"))
     clear.click(lambda: ([], [], "", "", None), None, [base_pane.chat, moe_pane.chat, base_pane.stats,
                                                       moe_pane.stats, last], show_progress="hidden")
 
