@@ -6,6 +6,7 @@ import ast
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import gradio as gr
@@ -158,3 +159,38 @@ def test_gpu_decorator_is_a_no_op_without_spaces_and_uses_it_when_present(tmp_pa
     monkeypatch.syspath_prepend(str(tmp_path))
     decorated = gpu(duration=77)(lambda: 1)
     assert decorated.zero_gpu == 77
+
+
+def test_watched_work_returns_its_result_and_passes_its_errors_on():
+    assert list(shared.watched(lambda cancel: 42, pulse=0.01)) == [42]
+    pulses = list(shared.watched(lambda cancel: time.sleep(0.2) or "done", pulse=0.05))
+    assert pulses[-1] == "done" and None in pulses[:-1]
+    with pytest.raises(WorkbenchError, match="bad recipe"):
+        list(shared.watched(lambda cancel: (_ for _ in ()).throw(WorkbenchError("bad recipe"))))
+
+
+def test_watched_work_stops_when_its_client_stops_pulling():
+    """A 64 x 64-prompt preview kept computing ~40 s after its client left."""
+    checks = []
+
+    def long_work(cancel):
+        for _ in range(200):  # 20 s unless stopped
+            checks.append(1)
+            cancel.check()
+            time.sleep(0.1)
+
+    closed = shared.watched(long_work, pulse=0.05)
+    next(closed)
+    closed.close()  # Gradio closes the generator of a client that went away
+    time.sleep(0.5)
+    stopped_at = len(checks)
+    time.sleep(0.5)
+    assert len(checks) == stopped_at < 20
+
+    checks.clear()
+    abandoned = shared.watched(long_work, pulse=0.05, abandoned=0.3)
+    next(abandoned)  # pulled once, then never again (not closed either)
+    time.sleep(1.2)
+    stopped_at = len(checks)
+    time.sleep(0.5)
+    assert len(checks) == stopped_at < 15

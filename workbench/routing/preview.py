@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from workbench.gates import router_inputs
+from workbench.progress import CancelToken
 from workbench.routing.trace import RouterTrace, TraceError, encode_text, route, token_strings, trace_text
 
 
@@ -72,7 +73,8 @@ def prompt_text(tokenizer: Any, prompt: str) -> str:
     return (tokenizer.bos_token or "") + prompt
 
 
-def alignment_traces(recipe: Any, entry: Any, *, gates: Any = None) -> list[list[RouterTrace]]:
+def alignment_traces(recipe: Any, entry: Any, *, gates: Any = None,
+                     cancel: CancelToken | None = None) -> list[list[RouterTrace]]:
     """Traces of every expert's positive prompts, tokenised as the gates saw them, for
     `analysis.alignment`: routed by `gates` over the base `entry` (preview), or by the
     built MoE `entry` itself when `gates` is None."""
@@ -81,6 +83,8 @@ def alignment_traces(recipe: Any, entry: Any, *, gates: Any = None) -> list[list
     for expert in recipe.experts:
         traces = []
         for prompt in expert.positive_prompts or []:
+            if cancel is not None:
+                cancel.check()  # up to 64 x 64 forwards: stop between them when asked
             text = prompt_text(entry.tokenizer, prompt)
             if gates is not None:
                 traces.append(preview_routing(gates, entry, text, recipe.experts_per_token,

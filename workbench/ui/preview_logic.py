@@ -16,6 +16,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
+from workbench.progress import CancelToken
 from workbench.recipe import Recipe, RecipeError, errors, parse_recipe, validate
 from workbench.ui import shared
 
@@ -90,12 +91,13 @@ def cache_key(recipe: Recipe, entry: Any) -> str:
     return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()
 
 
-def gates_for(recipe: Recipe, entry: Any) -> Any:
+def gates_for(recipe: Recipe, entry: Any, cancel: CancelToken | None = None) -> Any:
     from workbench.gates import compute_gates
 
     def make() -> Any:
         with entry.lock:  # one forward at a time in this process (the engine's rule)
-            return compute_gates(recipe, entry.path, model=entry.model, tokenizer=entry.tokenizer, seed=0)
+            return compute_gates(recipe, entry.path, model=entry.model, tokenizer=entry.tokenizer, seed=0,
+                                 cancel=cancel)
 
     return _gates.get(cache_key(recipe, entry), make)
 
@@ -107,28 +109,32 @@ def base_entry(recipe: Recipe, *, token: str | None, device: str) -> Any:
     return registry().get(recipe.base_model, device=device, token=token)
 
 
-def run_preview(yaml_text: str, text: str, *, token: str | None = None, device: str = "auto") -> Preview:
-    """Route `text` the way the recipe's MoE would, from the base model alone."""
+def run_preview(yaml_text: str, text: str, *, token: str | None = None, device: str = "auto",
+                cancel: CancelToken | None = None) -> Preview:
+    """Route `text` the way the recipe's MoE would, from the base model alone; `cancel` stops
+    the gates between prompt sets (a preview whose client left)."""
     from workbench.routing import preview_routing
 
     started = time.perf_counter()
     recipe = recipe_for_preview(yaml_text)
     entry = base_entry(recipe, token=token, device=device)
-    gates = gates_for(recipe, entry)
+    gates = gates_for(recipe, entry, cancel)
     names = recipe.expert_labels()
     trace = preview_routing(gates, entry, text, recipe.experts_per_token, expert_names=names)
     return Preview(recipe, trace, gates, recipe.experts_copy_the_base(), time.perf_counter() - started)
 
 
-def run_alignment(yaml_text: str, *, token: str | None = None, device: str = "auto") -> tuple[Recipe, Any]:
+def run_alignment(yaml_text: str, *, token: str | None = None, device: str = "auto",
+                  cancel: CancelToken | None = None) -> tuple[Recipe, Any]:
     """The recipe's prompt-to-expert alignment: its own positive prompts routed by its gates."""
     from workbench.routing import alignment, alignment_traces
 
     recipe = recipe_for_preview(yaml_text)
     entry = base_entry(recipe, token=token, device=device)
-    gates = gates_for(recipe, entry)
+    gates = gates_for(recipe, entry, cancel)
     key = cache_key(recipe, entry)
-    return recipe, _alignments.get(key, lambda: alignment(alignment_traces(recipe, entry, gates=gates)))
+    return recipe, _alignments.get(key, lambda: alignment(alignment_traces(recipe, entry, gates=gates,
+                                                                           cancel=cancel)))
 
 
 def probe_examples() -> list[str]:

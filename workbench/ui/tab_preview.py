@@ -39,20 +39,29 @@ def render(design: DesignTab, tab: gr.Tab) -> None:
 
         progress(0.1, desc="Loading the base model and computing gates")
         token = shared.user_token(oauth_token)
-        result = preview_logic.run_preview(yaml_text, probe, token=token, device=where)
-        return (gr.Markdown(result.note, visible=True), result.summary(),
-                routing.routing_heatmap(result.trace),
-                routing.gate_similarity_figure(result.gates.diagnostics, result.names))
+        for result in shared.watched(lambda cancel: preview_logic.run_preview(
+                yaml_text, probe, token=token, device=where, cancel=cancel)):
+            if result is None:  # still computing: a pulse that lets a vanished client stop it
+                yield (gr.skip(),) * 4
+                continue
+            yield (gr.Markdown(result.note, visible=True), result.summary(),
+                   routing.routing_heatmap(result.trace),
+                   routing.gate_similarity_figure(result.gates.diagnostics, result.names))
 
     @gpu(duration=60)
     @shared.user_errors
-    def alignment(yaml_text: str, where: str, oauth_token: gr.OAuthToken | None = None) -> tuple:
+    def alignment(yaml_text: str, where: str, oauth_token: gr.OAuthToken | None = None):
         from workbench import routing
 
-        recipe, found = preview_logic.run_alignment(yaml_text, token=shared.user_token(oauth_token),
-                                                    device=where)
-        names = recipe.expert_labels()
-        return preview_logic.alignment_summary(found), routing.alignment_figure(found, names)
+        token = shared.user_token(oauth_token)
+        for done in shared.watched(lambda cancel: preview_logic.run_alignment(
+                yaml_text, token=token, device=where, cancel=cancel)):
+            if done is None:
+                yield gr.skip(), gr.skip()
+                continue
+            recipe, found = done
+            figure = routing.alignment_figure(found, recipe.expert_labels())
+            yield preview_logic.alignment_summary(found), figure
 
     inputs = [design.yaml, text, device]
     outputs = [note, summary, heatmap, similarity]
