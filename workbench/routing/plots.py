@@ -56,9 +56,9 @@ def expert_label(e: int, names: list[str], width: int = 40) -> str:
     return html.escape(f"e{e} {short}".strip())
 
 
-def _token_axis(fig: go.Figure, tokens: list[str], **where: int) -> None:
-    """Token strings as x tick labels, thinned so that at most MAX_TICK_LABELS show."""
-    step = max(1, -(-len(tokens) // MAX_TICK_LABELS))
+def _token_axis(fig: go.Figure, tokens: list[str], most: int = MAX_TICK_LABELS, **where: int) -> None:
+    """Token strings as x tick labels, thinned so that at most `most` show."""
+    step = max(1, -(-len(tokens) // most))
     ticks = list(range(0, len(tokens), step))
     fig.update_xaxes(tickmode="array", tickvals=ticks, ticktext=[token_label(tokens[i]) for i in ticks],
                      tickangle=-60, **where)
@@ -126,7 +126,7 @@ def layer_probs_heatmap(trace: RouterTrace, layer: int) -> go.Figure:
         hovertemplate="token %{x}: %{customdata}<br>%{y}<br>p = %{z:.3f}<extra></extra>",
         colorbar={"title": {"text": "probability"}},
     ))
-    _token_axis(fig, trace.tokens)
+    _token_axis(fig, trace.tokens, most=MAX_TICK_LABELS // 3)  # a half-width panel: fewer labels
     _prompt_boundary(fig, trace)
     fig.update_layout(template=TEMPLATE, title={"text": f"Router probabilities at layer {layer}"},
                       margin={"b": 120})
@@ -184,7 +184,8 @@ def gate_similarity_figure(diag: GateDiagnostics, names: list[str]) -> go.Figure
     """Mean expert-expert cosine of the gates, and each layer's condition number."""
     labels = [expert_label(e, names, 24) for e in range(len(names))]
     conds = np.array([c if np.isfinite(c) else np.nan for c in diag.condition_numbers])
-    fig = make_subplots(rows=1, cols=2, column_widths=[0.45, 0.55],
+    # Room between and above the two panels: their titles overlapped each other and the figure's.
+    fig = make_subplots(rows=1, cols=2, column_widths=[0.45, 0.55], horizontal_spacing=0.2,
                         subplot_titles=["gate cosine (mean over layers)", "condition number per layer"])
     fig.add_trace(go.Heatmap(z=np.array(diag.mean_cosine), x=labels, y=labels, zmin=-1, zmax=1,
                              colorscale="RdBu", reversescale=True, texttemplate="%{z:.2f}", showscale=False,
@@ -195,8 +196,10 @@ def gate_similarity_figure(diag: GateDiagnostics, names: list[str]) -> go.Figure
     fig.add_hline(y=CONDITION_WARN, line_dash="dash", line_color="#EF553B", row=1, col=2)
     fig.update_yaxes(autorange="reversed", row=1, col=1)
     fig.update_xaxes(title={"text": "layer"}, row=1, col=2)
+    fig.update_annotations(font_size=12, yshift=8)
     fig.update_layout(template=TEMPLATE, title={"text": f"Gate similarity (condition > {CONDITION_WARN:g}: "
-                                                        "prompts too similar)"})
+                                                        "prompts too similar)", "y": 0.97},
+                      margin={"t": 110, "b": 110})
     return fig
 
 
