@@ -56,6 +56,18 @@ def test_the_app_has_the_five_tabs_in_order():
     assert labels == ["1 · Design", "2 · Preview", "3 · Build", "4 · Chat", "5 · Routing"]
 
 
+def test_the_design_checks_of_one_session_never_queue_behind_another():
+    """With Gradio's default limit of 1 per listener, one session's first read of a Hub config
+    held up every other session's per-keystroke check."""
+    from workbench.ui.blocks import create_app
+
+    demo = create_app()
+    checks = [fn for fn in demo.fns.values() if getattr(fn.fn, "__name__", "") in ("yaml_edited",
+                                                                                   "preset_chosen")]
+    assert len(checks) >= 3  # the editor, the preset and the page's load
+    assert all(fn.concurrency_limit is None for fn in checks)
+
+
 def test_on_a_space_without_oauth_there_is_no_sign_in_and_no_owner_token(monkeypatch):
     from workbench.ui.blocks import create_app
 

@@ -171,7 +171,8 @@ def _wire(out: DesignOutputs, top: list[Any], cards: list[_Card], slots: dict[st
     # would go unvalidated.
     for component in fields:
         component.change(edited, {out.draft, out.revision, drawn, out.yaml, *fields}, updates,
-                         show_progress="hidden", trigger_mode="always_last", key=f"edited:{component.key}")
+                         show_progress="hidden", trigger_mode="always_last", key=f"edited:{component.key}",
+                         concurrency_limit=None)  # light, like the YAML's checks (tab_design)
 
     def structural(action: str, index: int) -> Callable[..., dict]:
         @shared.user_errors

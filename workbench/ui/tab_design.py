@@ -58,8 +58,11 @@ def _wire(demo: gr.Blocks, out: DesignOutputs, preset: gr.Dropdown, about: gr.Ma
         return update
 
     everything = {out.draft, out.revision, out.yaml_problems, out.summary}
+    # The per-keystroke checks are light and each session's own run one at a time (the browser
+    # sends the next only when the last is done), so sessions never queue behind each other:
+    # with the default limit of 1, one session's first read of a Hub config held up everyone's.
     out.yaml.input(yaml_edited, [out.yaml, out.draft], everything, show_progress="hidden",
-                   trigger_mode="always_last")
+                   trigger_mode="always_last", concurrency_limit=None)
 
     @shared.user_errors
     def preset_chosen(name: str, oauth_token: gr.OAuthToken | None = None) -> dict:
@@ -69,8 +72,8 @@ def _wire(demo: gr.Blocks, out: DesignOutputs, preset: gr.Dropdown, about: gr.Ma
                 out.yaml_problems: checked.problems_html, out.summary: checked.summary(),
                 about: design_logic.preset_description(text)}
 
-    preset.input(preset_chosen, [preset], everything | {out.yaml, about})
+    preset.input(preset_chosen, [preset], everything | {out.yaml, about}, concurrency_limit=None)
 
     # The form renders at once on load; the models' configs (the demo model may first need
     # dequantising) are read after, and may add compatibility problems.
-    demo.load(yaml_edited, [out.yaml, out.draft], everything, show_progress="hidden")
+    demo.load(yaml_edited, [out.yaml, out.draft], everything, show_progress="hidden", concurrency_limit=None)
