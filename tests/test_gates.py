@@ -19,7 +19,7 @@ from workbench.device import pick_device
 from workbench.errors import Cancelled, GateError, WorkbenchError
 from workbench.gates import compute_gates, diagnose, lazy_weights
 from workbench.gates import forward as base_forward
-from workbench.gates.compute import gate_rows, prompt_states, reduce_states
+from workbench.gates.compute import combine_rows, prompt_states, reduce_states
 from workbench.gates.forward import MAX_PROMPT_TOKENS, tokenize_prompts
 from workbench.gates.rows import cast
 from workbench.progress import CancelToken
@@ -220,10 +220,24 @@ def test_tokenizer_without_bos_adds_no_bos_and_pads_with_eos(pico_tokenizer):
 
 
 def test_gate_rows_subtracts_then_normalises():
-    pos, neg = torch.tensor([[3.0, 4.0], [1.0, 0.0]]), torch.tensor([[0.0, 4.0], [1.0, 0.0]])
-    torch.testing.assert_close(gate_rows(pos, None), torch.tensor([[0.6, 0.8], [1.0, 0.0]]))
+    pos, neg = [torch.tensor([3.0, 4.0]), torch.tensor([1.0, 0.0])], [None, torch.tensor([1.0, 0.0])]
+    torch.testing.assert_close(combine_rows(pos, [None, None], center=False),
+                               torch.tensor([[0.6, 0.8], [1.0, 0.0]]))
     # The second row cancels to zero: the 1e-8 floor keeps it finite instead of NaN.
-    torch.testing.assert_close(gate_rows(pos, neg), torch.tensor([[1.0, 0.0], [0.0, 0.0]]))
+    torch.testing.assert_close(combine_rows(pos, neg, center=False), torch.tensor([[0.6, 0.8], [0.0, 0.0]]))
+
+
+def test_centred_rows_lose_the_direction_every_expert_shares():
+    # Mostly the common direction (10, 0): plain rows nearly agree; centred, what tells them apart stays.
+    pos = [torch.tensor([10.0, 1.0]), torch.tensor([10.0, -1.0]), torch.tensor([2.0, 0.0])]
+    neg = [None, None, torch.tensor([12.0, 0.0])]
+    plain = combine_rows(pos, neg, center=False)
+    assert float(plain[0] @ plain[1]) > 0.97 and float(plain[0] @ plain[2]) < -0.97
+    # An expert without negatives is measured from the mean positive state; one with them, as before.
+    mean = torch.stack(pos).mean(0)
+    torch.testing.assert_close(combine_rows(pos, neg, center=True),
+                               torch.stack([(pos[0] - mean) / (pos[0] - mean).norm(),
+                                            (pos[1] - mean) / (pos[1] - mean).norm(), plain[2]]))
 
 
 @pytest.mark.parametrize("mode", ["random", "uniform_random"])

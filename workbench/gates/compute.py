@@ -16,6 +16,10 @@ Modes:
   implementation; the model loads with transformers' default, as mergekit's does).
 - `cheap_embed`: the sum of the set's token embeddings; the same row on every layer.
 - `random` / `uniform_random`: seeded noise; prompts are ignored.
+- `fitted` (workbench extension): per layer, a linear router fitted on the router input of
+  every token of every prompt (`workbench.gates.fit`, states from `workbench.gates.bank`).
+- `center_gates` (workbench extension, prompt-mean modes): the mean raw row over experts is
+  subtracted before normalising, which removes the direction common to all text.
 - `router_input` (workbench extension): the state the router of layer l really sees.
   A Mixtral router scores the output of layer l's post_attention_layernorm (after
   attention, RMS-normed and scaled by the norm's weight), whereas `hidden` gates come
@@ -66,9 +70,19 @@ def normalise(v: Tensor) -> Tensor:
     return v / v.norm(p=2, dim=-1, keepdim=True).clamp(min=1e-8)
 
 
-def gate_rows(pos: Tensor, neg: Tensor | None) -> Tensor:
-    """normalise(pos - neg), the negative term only when there is one; (..., H) -> (..., H)."""
-    return normalise(pos if neg is None else pos - neg)
+def combine_rows(pos: Sequence[Tensor], neg: Sequence[Tensor | None], *, center: bool) -> Tensor:
+    """Each expert's mean positive and negative state (..., H) -> gate rows (..., E, H):
+    normalise(m(P) - m(N)), the negative term only where there are negatives (mergekit).
+
+    Centred, an expert without negatives is measured from the mean positive state over all
+    experts instead of from zero: its row then loses the direction common to all text,
+    as the rows of experts with negatives already do. With no negatives anywhere this is
+    subtracting the mean row over experts before normalising.
+    """
+    mean = torch.stack(list(pos)).mean(dim=0) if center else None
+    raw = [p - n if n is not None else p - mean if mean is not None else p
+           for p, n in zip(pos, neg, strict=True)]
+    return normalise(torch.stack(raw, dim=-2))
 
 
 def reduce_states(states: Tensor, attention_mask: Tensor, *, average: bool) -> Tensor:
@@ -114,14 +128,15 @@ def _dimensions(model: torch.nn.Module | None, base_path: Path) -> tuple[int, in
         raise GateError(f"cannot read layers and hidden size from {base_path}/config.json: {exc!r}") from exc
 
 
-def _expert_rows(
+def _expert_states(
     batches: list[tuple[dict, dict | None]],
     state: Callable[[dict[str, Tensor]], Tensor],
     on_progress: ProgressFn,
     cancel: CancelToken,
-) -> list[Tensor]:
-    """One gate row (L, H) or (H,) per expert; a progress event per set, a cancel check before each."""
-    rows = []
+) -> tuple[list[Tensor], list[Tensor | None]]:
+    """Each expert's positive and negative set state, (L, H) or (H,); a progress event per
+    set, a cancel check before each."""
+    pos, neg = [], []
     total, done = sum(1 + (neg is not None) for _, neg in batches), 0
     for e, pair in enumerate(batches):
         states = []
@@ -132,8 +147,9 @@ def _expert_rows(
             states.append(state(batch))
             done += 1
             on_progress(Progress("gates", done / total, f"expert {e + 1}/{len(batches)}: {label} prompts"))
-        rows.append(gate_rows(states[0], states[1] if len(states) > 1 else None))
-    return rows
+        pos.append(states[0])
+        neg.append(states[1] if len(states) > 1 else None)
+    return pos, neg
 
 
 def compute_gates(
@@ -162,7 +178,10 @@ def compute_gates(
         on_progress(Progress("gates", 1.0, f"{mode} gates, seed {seed}"))
         return Gates(vectors, mode, diagnose(vectors))
 
-    batches = expert_batches(recipe, tokenizer if tokenizer is not None else load_tokenizer(base_path))
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(base_path)
+    if mode == "fitted":
+        return _fitted(recipe, base_path, device, model, tokenizer, on_progress, cancel)
+    batches = expert_batches(recipe, tokenizer)
     cancel.check()
     owned = model is None and mode != "cheap_embed"
     if mode == "cheap_embed":
@@ -189,16 +208,57 @@ def compute_gates(
                 # Reduced layer by layer as the forward goes: (B, T, H) -> (H,), never (L, B, T, H).
                 return layer_inputs(model, batch, lambda h: reduce_states(h[None], mask, average=True)[0])
     try:
-        rows = _expert_rows(batches, state, on_progress, cancel)
+        pos, neg = _expert_states(batches, state, on_progress, cancel)
     finally:
         if owned:
             del model  # the closure's reference goes with it
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-    vectors = torch.stack(rows, dim=-2).to(torch.float32)  # (L, E, H), or (E, H) for cheap_embed
-    if mode == "cheap_embed":
+    vectors = combine_rows(pos, neg, center=bool(recipe.center_gates)).to(torch.float32)
+    if mode == "cheap_embed":  # (E, H) -> (L, E, H)
         vectors = vectors.unsqueeze(0).repeat(layers, 1, 1)
+    return _done(vectors, mode)
+
+
+def _done(vectors: Tensor, mode: str) -> Gates:
     gates = Gates(vectors.contiguous(), mode, diagnose(vectors))
     log.info("gates %s: %s, %d warning(s)", mode, tuple(vectors.shape), len(gates.diagnostics.warnings))
     return gates
+
+
+def _fitted(recipe: Recipe, base_path: Path, device: str, model: torch.nn.Module | None, tokenizer: Any,
+            on_progress: ProgressFn, cancel: CancelToken) -> Gates:
+    """`fitted` gates: every prompt's router inputs (probes left out), then the fitted router."""
+    from workbench.gates.bank import collect
+    from workbench.gates.fit import fit_router
+    from workbench.gates.forward import NoRouterInput
+
+    owned = model is None
+    if owned:
+        on_progress(Progress("gates", 0.0, "loading the base model"))
+        model = load_base(base_path, device)
+    try:
+        bank = collect(model, tokenizer, recipe, probes=False, cancel=cancel,
+                       on_progress=lambda e: on_progress(Progress("gates", 0.8 * e.fraction, e.message)))
+        where = _input_device(model)
+    except NoRouterInput as exc:
+        raise GateError(f"gate_mode fitted: {exc}; use gate_mode hidden") from exc
+    finally:
+        if owned:
+            del model
+            gc.collect()
+    on_progress(Progress("gates", 0.8, f"fitting a router on {sum(p.tokens.shape[1] for p in bank.prompts)} "
+                                       f"prompt tokens per layer"))
+    cancel.check()
+    experts = range(bank.experts)
+    positives = [torch.cat([p.tokens for p in bank.of(e, "positive")], 1) for e in experts]
+    negatives = [torch.cat([p.tokens for p in ns], 1) if (ns := bank.of(e, "negative")) else None
+                 for e in experts]
+    return _done(fit_router(positives, negatives, device=where), "fitted")
+
+
+def _input_device(model: torch.nn.Module) -> torch.device:
+    """Where the fit runs: the base's device (a streamed base's parameters are on meta)."""
+    found = next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
+    return found

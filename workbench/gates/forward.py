@@ -75,11 +75,12 @@ def expert_batches(recipe: Recipe, tokenizer: Any) -> list[tuple[dict, dict | No
     return batches
 
 
-class _StopForward(Exception):
-    """Raised from a hook once a forward has given every state the gates need; caught in `_run`."""
+class StopForward(Exception):
+    """Raised from a hook once a forward has given every state the gates need; caught in
+    `run_forward`."""
 
 
-def _decoder_layers(model: nn.Module) -> nn.ModuleList:
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The model's decoder layers: the one ModuleList named `layers` with num_hidden_layers entries."""
     count = int(model.config.num_hidden_layers)
     found = [module for name, module in model.named_modules() if name.rsplit(".", 1)[-1] == "layers"
@@ -90,8 +91,8 @@ def _decoder_layers(model: nn.Module) -> nn.ModuleList:
     return found[0]
 
 
-def _run(model: nn.Module, batch: dict[str, Tensor]) -> None:
-    """One forward over `batch`, until a hook raises _StopForward; a forward that ends without
+def run_forward(model: nn.Module, batch: dict[str, Tensor]) -> None:
+    """One forward over `batch`, until a hook raises StopForward; a forward that ends without
     one missed a state and is an error."""
     device = _input_device(model)
     inputs = {k: v.to(device) for k, v in batch.items()}
@@ -99,7 +100,7 @@ def _run(model: nn.Module, batch: dict[str, Tensor]) -> None:
         with torch.no_grad():
             # logits_to_keep=1: should a stop be missed, the lm_head makes one position, not (B, T, V).
             model(**inputs, use_cache=False, logits_to_keep=1)
-    except _StopForward:
+    except StopForward:
         return
     raise GateError("the base model's forward never reached its last decoder layer; the gates need its input")
 
@@ -117,18 +118,18 @@ def layer_inputs(model: nn.Module, batch: dict[str, Tensor], reduce: Callable[[T
     decoder layers; the forward stops at the last layer's input, so that layer, the final norm
     and the lm_head never run, and only the reduced states are kept.
     """
-    layers = _decoder_layers(model)
+    layers = decoder_layers(model)
     captured: list[Tensor] = []
 
     def capture(module: nn.Module, args: tuple, kwargs: dict) -> None:
         states = args[0] if args else kwargs["hidden_states"]  # (B, T, H)
         captured.append(reduce(states).float().cpu())
         if module is layers[-1]:
-            raise _StopForward
+            raise StopForward
 
     handles = [layer.register_forward_pre_hook(capture, with_kwargs=True) for layer in layers]
     try:
-        _run(model, batch)
+        run_forward(model, batch)
     finally:
         for handle in handles:
             handle.remove()
@@ -143,19 +144,22 @@ _POST_ATTN_NORM = re.compile(r"(?:^|\.)layers\.(\d+)\.post_attention_layernorm$"
 
 
 @contextmanager
-def router_inputs(model: nn.Module, *, last_only: bool = False) -> Iterator[list[Tensor]]:
+def router_inputs(model: nn.Module, *, last_only: bool = False,
+                  select: Callable[[Tensor], Any] | None = None) -> Iterator[list[Any]]:
     """Capture what each layer's router sees, the post_attention_layernorm output (B, T, H)
-    (or (B, 1, H) with `last_only`), in layer order, for forwards run inside the block;
-    hooks always come off. Used by the preview and by `router_input` gates."""
+    (or (B, 1, H) with `last_only`, or select(output) with `select`), in layer order, for
+    forwards run inside the block; hooks always come off. Used by the preview, by
+    `router_input` gates and by the prompt bank."""
     found = sorted(((int(m.group(1)), mod) for name, mod in model.named_modules()
                     if (m := _POST_ATTN_NORM.search(name))), key=lambda item: item[0])
     if not found:
         raise NoRouterInput("the base model's layers have no post_attention_layernorm, so the router "
                             "input cannot be captured; Llama/Mistral-style bases are supported")
-    captured: list[Tensor] = []
+    captured: list[Any] = []
 
     def keep(module: nn.Module, args: Any, output: Tensor) -> None:
-        captured.append((output[:, -1:, :] if last_only else output).detach())
+        output = output.detach()
+        captured.append(select(output) if select else output[:, -1:, :] if last_only else output)
 
     handles = [mod.register_forward_hook(keep) for _, mod in found]
     try:
@@ -168,17 +172,17 @@ def router_inputs(model: nn.Module, *, last_only: bool = False) -> Iterator[list
 def router_input_states(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
     """(L, B, H) float32 CPU: what each layer's router sees (its post_attention_layernorm output)
     at the last position; the forward stops once the last layer's norm has run."""
-    last = _decoder_layers(model)[-1]
+    last = decoder_layers(model)[-1]
 
     def stop(module: nn.Module, args: Any, output: Tensor) -> None:
-        raise _StopForward
+        raise StopForward
 
     try:
         with router_inputs(model, last_only=True) as captured:  # NoRouterInput when there are no such norms
             # Registered after router_inputs' own hook: hooks run in order, so the capture comes first.
             handle = last.post_attention_layernorm.register_forward_hook(stop)
             try:
-                _run(model, batch)
+                run_forward(model, batch)
             finally:
                 handle.remove()
     except NoRouterInput as exc:
@@ -206,14 +210,13 @@ def tokens_per_forward(config: Any) -> int:
     return max(1, min(TOKENS_PER_FORWARD, ACTIVATION_BYTES // per_token))  # a forward takes one row at least
 
 
-def last_states_by_set(model: nn.Module, mode: str, batches: list[tuple[dict, dict | None]],
-                       cancel: CancelToken) -> dict[int, Tensor]:
-    """(L, B, H) last-position states of every prompt set, keyed by id(batch), from as few
-    forwards as fit: left padding makes each prompt's last state independent of its batch,
-    so sets can share forwards and a streamed base reads its weights once."""
-    sets = [batch for pair in batches for batch in pair if batch is not None]
+def merged_forwards(model: nn.Module, sets: Sequence[dict[str, Tensor]],
+                    cancel: CancelToken) -> Iterator[tuple[list[tuple[int, int]], dict[str, Tensor]]]:
+    """The rows of every set, re-padded into as few batches as `tokens_per_forward` allows:
+    yields ([(set index, row index)], merged batch), rows in order, a cancel check before each.
+    Left padding makes each row's states independent of its batch, so sets can share
+    forwards and a streamed base reads its weights once per batch."""
     rows = [(k, r) for k, batch in enumerate(sets) for r in range(batch["input_ids"].shape[0])]
-    per_row: list[Tensor] = []  # (L, H) last-position state of each row, in `rows` order
     budget, start = tokens_per_forward(model.config), 0
     while start < len(rows):
         width, stop = 0, start
@@ -223,13 +226,23 @@ def last_states_by_set(model: nn.Module, mode: str, batches: list[tuple[dict, di
                 break
             width, stop = grown, stop + 1
         cancel.check()
-        merged = _left_pad([sets[k] for k, _ in rows[start:stop]], [r for _, r in rows[start:stop]], width)
+        chunk = rows[start:stop]
+        yield chunk, _left_pad([sets[k] for k, _ in chunk], [r for _, r in chunk], width)
+        start = stop
+
+
+def last_states_by_set(model: nn.Module, mode: str, batches: list[tuple[dict, dict | None]],
+                       cancel: CancelToken) -> dict[int, Tensor]:
+    """(L, B, H) last-position states of every prompt set, keyed by id(batch), from as few
+    forwards as fit (`merged_forwards`)."""
+    sets = [batch for pair in batches for batch in pair if batch is not None]
+    per_row: list[Tensor] = []  # (L, H) last-position state of each row, in order
+    for _, merged in merged_forwards(model, sets, cancel):
         if mode == "router_input":
             states = router_input_states(model, merged)
         else:
             states = layer_inputs(model, merged, lambda h: h[:, -1, :])  # (L, B, H)
         per_row += [states[:, b] for b in range(states.shape[1])]
-        start = stop
     out, cursor = {}, 0
     for batch in sets:
         count = batch["input_ids"].shape[0]

@@ -50,6 +50,49 @@ class GateDiagnostics:
         return total / max(experts * (experts - 1), 1)
 
 
+@dataclass
+class HeldOutScore:
+    """How often the router picks each expert for its own theme's held-out tokens
+    (`workbench.gates.score`): top-1 and top-k hit rates next to chance (1/E, k/E) and
+    perfect (1). None where there was nothing to score."""
+
+    mode: str
+    center: bool
+    experts: int
+    k: int
+    top1: float | None  # mean over scored experts and layers
+    topk: float | None
+    top1_per_layer: list[float]  # (L,) mean over scored experts; empty when nothing was scored
+    topk_per_layer: list[float]
+    per_expert_top1: list[float | None]  # (E,) mean over layers; None: nothing of it was held out
+    per_expert_topk: list[float | None]
+    matrix: list[list[float]]  # (E, E) row i: where expert i's held-out tokens went first, mean over layers
+    tokens: list[int]  # (E,) held-out tokens scored per expert (x layers)
+    held_out: str  # what was held out, in words
+
+    @property
+    def chance_top1(self) -> float:
+        return 1.0 / self.experts
+
+    @property
+    def chance_topk(self) -> float:
+        return min(self.k, self.experts) / self.experts
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"mode": self.mode, "center_gates": self.center, "experts": self.experts, "k": self.k,
+                "top1": self.top1, "topk": self.topk, "chance_top1": self.chance_top1,
+                "chance_topk": self.chance_topk, "perfect": 1.0,
+                "top1_per_layer": self.top1_per_layer, "topk_per_layer": self.topk_per_layer,
+                "per_expert_top1": self.per_expert_top1, "per_expert_topk": self.per_expert_topk,
+                "matrix": self.matrix, "tokens": self.tokens, "held_out": self.held_out}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> HeldOutScore:
+        lists = ("top1_per_layer", "topk_per_layer", "per_expert_top1", "per_expert_topk", "matrix", "tokens")
+        return cls(data["mode"], bool(data["center_gates"]), int(data["experts"]), int(data["k"]),
+                   data["top1"], data["topk"], *(data[key] for key in lists), data["held_out"])
+
+
 @dataclass(frozen=True)
 class RouterGates:
     """What a build needs of its gates: the routers' bytes, in order, and what to report."""
@@ -60,6 +103,7 @@ class RouterGates:
     rows: list[bytes]  # rows[l]: layer l's (E, H) router weight, little-endian, row-major
     diagnostics: GateDiagnostics
     gates: Gates | None = None  # the tensors, where this process computed or was given them
+    score: HeldOutScore | None = None  # the held-out routing score, where it was computed
 
 
 @dataclass
@@ -67,3 +111,4 @@ class Gates:
     vectors: Tensor  # (L, E, H) float32 on CPU; vectors[l] is layer l's router weight
     mode: str
     diagnostics: GateDiagnostics
+    score: HeldOutScore | None = None  # set by workbench.gates.score.scored_gates

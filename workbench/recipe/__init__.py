@@ -17,7 +17,8 @@ from workbench.faces import face
 
 EXPORTS = {
     "ConfigUnavailable": "schema", "Expert": "schema", "GATE_MODES": "schema",
-    "PROMPTLESS_MODES": "schema", "Problem": "schema", "Recipe": "schema", "RecipeError": "schema",
+    "PROMPT_MEAN_MODES": "schema", "PROMPTLESS_MODES": "schema",
+    "Problem": "schema", "Recipe": "schema", "RecipeError": "schema",
     "errors": "schema",
     "dump_recipe": "parse", "load_recipe": "parse", "parse_recipe": "parse", "read_recipe": "parse",
     "recipe_from_dict": "parse", "load_yaml": "safe_yaml", "patch_yaml": "edit",

@@ -15,6 +15,7 @@ from workbench.recipe.schema import (
     MAX_NAME_CHARS,
     MAX_PROMPT_CHARS,
     MAX_PROMPTS_PER_SET,
+    PROMPT_MEAN_MODES,
     PROMPTLESS_MODES,
     ConfigUnavailable,
     Problem,
@@ -55,7 +56,7 @@ def _check_prompts(recipe: Recipe) -> list[Problem]:
     out: list[Problem] = []
     promptless = recipe.gate_mode in PROMPTLESS_MODES
     for i, expert in enumerate(recipe.experts):
-        for key in ("positive_prompts", "negative_prompts"):
+        for key in ("positive_prompts", "negative_prompts", "probe_prompts"):
             out += _check_prompt_list(getattr(expert, key), f"experts[{i}].{key}")
         if promptless:
             if expert.positive_prompts or expert.negative_prompts:
@@ -73,6 +74,12 @@ def _check_prompts(recipe: Recipe) -> list[Problem]:
                                "all positive prompts are empty: the gate is the BOS state minus the "
                                "negatives (\"zero positive prompting\")",
                                "fine if intended; otherwise add prompts this expert should take"))
+    if recipe.center_gates and recipe.gate_mode not in PROMPT_MEAN_MODES:
+        out.append(Problem("warning", "center_gates", f"has no effect in gate_mode '{recipe.gate_mode}'",
+                           f"centring applies to {', '.join(PROMPT_MEAN_MODES)}; remove center_gates"))
+    elif recipe.center_gates and len(recipe.experts) < 2:
+        out.append(Problem("warning", "center_gates", "with one expert, centring leaves a zero row",
+                           "add experts or remove center_gates"))
     if not promptless and len(recipe.experts) > 1:
         sets = {(tuple(e.positive_prompts or ()), tuple(e.negative_prompts or ())) for e in recipe.experts}
         if len(sets) == 1:

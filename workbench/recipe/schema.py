@@ -15,7 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from workbench.errors import WorkbenchError
 
-GateMode = Literal["hidden", "hidden_avg", "cheap_embed", "random", "uniform_random", "router_input"]
+GateMode = Literal["hidden", "hidden_avg", "cheap_embed", "random", "uniform_random", "router_input",
+                   "fitted"]
 DType = Literal["bfloat16", "float16", "float32"]
 Architecture = Literal["mixtral"]
 
@@ -23,6 +24,9 @@ GATE_MODES: tuple[str, ...] = GateMode.__args__
 DTYPES: tuple[str, ...] = DType.__args__
 # Modes whose gates do not come from prompts: prompts are optional there.
 PROMPTLESS_MODES = ("random", "uniform_random")
+# Modes whose rows are unit vectors of mean prompt states (mergekit's, and router_input):
+# `center_gates` applies to them. `fitted` rows come from a fitted linear router instead.
+PROMPT_MEAN_MODES = ("hidden", "hidden_avg", "cheap_embed", "router_input")
 GATE_MODE_ALIASES = {"hidden_last": "hidden"}
 DTYPE_HINTS = {
     "bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32",
@@ -44,6 +48,8 @@ class Expert(BaseModel):
     name: str | None = None  # workbench extension: what plots, tables and the card call it
     positive_prompts: list[str] | None = None
     negative_prompts: list[str] | None = None
+    # workbench extension: held-out texts this expert should take, scored but never fitted on
+    probe_prompts: list[str] | None = None
     noise_scale: float | None = None
     residual_scale: float | None = None
 
@@ -54,6 +60,8 @@ class Recipe(BaseModel):
     base_model: str
     experts: list[Expert] = Field(min_length=1)
     gate_mode: GateMode = "hidden"
+    # workbench extension: subtract the mean row over experts before normalising (prompt-mean modes)
+    center_gates: bool | None = None
     dtype: DType | None = None
     experts_per_token: int = 2
     architecture: Architecture | None = None

@@ -1,0 +1,155 @@
+"""Every router prompt's states, from one pass of base forwards: what fitted gates are fitted
+on and what held-out scores route.
+
+Per prompt (positive, negative or probe, of each expert) the bank keeps, at every layer:
+
+- `last`: the residual stream entering the layer at the prompt's last token (`hidden` gates);
+- `router_last`: the router's real input (the post_attention_layernorm output) there;
+- `tokens`: the router input at the prompt's tokens, BOS left out when the prompt has more
+  (it is the same for every prompt, so it says nothing about one), at most a budget of them;
+- `embed_sum`: the sum of its token embeddings, BOS included (`cheap_embed`, as mergekit sums).
+
+Prompts share forwards as the gates' own do (left padding keeps each prompt's states
+independent of its batch; `workbench.gates.forward`), so a streamed base reads its weights once.
+
+Memory: the token states are the bank's bulk, L x H floats per token. Above `TOKEN_BYTES` in
+all, each prompt keeps an evenly spread share of its tokens (always its last), so a bank of a
+70B base costs what one of a 7B does.
+
+Legend: L layers, H hidden size, T tokens of one prompt, B prompts of a forward.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from workbench.gates.forward import (
+    StopForward,
+    decoder_layers,
+    merged_forwards,
+    router_inputs,
+    run_forward,
+    tokenize_prompts,
+)
+from workbench.progress import CancelToken, Progress, ProgressFn, ignore_progress
+
+TOKEN_BYTES = 512 * 2**20  # float32 router-input states kept over all prompts at most
+KINDS = ("positive", "negative", "probe")
+
+
+@dataclass
+class PromptStates:
+    expert: int
+    kind: str  # "positive" | "negative" | "probe"
+    index: int  # the prompt's place in its list
+    text: str
+    last: Tensor  # (L, H) residual stream entering each layer, last token
+    router_last: Tensor  # (L, H) router input of each layer, last token
+    tokens: Tensor  # (L, T', H) router inputs at the kept tokens (BOS left out)
+    embed_sum: Tensor  # (H,) sum of the prompt's token embeddings, BOS included
+
+
+@dataclass
+class PromptBank:
+    experts: int
+    layers: int
+    hidden: int
+    prompts: list[PromptStates] = field(default_factory=list)
+
+    def of(self, expert: int, kind: str) -> list[PromptStates]:
+        return [p for p in self.prompts if p.expert == expert and p.kind == kind]
+
+
+def prompt_sets(recipe: Any, *, probes: bool = True) -> list[tuple[int, str, list[str]]]:
+    """(expert, kind, prompts) for every non-empty prompt list of the recipe, in order."""
+    out = []
+    for e, expert in enumerate(recipe.experts):
+        lists = {"positive": expert.positive_prompts, "negative": expert.negative_prompts,
+                 "probe": expert.probe_prompts if probes else None}
+        out += [(e, kind, list(lists[kind])) for kind in KINDS if lists[kind]]
+    return out
+
+
+def collect(model: nn.Module, tokenizer: Any, recipe: Any, *, probes: bool = True,
+            cancel: CancelToken | None = None, on_progress: ProgressFn = ignore_progress,
+            token_bytes: int = TOKEN_BYTES) -> PromptBank:
+    """The bank of every prompt of `recipe` (probe prompts too, unless `probes` is False)."""
+    cancel = cancel or CancelToken()
+    layers, hidden = int(model.config.num_hidden_layers), int(model.config.hidden_size)
+    labels, sets = [], []
+    for e, kind, prompts in prompt_sets(recipe, probes=probes):
+        sets.append(tokenize_prompts(tokenizer, prompts, where=f"experts[{e}].{kind}_prompts"))
+        labels += [(e, kind, j, text) for j, text in enumerate(prompts)]
+    keep = kept_positions(sets, 1 if tokenizer.bos_token else 0, token_bytes // (4 * layers * hidden))
+    embed = model.get_input_embeddings().weight.detach()
+    bank = PromptBank(len(recipe.experts), layers, hidden)
+    for rows, merged in merged_forwards(model, sets, cancel):
+        width = merged["input_ids"].shape[1]
+        real = merged["attention_mask"].sum(dim=1).tolist()  # tokens of each row, pads excluded
+        at = [[width - n + i for i in keep[k][r]] for (k, r), n in zip(rows, real, strict=True)]
+        for b, (last, router_last, tokens) in enumerate(_forward(model, merged, at)):
+            ids = merged["input_ids"][b, width - real[b]:]
+            embed_sum = embed[ids.to(embed.device)].float().sum(dim=0).cpu()
+            label = labels[len(bank.prompts)]
+            bank.prompts.append(PromptStates(*label, last, router_last, tokens, embed_sum))
+        on_progress(Progress("gates", len(bank.prompts) / len(labels),
+                             f"{len(bank.prompts)}/{len(labels)} prompts through the base model"))
+    return bank
+
+
+def kept_positions(sets: Sequence[dict[str, Tensor]], skip: int, budget: int) -> list[list[list[int]]]:
+    """[set][row] -> the token positions (from the prompt's first token) whose router input is
+    kept: all but the first `skip` (the BOS) of a prompt longer than that, thinned evenly (last
+    token always kept) when all prompts together have more than `budget` tokens."""
+    lengths = [[int(n) for n in batch["attention_mask"].sum(dim=1)] for batch in sets]
+    spans = [[range(skip if n > skip else 0, n) for n in row] for row in lengths]
+    total = sum(len(span) for row in spans for span in row)
+    share = min(1.0, max(budget, 1) / max(total, 1))
+    return [[_spread(span, share) for span in row] for row in spans]
+
+
+def _spread(span: range, share: float) -> list[int]:
+    """About share x len(span) positions of `span`, evenly spaced, its last always among them."""
+    count = max(1, math.floor(len(span) * share))
+    if count >= len(span):
+        return list(span)
+    step = len(span) / count
+    return sorted({span[len(span) - 1 - math.floor(i * step)] for i in range(count)})
+
+
+def _forward(model: nn.Module, batch: dict[str, Tensor],
+             at: Sequence[Sequence[int]]) -> Iterable[tuple[Tensor, Tensor, Tensor]]:
+    """One forward over `batch`, stopped after the last layer's router input: per row b,
+    ((L, H) residual stream at the last token, (L, H) router input there, (L, len(at[b]), H)
+    router inputs at positions at[b]), float32 on the CPU."""
+    layers = decoder_layers(model)
+    streams: list[Tensor] = []
+
+    def stream(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        streams.append((args[0] if args else kwargs["hidden_states"])[:, -1, :].float().cpu())
+
+    def select(output: Tensor) -> tuple[Tensor, list[Tensor]]:
+        return output[:, -1, :].float().cpu(), [output[b, list(p)].float().cpu() for b, p in enumerate(at)]
+
+    def stop(module: nn.Module, args: Any, output: Tensor) -> None:
+        raise StopForward
+
+    handles = [layer.register_forward_pre_hook(stream, with_kwargs=True) for layer in layers]
+    try:
+        with router_inputs(model, select=select) as captured:
+            # Registered after router_inputs' own hook: hooks run in order, so the capture comes first.
+            handles.append(layers[-1].post_attention_layernorm.register_forward_hook(stop))
+            run_forward(model, batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    last = torch.stack(streams, dim=1)  # (B, L, H)
+    router_last = torch.stack([c[0] for c in captured], dim=1)  # (B, L, H)
+    for b in range(len(at)):
+        yield last[b], router_last[b], torch.stack([c[1][b] for c in captured])
