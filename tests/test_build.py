@@ -309,9 +309,10 @@ def test_cancel_between_tensors_leaves_nothing(pico_factory, tmp_path: Path) -> 
 
 
 def gates_that_wait_for(monkeypatch, until: threading.Event, error: Exception | None = None) -> list:
-    """compute_gates replaced by one that blocks until `until` is set (or the build cancels
-    it) and then raises `error` or returns random gates; returns the cancel tokens seen."""
-    from workbench.gates import compute as gates_module
+    """scored_gates (what a build's gate worker runs) replaced by one that blocks until `until`
+    is set (or the build cancels it) and then raises `error` or returns random gates; returns
+    the cancel tokens seen."""
+    from workbench.gates import score as gates_module
 
     seen = []
 
@@ -323,7 +324,7 @@ def gates_that_wait_for(monkeypatch, until: threading.Event, error: Exception | 
             raise error
         return random_gates(3, len(recipe.experts), 64)
 
-    monkeypatch.setattr(gates_module, "compute_gates", fake)
+    monkeypatch.setattr(gates_module, "scored_gates", fake)
     return seen
 
 

@@ -135,6 +135,36 @@ def test_gates_json(tmp_path, pico_factory, capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["mode"] == "hidden" and report["shape"][1] == 2
     assert len(report["condition_numbers"]) == report["shape"][0]
+    assert report["score"]["chance_top1"] == 0.5 and report["score"]["top1"] is None  # one prompt each
+
+
+def themed_recipe(tmp_path: Path, base: Path, mode: str = "hidden") -> Path:
+    sets = [["def f(x): return x", "import os", "for i in range(3): pass"],
+            ["Solve 2x + 3 = 7", "What is 17% of 240?", "Prove that 2 is prime"],
+            ["Once upon a time", "The dragon slept", "A poem about the sea"]]
+    lines = [f"base_model: {base}", f"gate_mode: {mode}", "experts:"]
+    for prompts in sets:
+        lines += [f"  - source_model: {base}", f"    positive_prompts: {json.dumps(prompts)}"]
+    path = tmp_path / "themed.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_gates_compare_scores_every_mode_and_names_the_best(tmp_path, pico_factory, capsys):
+    recipe = themed_recipe(tmp_path, pico_factory("llama"))
+    assert main(["gates", str(recipe), "--device", "cpu", "--compare", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    labels = [row["label"] for row in report["compare"]]
+    assert labels[-1] == "random" and {"hidden", "hidden centred", "fitted", "router_input"} <= set(labels)
+    assert len(labels) == 10
+    first = report["compare"][0]
+    assert report["best"] == {"gate_mode": first["mode"], "center_gates": first["center_gates"]}
+    assert all(row["score"]["chance_top1"] == pytest.approx(1 / 3) and row["seconds"] >= 0
+               for row in report["compare"])
+    assert report["recipe_mode"] == {"gate_mode": "hidden", "center_gates": False}
+    assert main(["gates", str(recipe), "--device", "cpu", "--compare"]) == 0
+    table = capsys.readouterr().out
+    assert "hidden centred" in table and "<- recipe" in table and "chance: top-1 0.333" in table
 
 
 @pytest.mark.parametrize("size", ["lots", "-1GB"])

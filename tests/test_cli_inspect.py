@@ -16,6 +16,9 @@ PROMPTS = [["def add(a, b): return a + b"], ["Solve 2x + 3 = 7 for x."], ["Once 
            ["Hello! How are you doing today?"]]
 TRACE_KEYS = {"source", "model", "layers", "experts", "k", "expert_names", "tokens", "token_ids",
               "is_prefill", "probs", "topk_ids", "topk_weights"}
+SCORE_KEYS = {"mode", "center_gates", "experts", "k", "held_out", "top1", "topk", "chance_top1",
+              "chance_topk", "perfect", "top1_per_layer", "topk_per_layer", "per_expert_top1",
+              "per_expert_topk", "matrix", "tokens"}
 STATS_KEYS = {"prompt_tokens", "new_tokens", "time_to_first_token_s", "tokens_per_s", "total_s",
               "finish_reason"}
 
@@ -39,13 +42,42 @@ def run_json(capsys, *argv: str) -> dict:
 def test_preview_json_has_the_documented_keys(models, capsys):
     out = run_json(capsys, "preview", str(models["recipe"]), "--text", "Once upon a time", "--device", "cpu",
                    "--json")
-    assert set(out) == {"command", "recipe", "base_model", "gate_mode", "experts_per_token", "trace",
-                        "summary", "alignment", "gates"}
+    assert set(out) == {"command", "recipe", "base_model", "gate_mode", "center_gates", "experts_per_token",
+                        "trace", "summary", "score", "advice", "gates"}
     assert set(out["trace"]) == TRACE_KEYS and out["trace"]["source"] == "preview"
     assert out["trace"]["layers"] == 3 and out["trace"]["experts"] == 4 and out["trace"]["k"] == 2
     assert set(out["summary"]) == {"load", "entropy"}
-    assert set(out["alignment"]) == {"score", "chance", "tokens", "overall", "per_layer"}
+    assert set(out["score"]) == SCORE_KEYS
+    # One prompt per expert: nothing can be held out, and the advice says what to do.
+    assert out["score"]["top1"] is None and out["score"]["tokens"] == [0] * 4
+    assert any("two or more positive prompts" in line for line in out["advice"])
     assert set(out["gates"]) == {"condition_numbers", "cosine", "mean_cosine", "warnings"}
+
+
+def test_preview_of_a_texts_file_equals_one_preview_per_text(models, capsys, tmp_path):
+    texts = ["Once upon a time", 'She said "hi"\tand left', "def f(x):"]
+    file = tmp_path / "texts.jsonl"
+    lines = [json.dumps({"text": texts[0]}), "", json.dumps({"text": texts[1]}), texts[2]]
+    file.write_text("\n".join(lines) + "\n")
+    many = run_json(capsys, "preview", str(models["recipe"]), "--texts-file", str(file), "--device", "cpu",
+                    "--json")
+    assert "trace" not in many and len(many["traces"]) == 3
+    for text, trace in zip(texts, many["traces"], strict=True):
+        one = run_json(capsys, "preview", str(models["recipe"]), "--text", text, "--device", "cpu", "--json")
+        assert trace == one["trace"]
+    tokens = sum(len(t["tokens"]) for t in many["traces"])
+    assert many["summary"]["load"]["prefill_tokens"] == tokens
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ("", "holds no text"), ('{"text": 3}', 'line 1 has no string "text"'),
+    ("ok\n{oops", "line 2 starts like JSON")])
+def test_a_bad_texts_file_says_which_line(models, capsys, tmp_path, content, message):
+    file = tmp_path / "texts.jsonl"
+    file.write_text(content)
+    assert main(["preview", str(models["recipe"]), "--texts-file", str(file), "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
 
 
 def test_trace_json_matches_the_preview_for_an_identity_moe(models, capsys):

@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 import torch
 
-from workbench.routing import RouterTrace, alignment, expert_load, plots, routing_entropy
+from workbench.gates import HeldOutScore
+from workbench.routing import RouterTrace, expert_load, plots, routing_entropy
 from workbench.routing.analysis import Divergence, gate_similarity
 from workbench.routing.trace import route
 
@@ -146,11 +147,15 @@ def test_load_and_entropy_figures():
     assert [t["name"] for t in entropy["data"]] == ["prompt", "reply", "all"]
 
 
-def test_alignment_gate_and_divergence_figures():
-    traces = [[make_trace(prompt=12)] for _ in range(4)]
-    result = alignment(traces)
-    fig = check_renderable(plots.alignment_figure(result, NAMES))
-    assert f"{result.score:.2f}" in fig["layout"]["title"]["text"]
+def test_heldout_gate_and_divergence_figures():
+    matrix = [[0.7, 0.1, 0.1, 0.1], [0.0, 1.0, 0.0, 0.0], [0.0] * 4, [0.25] * 4]
+    score = HeldOutScore("fitted", False, 4, 2, 0.65, 0.9, [0.6, 0.7], [0.85, 0.95], [0.7, 1.0, None, 0.25],
+                         [0.9, 1.0, None, 0.8], matrix, [12, 9, 0, 7], "2-fold over each expert's prompts")
+    figure = plots.heldout_figure(score, NAMES)
+    title = check_renderable(figure)["layout"]["title"]["text"]
+    assert "top-1 0.65 (chance 0.25)" in title and "top-2 0.90 (chance 0.50)" in title
+    z = np.array(figure.data[0].z, dtype=float)
+    assert np.isnan(z[2]).all() and z[1, 1] == 1.0  # an expert with nothing held out shows no row, not zeros
     gates = torch.eye(4, 16).repeat(3, 1, 1)
     gates[1, 1] = gates[1, 0] + 0.01  # layer 1: two nearly equal experts
     sim = check_renderable(plots.gate_similarity_figure(gate_similarity(gates), NAMES))

@@ -61,6 +61,17 @@ def test_every_preset_round_trips_through_the_form(path):
     assert again == recipe
 
 
+def test_a_form_edit_keeps_the_keys_the_form_does_not_show():
+    data = {"base_model": "org/base", "gate_mode": "hidden", "center_gates": True, "experts": [
+        {"source_model": "org/a", "positive_prompts": ["def f(x): return x"], "probe_prompts": ["import os"]},
+        {"source_model": "org/b", "positive_prompts": ["Once upon a time"]}]}
+    top, cards = form_values(data)
+    cards[1][1] = "Once upon a time\nA dragon slept"  # the user adds a prompt to expert 2
+    edited = form.form_data(data, top, cards)
+    assert edited["center_gates"] is True and edited["experts"][0]["probe_prompts"] == ["import os"]
+    assert edited["experts"][1]["positive_prompts"] == ["Once upon a time", "A dragon slept"]
+
+
 def test_an_expert_name_round_trips_and_labels_the_expert():
     data = {"base_model": "org/base", "experts": [
         {"source_model": "org/a", "name": "code", "positive_prompts": ["def f(x): return x"]},

@@ -32,6 +32,7 @@ from workbench.gates import (
     GateDiagnostics,
     GateRequest,
     GateWorker,
+    HeldOutScore,
     RouterGates,
     from_gates,
     noise_gates,
@@ -88,6 +89,7 @@ class BuildResult:
     diagnostics: GateDiagnostics
     gates: Gates | None  # the gate tensors, where this process computed or was given them; None
     # where a child process computed them (workbench.gates.process): the build never held torch
+    score: HeldOutScore | None = None  # held-out routing score of the gates (None for noise gates)
 
 
 def parse_size(text: str | int) -> int:
@@ -186,7 +188,7 @@ def build(recipe: Recipe, out: Path, *, device: str = "auto", dtype: str | None 
     total = sum(size for _, size in files)
     on_progress(Progress("done", 1.0, f"{out.name}: {total / 1e9:.2f} GB in {seconds:.1f} s"))
     log.info("built %s: %d files, %d bytes, %.1f s", out, len(files), total, seconds)
-    return BuildResult(out, files, total, seconds, job.gates.diagnostics, job.gates.gates)
+    return BuildResult(out, files, total, seconds, job.gates.diagnostics, job.gates.gates, job.gates.score)
 
 
 def _resolve_all(recipe: Recipe, given: dict[str, ModelSource], token: str | None,
@@ -363,7 +365,7 @@ def _write_extras(folder: Path, job: _Job) -> list[WrittenFile]:
     make_tokenizer_portable(folder)  # rewrites tokenizer_config.json: hash the files after it
     out += [hash_file(folder / name) for name in copied]
     out.append(write_text(folder / "mergekit_moe_config.yml", dump_recipe(recipe)))
-    card = render_card(recipe, job.gates.diagnostics, job.sources, config, job.seed)
+    card = render_card(recipe, job.gates.diagnostics, job.sources, config, job.seed, job.gates.score)
     out.append(write_text(folder / "README.md", card))
     return out
 

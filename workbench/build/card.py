@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from workbench.gates import GateDiagnostics
+from workbench.gates import GateDiagnostics, HeldOutScore
 from workbench.models import DEMO_MODELS, DemoModel
 from workbench.recipe import PROMPTLESS_MODES, Recipe, dump_recipe, load_yaml
 
@@ -76,9 +76,10 @@ def _front_matter(text: str) -> dict:
 
 
 def render_card(recipe: Recipe, diagnostics: GateDiagnostics, sources: dict[str, Any], config: dict,
-                seed: int = 0) -> str:
-    """README.md text: front matter, description, experts, recipe, gate diagnostics; `seed`
-    is the build's, named in the rebuild command where the recipe draws random numbers."""
+                seed: int = 0, score: HeldOutScore | None = None) -> str:
+    """README.md text: front matter, description, experts, recipe, routing report, gate
+    diagnostics; `seed` is the build's, named in the rebuild command where the recipe draws
+    random numbers; `score` the gates' held-out score (no report without one)."""
     ids = [i for i in map(hub_id, recipe.model_refs()) if i]
     meta: dict[str, Any] = {"license": base_license(sources, recipe.base_model)}
     if ids:
@@ -97,6 +98,7 @@ def render_card(recipe: Recipe, diagnostics: GateDiagnostics, sources: dict[str,
         "in the classic Mixtral layout that transformers 4.x/5.x, vLLM and llama.cpp read.\n",
         _experts_table(recipe, sources),
         _rebuild(recipe, seed) + "\n\n```yaml\n" + dump_recipe(recipe).rstrip() + "\n```\n",
+        *([_routing_report(score, recipe.expert_labels())] if score is not None else []),
         _diagnostics(diagnostics),
     ]
     return "\n".join(parts)
@@ -106,11 +108,16 @@ def _rebuild(recipe: Recipe, seed: int) -> str:
     """The recipe section's first line: the command that builds this model again."""
     command = "python -m workbench build mergekit_moe_config.yml OUT"
     seeded = recipe.gate_mode in PROMPTLESS_MODES or any(e.noise_scale for e in recipe.experts)
+    extensions = recipe.workbench_extensions()
+    if extensions:
+        mergekit = (f"this is not a mergekit-moe recipe: it uses the workbench's "
+                    f"{', '.join(f'`{k}`' for k in extensions)}")
+    else:
+        mergekit = "mergekit-moe reads the same file" + (", with random numbers of its own" if seeded else "")
     if not seeded:
-        return f"## Recipe\n\nRebuild with `{command}`; mergekit-moe reads the same file."
+        return f"## Recipe\n\nRebuild with `{command}`; {mergekit}."
     return (f"## Recipe\n\nRebuild with `{command} --seed {seed}`: the seed makes the random "
-            "routers and the experts' noise the same again (mergekit-moe reads the same file, "
-            "with random numbers of its own).")
+            f"routers and the experts' noise the same again ({mergekit}).")
 
 
 def _cell(text: str) -> str:
@@ -132,6 +139,28 @@ def _experts_table(recipe: Recipe, sources: dict[str, Any]) -> str:
         rows.append(f"| {i} | {_cell(label)} | {_cell(model)} | {_prompts(expert.positive_prompts)} | "
                     f"{_prompts(expert.negative_prompts)} |")
     return "\n".join(rows) + "\n"
+
+
+def _routing_report(score: HeldOutScore, names: list[str]) -> str:
+    """Held-out top-1 / top-k next to chance and perfect, and where each theme's tokens went."""
+    mode = f"`{score.mode}`" + (" centred" if score.center else "")
+    if score.top1 is None:
+        return (f"## Routing report\n\nGate mode {mode}. No prompt could be held out to score the "
+                "routers (every expert has a single positive prompt and no probe prompts).\n")
+    lines = ["## Routing report\n",
+             f"How often the router sends a theme's held-out tokens to that theme's expert (gate mode "
+             f"{mode}; held out: {score.held_out}; routed on the base model's states, exact where the "
+             "experts copy the base).\n",
+             "| measure | score | chance | perfect |", "|---|---|---|---|",
+             f"| top-1 hit rate | {score.top1:.3f} | {score.chance_top1:.3f} | 1 |",
+             f"| top-{score.k} hit rate | {score.topk:.3f} | {score.chance_topk:.3f} | 1 |",
+             "\nShare of each expert's held-out tokens by the router's first choice (mean over layers):\n",
+             "| prompts of \\ routed to | " + " | ".join(_cell(n) for n in names) + " |",
+             "|---|" + "---|" * len(names)]
+    for name, row, tokens in zip(names, score.matrix, score.tokens, strict=True):
+        cells = [f"{v:.2f}" for v in row] if tokens else ["-"] * len(row)
+        lines.append(f"| {_cell(name)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def _diagnostics(diag: GateDiagnostics) -> str:

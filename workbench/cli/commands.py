@@ -13,8 +13,9 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
-from workbench.cli.inspect import add_commands, print_gate_warnings, seed
+from workbench.cli.inspect import add_commands, print_gate_warnings, print_score, seed
 from workbench.errors import WorkbenchError
 from workbench.models import env_token
 from workbench.progress import Progress
@@ -50,11 +51,14 @@ def _parser() -> argparse.ArgumentParser:
     cmd.add_argument("--json", action="store_true", help="print the problem list as JSON")
     cmd.set_defaults(run=cmd_validate)
 
-    cmd = commands.add_parser("gates", help="compute router gates and their diagnostics, no build")
+    cmd = commands.add_parser("gates", help="compute router gates, their held-out score and diagnostics, "
+                                            "no build")
     cmd.add_argument("recipe")
     cmd.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     cmd.add_argument("--seed", type=seed, default=0)
-    cmd.add_argument("--json", action="store_true", help="print diagnostics as JSON")
+    cmd.add_argument("--compare", action="store_true",
+                     help="score every gate mode side by side on the recipe's held-out prompts")
+    cmd.add_argument("--json", action="store_true", help="print the result as JSON")
     cmd.set_defaults(run=cmd_gates)
 
     cmd = commands.add_parser("build", help="build the MoE checkpoint into OUT")
@@ -95,28 +99,79 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_gates(args: argparse.Namespace) -> int:
-    from workbench.gates import compute_gates
     from workbench.models import resolve
 
     recipe, problems = read_recipe(args.recipe)
     _print_problems(problems)
     with ProgressBar() as bar:
         base = resolve(recipe.base_model, token=env_token(), on_progress=bar)
-        gates = compute_gates(recipe, base.path, device=args.device, seed=args.seed, on_progress=bar)
+        if args.compare:
+            return _compare(args, recipe, base.path, bar)
+        from workbench.gates import scored_gates
+
+        gates = scored_gates(recipe, base.path, device=args.device, seed=args.seed, on_progress=bar)
+    from workbench.gates import explain
+
+    names = recipe.expert_labels()
+    score = gates.score
     report = gates.diagnostics.to_dict()
+    words = explain(score, gates.diagnostics, names) if score else []
     if args.json:
-        print(json.dumps({"mode": gates.mode, "shape": list(gates.vectors.shape), **report}, indent=2))
+        print(json.dumps({"command": "gates", "mode": gates.mode, "center_gates": bool(recipe.center_gates),
+                          "shape": list(gates.vectors.shape), **report,
+                          "score": score.to_dict() if score else None, "advice": words}, indent=2))
         return 0
     layers, experts, hidden = gates.vectors.shape
     print(f"gates: mode {gates.mode}, {layers} layers x {experts} experts x {hidden} hidden")
+    if score is not None:
+        print_score(score, names)
     print("layer  condition  (over 5: prompts too similar)")
     for layer, cond in enumerate(gates.diagnostics.condition_numbers):
         print(f"{layer:5d}  {cond:9.2f}{'  !' if cond > 5 else ''}")
     print("mean expert-expert cosine:")
     for row in gates.diagnostics.mean_cosine:
         print("  " + " ".join(f"{v:6.3f}" for v in row))
+    for line in words:
+        print(f"note: {line}")
     for warning in gates.diagnostics.warnings:
         print(f"warning: {warning}", file=sys.stderr)
+    return 0
+
+
+def _compare(args: argparse.Namespace, recipe: Any, base_path: Path, bar: ProgressBar) -> int:
+    from workbench.gates import compare_modes, explain
+
+    started = time.perf_counter()
+    results = compare_modes(recipe, base_path, device=args.device, seed=args.seed, on_progress=bar)
+    seconds = time.perf_counter() - started
+    bar.close()
+    names = recipe.expert_labels()
+    best = results[0]
+    own = (recipe.gate_mode, bool(recipe.center_gates))
+    current = next((r for r in results if (r.mode, r.center) == own), None)
+    words = explain(current.score, current.gates.diagnostics, names) if current else []
+    if args.json:
+        print(json.dumps({"command": "gates", "compare": [r.to_dict() for r in results],
+                          "best": {"gate_mode": best.mode, "center_gates": best.center},
+                          "recipe_mode": {"gate_mode": recipe.gate_mode,
+                                          "center_gates": bool(recipe.center_gates)},
+                          "advice": words, "seconds": seconds}, indent=2))
+        return 0
+    score = best.score
+    print(f"gate modes on {args.recipe}, held out ({score.held_out}); chance: top-1 {score.chance_top1:.3f}, "
+          f"top-{score.k} {score.chance_topk:.3f}; perfect 1")
+    print(f"  {'mode':22s} {'top-1':>6s} {f'top-{score.k}':>6s} {'seconds':>8s}")
+    for r in results:
+        mark = " <- recipe" if r is current else ""
+        top1 = "-" if r.score.top1 is None else f"{r.score.top1:.3f}"
+        topk = "-" if r.score.topk is None else f"{r.score.topk:.3f}"
+        print(f"  {r.label:22s} {top1:>6s} {topk:>6s} {r.seconds:8.2f}{mark}")
+    if current is not best:
+        key = f"gate_mode: {best.mode}" + ("\n  center_gates: true" if best.center else "")
+        print(f"best: {best.label}; to use it, set in the recipe:\n  {key}")
+    for line in words:
+        print(f"note: {line}")
+    print(f"compared in {seconds:.1f} s")
     return 0
 
 

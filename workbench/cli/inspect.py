@@ -1,6 +1,6 @@
 """CLI commands that look inside models: `preview`, `trace` and `chat` (`add_commands` registers them).
 
-    python -m workbench preview RECIPE --text T [--json]
+    python -m workbench preview RECIPE (--text T | --texts-file FILE) [--json]
     python -m workbench trace MODEL --text T [--json] [--html FILE]
     python -m workbench chat MODEL [--base BASE] --prompt P [--seed N] [--max-new-tokens N] [--json]
 
@@ -21,11 +21,20 @@ With `--json`, one JSON object is printed to stdout; these keys are stable:
                      "entropy": {"prefill", "decode", "overall": [L] routing entropy / log E,
                                  null where there are no tokens}}
 
-    preview: {"command": "preview", "recipe", "base_model", "gate_mode", "experts_per_token",
-              "trace", "summary",
-              "alignment": {"score", "chance", "tokens": [E], "overall": [E][E], "per_layer": [L][E][E]},
+    preview: {"command": "preview", "recipe", "base_model", "gate_mode", "center_gates", "experts_per_token",
+              "trace" (with --texts-file instead "traces": [trace, ...], one per text, in order),
+              "summary" (over every text),
+              "score": held-out routing score object (below; null when some expert has no prompts),
+              "advice": [str] what the score means, in words,
               "gates": {"condition_numbers": [L] (null = singular), "cosine": [L][E][E],
                         "mean_cosine": [E][E], "warnings": [str]}}
+    score object (the recipe's gates scored on prompts they were not made from):
+              {"mode", "center_gates", "experts": E, "k", "held_out": what was held out, in words,
+               "top1", "topk": hit rates, mean over scored experts and layers (null: nothing scored),
+               "chance_top1": 1/E, "chance_topk": k/E, "perfect": 1,
+               "top1_per_layer", "topk_per_layer": [L], "per_expert_top1", "per_expert_topk": [E]
+               (null: nothing of that expert held out), "matrix": [E][E] row i: share of expert i's
+               held-out tokens routed first to each expert, "tokens": [E] held-out tokens scored}
     trace:   {"command": "trace", "model", "trace", "summary"}
     chat:    {"command": "chat", "prompt": rendered prompt text, "settings": {temperature, top_p, top_k,
               max_new_tokens, repetition_penalty, seed},
@@ -68,7 +77,10 @@ def add_commands(subparsers: Any) -> None:
     """Register `preview`, `trace` and `chat` on the CLI's subparsers."""
     cmd = subparsers.add_parser("preview", help="route a text with a recipe's gates over its base, no build")
     cmd.add_argument("recipe", help="recipe YAML file")
-    cmd.add_argument("--text", required=True, help="text to route")
+    texts = cmd.add_mutually_exclusive_group(required=True)
+    texts.add_argument("--text", help="text to route")
+    texts.add_argument("--texts-file", metavar="FILE",
+                       help='many texts: JSON lines {"text": ...} or plain lines, one text each')
     cmd.add_argument("--device", default="auto", choices=DEVICES)
     cmd.add_argument("--seed", type=seed, default=0, help="seed for random gate modes")
     cmd.add_argument("--json", action="store_true", help="print the routing as JSON")
@@ -129,10 +141,11 @@ def _print_summary(summary: dict[str, Any], names: list[str]) -> None:
 
 def cmd_preview(args: argparse.Namespace) -> int:
     from workbench.chat import registry
-    from workbench.gates import compute_gates
+    from workbench.gates import compute_gates, explain, score_recipe
     from workbench.recipe import read_recipe
-    from workbench.routing import alignment, alignment_traces, preview_routing, routing_summary
+    from workbench.routing import RouterTrace, preview_routing, routing_summary
 
+    texts = [args.text] if args.texts_file is None else read_texts(args.texts_file)
     recipe, problems = read_recipe(args.recipe)
     for problem in problems:
         print(problem, file=sys.stderr)
@@ -140,25 +153,90 @@ def cmd_preview(args: argparse.Namespace) -> int:
     gates = compute_gates(recipe, base.path, device=args.device, seed=args.seed, model=base.model,
                           tokenizer=base.tokenizer)
     names = recipe.expert_labels()
-    trace = preview_routing(gates, base, args.text, recipe.experts_per_token, expert_names=names)
-    summary = routing_summary(trace)
+    k = recipe.experts_per_token
+    traces = [preview_routing(gates, base, text, k, expert_names=names) for text in texts]
+    summary = routing_summary(RouterTrace.joined(traces))
     prompted = all(e.positive_prompts for e in recipe.experts)  # random modes may have none
-    aligned = alignment(alignment_traces(recipe, base, gates=gates)) if prompted else None
+    score = score_recipe(recipe, base.path, gates, model=base.model, tokenizer=base.tokenizer,
+                         seed=args.seed) if prompted else None
+    words = explain(score, gates.diagnostics, names) if score else []
     if args.json:
+        routed = {"trace": traces[0].to_dict()} if args.texts_file is None else \
+            {"traces": [t.to_dict() for t in traces]}
         _emit({"command": "preview", "recipe": args.recipe, "base_model": recipe.base_model,
-               "gate_mode": gates.mode, "experts_per_token": recipe.experts_per_token,
-               "trace": trace.to_dict(), "summary": summary,
-               "alignment": aligned.to_dict() if aligned else None, "gates": gates.diagnostics.to_dict()})
+               "gate_mode": gates.mode, "center_gates": bool(recipe.center_gates),
+               "experts_per_token": recipe.experts_per_token, **routed, "summary": summary,
+               "score": score.to_dict() if score else None, "advice": words,
+               "gates": gates.diagnostics.to_dict()})
         return 0
     exactness = ("exact at every layer: every expert is a copy of the base" if recipe.experts_copy_the_base()
                  else "layer 0 is exact, later layers assume the experts behave like the base")
     print(f"preview of {args.recipe} (gate_mode {gates.mode}, top-{recipe.experts_per_token}); {exactness}")
-    _print_grid(trace)
+    for i, trace in enumerate(traces):
+        if len(traces) > 1:
+            print(f"== text {i + 1} of {len(traces)}")
+        _print_grid(trace)
     _print_summary(summary, names)
-    if aligned is not None:
-        print(f"prompt-to-expert alignment: {aligned.score:.3f} (chance {aligned.chance:.3f})")
+    if score is not None:
+        print_score(score, names)
+    for line in words:
+        print(f"note: {line}")
     print_gate_warnings(gates.diagnostics.warnings)
     return 0
+
+
+MAX_TEXTS = 1000
+MAX_TEXTS_BYTES = 16 * 2**20
+
+
+def read_texts(path: str) -> list[str]:
+    """--texts-file: JSON lines {"text": ...} or plain lines (blank lines skipped), in order."""
+    from workbench.errors import WorkbenchError
+
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_TEXTS_BYTES + 1)
+    except OSError as exc:
+        raise WorkbenchError(f"--texts-file: cannot read {path}: {exc.strerror or exc}") from exc
+    if len(raw) > MAX_TEXTS_BYTES:
+        raise WorkbenchError(f"--texts-file: {path} is over {MAX_TEXTS_BYTES // 2**20} MB; split it")
+    try:
+        lines = raw.decode("utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise WorkbenchError(f"--texts-file: {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8") \
+            from exc
+    texts = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        if line.lstrip().startswith("{"):
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise WorkbenchError(f"--texts-file: line {number} starts like JSON but is not ({exc.msg}); "
+                                     'write {"text": "..."} or the plain text') from exc
+            if not isinstance(item, dict) or not isinstance(item.get("text"), str):
+                raise WorkbenchError(f'--texts-file: line {number} has no string "text" key; '
+                                     'write {"text": "..."}')
+            line = item["text"]
+        texts.append(line)
+    if not texts:
+        raise WorkbenchError(f"--texts-file: {path} holds no text; write one text per line")
+    if len(texts) > MAX_TEXTS:
+        raise WorkbenchError(f"--texts-file: {len(texts)} texts; the limit is {MAX_TEXTS}: split the file")
+    return texts
+
+
+def print_score(score: Any, names: list[str]) -> None:
+    """The held-out score: top-1 and top-k next to chance, and each expert's own hit rate."""
+    if score.top1 is None:
+        print("held-out routing: nothing to hold out (every expert has one positive prompt)")
+        return
+    print(f"held-out routing ({score.held_out}): top-1 {score.top1:.3f} (chance {score.chance_top1:.3f}), "
+          f"top-{score.k} {score.topk:.3f} (chance {score.chance_topk:.3f}); perfect 1")
+    for e, name in enumerate(names):
+        rate = score.per_expert_top1[e]
+        print(f"  e{e} {'   -  ' if rate is None else f'{rate:6.1%}'}  {name}")
 
 
 def print_gate_warnings(warnings: list[str]) -> None:

@@ -10,13 +10,20 @@ the base; writes no file.
     forward      base forwards on prompt sets, hooks that capture router inputs
     lazy_weights a base streamed from disk leaf by leaf
     rows         torch-free gates: noise modes, the dtype cast, diagnostics
+    bank, fit    every prompt's states from one pass; the fitted router (gate_mode fitted)
+    score        held-out routing score, scored_gates (gates + score), the gate-mode comparison
+    advice       what a score means, in words (no torch)
     thread, process, workers   the gate worker a build waits on: given, thread or child
 """
 
 from workbench.faces import face
 
 EXPORTS = {
-    "CONDITION_WARN": "types", "GateDiagnostics": "types", "Gates": "types", "RouterGates": "types",
+    "CONDITION_WARN": "types", "GateDiagnostics": "types", "Gates": "types", "HeldOutScore": "types",
+    "RouterGates": "types",
+    "explain": "advice", "COMPARED": "score", "compare_modes": "score", "mode_label": "score",
+    "score_recipe": "score",
+    "scored_gates": "score",
     "compute_gates": "compute", "diagnose": "compute",
     "router_inputs": "forward",
     "from_gates": "rows", "noise_gates": "rows",

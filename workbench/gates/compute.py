@@ -162,12 +162,15 @@ def compute_gates(
     cancel: CancelToken | None = None,
     model: torch.nn.Module | None = None,
     tokenizer: Any = None,
+    memo: dict | None = None,
 ) -> Gates:
     """Router gates (L, E, H) for `recipe` from the base model at `base_path`.
 
     A passed-in model/tokenizer is used where it is (its device and dtype) and left
     loaded; otherwise the base loads on pick_device(device) and is freed afterwards.
-    One progress event per prompt set; `cancel` is checked before each set.
+    One progress event per prompt set; `cancel` is checked before each set. `memo` keeps
+    `hidden_avg` set states by their prompts between calls on the same model (a set's
+    state depends on nothing else), for held-out folds that share most sets.
     """
     cancel = cancel or CancelToken()
     mode = recipe.gate_mode
@@ -203,10 +206,16 @@ def compute_gates(
             def state(batch: dict[str, Tensor]) -> Tensor:
                 return rows_of[id(batch)].mean(dim=1)
         else:  # hidden_avg: every position, pad included, as mergekit averages
+            known = memo if memo is not None else {}
+
             def state(batch: dict[str, Tensor]) -> Tensor:
-                mask = batch["attention_mask"]
-                # Reduced layer by layer as the forward goes: (B, T, H) -> (H,), never (L, B, T, H).
-                return layer_inputs(model, batch, lambda h: reduce_states(h[None], mask, average=True)[0])
+                key = tuple(map(tuple, batch["input_ids"].tolist()))
+                if key not in known:
+                    mask = batch["attention_mask"]
+                    # Reduced layer by layer as the forward goes: (B, T, H) -> (H,), never (L, B, T, H).
+                    known[key] = layer_inputs(model, batch,
+                                              lambda h: reduce_states(h[None], mask, average=True)[0])
+                return known[key]
     try:
         pos, neg = _expert_states(batches, state, on_progress, cancel)
     finally:

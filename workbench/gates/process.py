@@ -36,7 +36,7 @@ from typing import IO, Any
 from workbench import errors
 from workbench.errors import BuildError, GateError, WorkbenchError
 from workbench.gates.thread import GateWorker
-from workbench.gates.types import GateDiagnostics, RouterGates
+from workbench.gates.types import GateDiagnostics, HeldOutScore, RouterGates
 from workbench.progress import CancelToken, Progress
 from workbench.recipe import Recipe
 
@@ -166,8 +166,9 @@ def _gates_of(meta: dict[str, Any], stream: IO[bytes]) -> RouterGates:
                          "rows; build again")
     size = len(payload) // layers
     rows = [payload[i * size:(i + 1) * size] for i in range(layers)]
+    score = HeldOutScore.from_dict(meta["score"]) if meta.get("score") else None
     return RouterGates(meta["mode"], (layers, experts, hidden), meta["dtype"], rows,
-                       GateDiagnostics.from_dict(meta["diagnostics"]))
+                       GateDiagnostics.from_dict(meta["diagnostics"]), score=score)
 
 
 # ---- the child ---------------------------------------------------------------------------
@@ -210,16 +211,18 @@ def child_main() -> int:
     threading.Thread(target=_exit_when_stdin_closes, daemon=True).start()
     try:
         channel.send({"progress": [0.0, "importing torch"]})
-        from workbench.gates.compute import compute_gates
         from workbench.gates.rows import from_gates
+        from workbench.gates.score import scored_gates
 
-        gates = compute_gates(Recipe.model_validate(request["recipe"]), Path(request["base_path"]),
+        gates = scored_gates(Recipe.model_validate(request["recipe"]), Path(request["base_path"]),
                               device=request["device"], seed=int(request["seed"]),
                               on_progress=lambda e: channel.send({"progress": [e.fraction, e.message]}))
         found = from_gates(gates, request["dtype"])
         payload = b"".join(found.rows)
         channel.send({"gates": {"mode": found.mode, "shape": list(found.shape), "dtype": found.dtype,
-                                "diagnostics": found.diagnostics.to_dict(), "nbytes": len(payload)}}, payload)
+                                "diagnostics": found.diagnostics.to_dict(),
+                                "score": found.score.to_dict() if found.score else None,
+                                "nbytes": len(payload)}}, payload)
     except Exception as exc:
         channel.send({"error": {"type": type(exc).__name__, "message": str(exc),
                                 "user_error": isinstance(exc, WorkbenchError),

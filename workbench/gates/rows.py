@@ -21,24 +21,24 @@ import math
 import numpy as np
 
 from workbench.errors import BuildError, GateError
-from workbench.gates.types import CONDITION_WARN, GateDiagnostics, Gates, RouterGates
+from workbench.gates.types import CONDITION_WARN, GateDiagnostics, Gates, HeldOutScore, RouterGates
 
 
 def from_gates(gates: Gates, dtype: str) -> RouterGates:
     """Cast each layer's gates to the safetensors dtype `dtype`; refuses NaN or infinity."""
     vectors = gates.vectors.detach().float().cpu().numpy()  # (L, E, H)
-    return from_array(vectors, gates.mode, dtype, gates.diagnostics, gates)
+    return from_array(vectors, gates.mode, dtype, gates.diagnostics, gates, gates.score)
 
 
 def from_array(vectors: np.ndarray, mode: str, dtype: str, diagnostics: GateDiagnostics | None = None,
-               gates: Gates | None = None) -> RouterGates:
+               gates: Gates | None = None, score: HeldOutScore | None = None) -> RouterGates:
     """RouterGates from float32 (L, E, H) gates; diagnosed here unless `diagnostics` is given."""
     if not np.isfinite(vectors).all():
         raise BuildError("gates contain NaN or infinity; check the prompts and recompute them")
     rows = [cast(vectors[layer], dtype) for layer in range(vectors.shape[0])]
     layers, experts, hidden = (int(n) for n in vectors.shape)
     return RouterGates(mode, (layers, experts, hidden), dtype, rows,
-                       diagnostics if diagnostics is not None else diagnose(vectors), gates)
+                       diagnostics if diagnostics is not None else diagnose(vectors), gates, score)
 
 
 def cast(matrix: np.ndarray, dtype: str) -> bytes:

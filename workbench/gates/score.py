@@ -178,11 +178,14 @@ def fold_recipe(recipe: Recipe, held: set[tuple[int, int]], mode: str, center: b
 
 
 def _forward_folds(recipe: Recipe, mode: str, center: bool, model: Any, tokenizer: Any, base_path: Path,
-                   seed: int) -> Callable[[set[tuple[int, int]]], Tensor]:
-    """Fold gates by the real forwards, for a mode whose rows the bank cannot rebuild."""
+                   seed: int, memo: dict | None = None) -> Callable[[set[tuple[int, int]]], Tensor]:
+    """Fold gates by the real forwards, for a mode whose rows the bank cannot rebuild; a set
+    that several folds share (every negative set) runs once per `memo`."""
+    memo = {} if memo is None else memo
+
     def make(held: set[tuple[int, int]]) -> Tensor:
         return compute_gates(fold_recipe(recipe, held, mode, center), base_path, seed=seed, model=model,
-                             tokenizer=tokenizer).vectors
+                             tokenizer=tokenizer, memo=memo).vectors
     return make
 
 
@@ -201,9 +204,10 @@ def score_recipe(recipe: Recipe, base_path: Path, gates: Gates, *, model: Any, t
 def scored_gates(recipe: Recipe, base_path: Path, *, device: str = "auto", seed: int = 0,
                  on_progress: ProgressFn = ignore_progress, cancel: CancelToken | None = None) -> Gates:
     """compute_gates with the base loaded once for the gates and their held-out score
-    (`Gates.score`); prompt-free modes are scored too (they are the floor)."""
+    (`Gates.score`). Prompt-free modes are noise, not scored (a build writes them without
+    loading the base; `compare_modes` scores random as the floor)."""
     cancel = cancel or CancelToken()
-    if recipe.gate_mode in PROMPTLESS_MODES and not all(e.positive_prompts for e in recipe.experts):
+    if recipe.gate_mode in PROMPTLESS_MODES:
         return compute_gates(recipe, base_path, device=device, seed=seed, on_progress=on_progress,
                              cancel=cancel)
     on_progress(Progress("gates", 0.0, "loading the base model"))
@@ -236,15 +240,25 @@ class ModeResult:
                 "score": self.score.to_dict(), "gates": self.gates.diagnostics.to_dict()}
 
 
-def compare_modes(recipe: Recipe, base_path: Path, *, model: Any, tokenizer: Any, seed: int = 0,
-                  cancel: CancelToken | None = None,
+def compare_modes(recipe: Recipe, base_path: Path, *, model: Any = None, tokenizer: Any = None,
+                  device: str = "auto", seed: int = 0, cancel: CancelToken | None = None,
                   on_progress: ProgressFn = ignore_progress) -> list[ModeResult]:
     """Every mode of `COMPARED`, scored held out on the recipe's prompts, best first (top-1,
-    then top-k; random, the floor, always last)."""
+    then top-k; random, the floor, always last). Without `model`, the base loads on `device`
+    for the comparison and is freed after it."""
+    if model is None:
+        on_progress(Progress("compare", 0.0, "loading the base model"))
+        model, tokenizer = load_base(base_path, device), load_tokenizer(base_path)
+        try:
+            return compare_modes(recipe, base_path, model=model, tokenizer=tokenizer, seed=seed,
+                                 cancel=cancel, on_progress=on_progress)
+        finally:
+            del model
+            gc.collect()
     cancel = cancel or CancelToken()
     on_progress(Progress("compare", 0.0, "running every prompt through the base model"))
     bank = collect(model, tokenizer, recipe, cancel=cancel)
-    results = []
+    results, memo = [], {}  # hidden_avg's fold sets, shared by its plain and centred variants
     for i, (mode, center) in enumerate(COMPARED):
         cancel.check()
         on_progress(Progress("compare", i / len(COMPARED), f"scoring {mode_label(mode, center)}"))
@@ -252,7 +266,7 @@ def compare_modes(recipe: Recipe, base_path: Path, *, model: Any, tokenizer: Any
         started = time.perf_counter()
         gates = compute_gates(variant, base_path, seed=seed, model=model, tokenizer=tokenizer, cancel=cancel)
         seconds = time.perf_counter() - started
-        make = _forward_folds(recipe, mode, center, model, tokenizer, base_path, seed) \
+        make = _forward_folds(recipe, mode, center, model, tokenizer, base_path, seed, memo) \
             if mode == "hidden_avg" else None
         score = heldout_score(variant, bank, full=gates.vectors, seed=seed, fold_gates=make, cancel=cancel)
         results.append(ModeResult(mode, center, score, seconds, gates))

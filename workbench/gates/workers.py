@@ -30,9 +30,9 @@ def start_gates(request: GateRequest, given: RouterGates | None, cancel: CancelT
 def _compute(request: GateRequest) -> Compute:
     """What the gates thread runs: the gates computed from the base model."""
     def compute(on_progress: ProgressFn, cancel: CancelToken) -> RouterGates:
-        from workbench.gates.compute import compute_gates  # torch is loaded already (start_gates)
+        from workbench.gates.score import scored_gates  # torch is loaded already (start_gates)
 
-        gates = compute_gates(request.recipe, request.base_path, device=request.device, seed=request.seed,
+        gates = scored_gates(request.recipe, request.base_path, device=request.device, seed=request.seed,
                               on_progress=on_progress, cancel=cancel)
         return from_gates(gates, request.dtype)
     return compute

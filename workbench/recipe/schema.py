@@ -85,6 +85,14 @@ class Recipe(BaseModel):
             labels.append(label if seen[label] == 1 else f"{label} ({seen[label]})")
         return labels
 
+    def workbench_extensions(self) -> list[str]:
+        """The workbench-only keys this recipe uses (mergekit-moe 0.1.x ignores or refuses them)."""
+        used = [f"gate_mode: {self.gate_mode}"] if self.gate_mode in ("router_input", "fitted") else []
+        used += ["center_gates"] if self.center_gates else []
+        for key in ("name", "probe_prompts"):
+            used += [key] if any(getattr(e, key) for e in self.experts) else []
+        return used
+
     def model_refs(self) -> list[str]:
         """Every distinct model reference, base first, in recipe order."""
         refs = [self.base_model] + [e.source_model for e in self.experts]

@@ -1,4 +1,6 @@
-"""What router traces mean, in numbers: load, entropy, prompt alignment, divergence.
+"""What router traces mean, in numbers: load, entropy, divergence.
+
+(How well gates route their own themes is scored held out, in `workbench.gates.score`.)
 
 Pure functions of `RouterTrace`s and tensors: no model, no I/O. Load counts top-k slots, so
 each token spreads a total of one over its k experts per layer (1/k each); a router that
@@ -10,7 +12,6 @@ Legend: T tokens, L layers, E experts, k experts per token, R reply tokens, V vo
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,44 +88,6 @@ def routing_entropy(trace: RouterTrace) -> Entropy:
     nan = torch.full((trace.layers,), float("nan"))
     return Entropy(h[pre].mean(0) if pre.any() else nan, h[~pre].mean(0) if (~pre).any() else nan,
                    h.mean(0) if trace.num_tokens else nan)
-
-
-@dataclass
-class Alignment:
-    per_layer: Tensor  # (L, E, E): row i = where expert i's prompt tokens went, per layer
-    overall: Tensor  # (E, E): per_layer averaged over layers
-    score: float  # mean of overall's diagonal over experts that had tokens: the recipe's alignment
-    chance: float  # 1 / E, the score of a router that ignores its input
-    tokens: list[int]  # prompt tokens counted per expert
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"score": self.score, "chance": self.chance, "tokens": list(self.tokens),
-                "overall": _json(self.overall), "per_layer": _json(self.per_layer)}
-
-
-def alignment(traces_by_expert: Sequence[Sequence[RouterTrace]], *, skip_first: bool = True) -> Alignment:
-    """The prompt-to-expert alignment matrix from traces of each expert's positive prompts.
-
-    `skip_first` drops each prompt's first token when it has others: that is the BOS token
-    the gates prepend, routed the same for every prompt, so it says nothing about the prompt.
-    """
-    first = next((t for traces in traces_by_expert for t in traces), None)
-    if first is None:
-        raise ValueError("alignment needs at least one traced prompt")
-    experts, layers = len(traces_by_expert), first.layers
-    if first.experts != experts:
-        raise ValueError(f"traces route over {first.experts} experts but prompts are given for {experts}")
-    per_layer = torch.zeros(layers, experts, experts)
-    tokens = []
-    for i, traces in enumerate(traces_by_expert):
-        ids = [t.topk_ids[1:] if skip_first and t.num_tokens > 1 else t.topk_ids for t in traces]
-        rows = torch.cat(ids) if ids else torch.zeros(0, layers, first.k, dtype=torch.int64)
-        per_layer[:, i, :] = slot_share(rows, experts)
-        tokens.append(int(rows.shape[0]))
-    overall = per_layer.mean(0)
-    counted = [i for i, n in enumerate(tokens) if n]
-    score = float(overall.diagonal()[counted].mean()) if counted else float("nan")
-    return Alignment(per_layer, overall, score, 1.0 / experts, tokens)
 
 
 def gate_similarity(vectors: Tensor) -> GateDiagnostics:

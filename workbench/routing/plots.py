@@ -19,8 +19,8 @@ import plotly.graph_objects as go
 import plotly.io as pio
 from plotly.subplots import make_subplots
 
-from workbench.gates import CONDITION_WARN, GateDiagnostics
-from workbench.routing.analysis import Alignment, Divergence, Entropy, ExpertLoad
+from workbench.gates import CONDITION_WARN, GateDiagnostics, HeldOutScore
+from workbench.routing.analysis import Divergence, Entropy, ExpertLoad
 from workbench.routing.trace import RouterTrace
 
 # Plotly's qualitative palette, then evenly spread hues for recipes with more experts.
@@ -165,18 +165,36 @@ def entropy_figure(entropy: Entropy) -> go.Figure:
     return fig
 
 
-def alignment_figure(result: Alignment, names: list[str]) -> go.Figure:
-    """Rows: each expert's positive prompts; columns: where their tokens were routed."""
+def heldout_figure(score: HeldOutScore, names: list[str]) -> go.Figure:
+    """Where each expert's held-out tokens went first (rows sum to one), and the top-1 / top-k
+    hit rate per layer against chance."""
     labels = [expert_label(e, names, 24) for e in range(len(names))]
-    fig = go.Figure(go.Heatmap(
-        z=result.overall.numpy(), x=labels, y=labels, zmin=0, zmax=1, colorscale="Blues",
-        texttemplate="%{z:.2f}", hovertemplate="prompts of %{y}<br>routed to %{x}: %{z:.1%}<extra></extra>",
-        colorbar={"title": {"text": "share"}},
-    ))
-    fig.update_layout(template=TEMPLATE, yaxis={"autorange": "reversed", "title": {"text": "prompts of"}},
-                      xaxis={"title": {"text": "routed to"}},
-                      title={"text": f"Prompt-to-expert alignment: {result.score:.2f} "
-                                     f"(chance {result.chance:.2f})"})
+    fig = make_subplots(rows=1, cols=2, column_widths=[0.5, 0.5], horizontal_spacing=0.22,
+                        subplot_titles=["held-out tokens of (rows) routed first to (columns)",
+                                        "hit rate per layer"])
+    z = np.array([row if n else [np.nan] * len(row)
+                  for row, n in zip(score.matrix, score.tokens, strict=True)])
+    fig.add_trace(go.Heatmap(z=z, x=labels, y=labels, zmin=0, zmax=1, colorscale="Blues",
+                             texttemplate="%{z:.2f}", showscale=False,
+                             hovertemplate="held-out prompts of %{y}<br>routed first to %{x}: %{z:.1%}"
+                             "<extra></extra>"), row=1, col=1)
+    layers = list(range(len(score.top1_per_layer)))
+    for values, name, chance in ((score.top1_per_layer, "top-1", score.chance_top1),
+                                 (score.topk_per_layer, f"top-{score.k}", score.chance_topk)):
+        hover = f"layer %{{x}}: {name} %{{y:.3f}} (chance {chance:.2f})<extra></extra>"
+        fig.add_trace(go.Scatter(x=layers, y=values, mode="lines+markers", name=name, hovertemplate=hover),
+                      row=1, col=2)
+    fig.add_hline(y=score.chance_top1, line_dash="dot", line_color="#888", row=1, col=2,
+                  annotation_text="top-1 chance", annotation_position="bottom right")
+    fig.update_yaxes(autorange="reversed", row=1, col=1)
+    fig.update_yaxes(range=[0, 1.05], row=1, col=2)
+    fig.update_xaxes(title={"text": "layer"}, row=1, col=2)
+    fig.update_annotations(font_size=12, yshift=8)
+    title = "Held-out routing: nothing to hold out" if score.top1 is None else (
+        f"Held-out routing: top-1 {score.top1:.2f} (chance {score.chance_top1:.2f}), "
+        f"top-{score.k} {score.topk:.2f} (chance {score.chance_topk:.2f}); perfect 1")
+    fig.update_layout(template=TEMPLATE, title={"text": title}, margin={"t": 90},
+                      legend={"orientation": "h", "y": -0.2})
     return fig
 
 

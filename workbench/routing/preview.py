@@ -21,8 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from workbench.gates import router_inputs
-from workbench.progress import CancelToken
-from workbench.routing.trace import RouterTrace, TraceError, encode_text, route, token_strings, trace_text
+from workbench.routing.trace import RouterTrace, TraceError, encode_text, route, token_strings
 
 
 def route_states(states: list[Tensor], vectors: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -66,30 +65,3 @@ def preview_routing(gates: Any, entry: Any, text: str, k: int, *, expert_names: 
     prefill = torch.ones(len(ids), dtype=torch.bool)
     return RouterTrace(token_strings(entry.tokenizer, ids), ids, probs, top, weights, prefill, names,
                        "preview", entry.ref)
-
-
-def prompt_text(tokenizer: Any, prompt: str) -> str:
-    """A gate prompt as the gates saw it: the BOS text, then the prompt (RECIPE.md)."""
-    return (tokenizer.bos_token or "") + prompt
-
-
-def alignment_traces(recipe: Any, entry: Any, *, gates: Any = None,
-                     cancel: CancelToken | None = None) -> list[list[RouterTrace]]:
-    """Traces of every expert's positive prompts, tokenised as the gates saw them, for
-    `analysis.alignment`: routed by `gates` over the base `entry` (preview), or by the
-    built MoE `entry` itself when `gates` is None."""
-    names = recipe.expert_labels()
-    out = []
-    for expert in recipe.experts:
-        traces = []
-        for prompt in expert.positive_prompts or []:
-            if cancel is not None:
-                cancel.check()  # up to 64 x 64 forwards: stop between them when asked
-            text = prompt_text(entry.tokenizer, prompt)
-            if gates is not None:
-                traces.append(preview_routing(gates, entry, text, recipe.experts_per_token,
-                                              expert_names=names, add_special_tokens=False))
-            else:
-                traces.append(trace_text(entry, text, add_special_tokens=False))
-        out.append(traces)
-    return out

@@ -61,6 +61,19 @@ class RouterTrace:
             raise ValueError(f"RouterTrace has {len(self.tokens)} tokens, {len(self.token_ids)} ids and "
                              f"{len(self.expert_names)} expert names for probs of shape {(t, layers, e)}")
 
+    @classmethod
+    def joined(cls, traces: list[RouterTrace]) -> RouterTrace:
+        """One trace of several texts routed by the same router, one after another (for a
+        summary over all of them)."""
+        first = traces[0]
+        if len(traces) == 1:
+            return first
+        return cls([t for trace in traces for t in trace.tokens],
+                   [i for trace in traces for i in trace.token_ids],
+                   torch.cat([t.probs for t in traces]), torch.cat([t.topk_ids for t in traces]),
+                   torch.cat([t.topk_weights for t in traces]), torch.cat([t.is_prefill for t in traces]),
+                   first.expert_names, first.source, first.model)
+
     @property
     def num_tokens(self) -> int:
         return self.probs.shape[0]

@@ -61,7 +61,8 @@ def expert_fields(expert: dict[str, Any]) -> list[Any]:
 
 
 def form_data(previous: dict[str, Any], top: Sequence[Any], cards: Sequence[Sequence[Any]]) -> dict[str, Any]:
-    """Form values to recipe data; keys the form does not show (shared_experts) are kept."""
+    """Form values to recipe data; keys the form does not show (shared_experts, center_gates,
+    an expert's probe_prompts) are kept: the cards are drawn from `previous`, one per expert."""
     data = {k: v for k, v in previous.items() if k not in TOP_KEYS and k != "experts"}
     for key, value in zip(TOP_KEYS, top, strict=True):
         if key == "experts_per_token" and isinstance(value, float) and value.is_integer():
@@ -71,12 +72,15 @@ def form_data(previous: dict[str, Any], top: Sequence[Any], cards: Sequence[Sequ
         if value not in (None, ""):
             data[key] = value
     data["experts"] = []
-    for values in cards:
+    shown = previous.get("experts") or []
+    for i, values in enumerate(cards):
+        hidden = {k: v for k, v in (shown[i] if i < len(shown) and isinstance(shown[i], dict) else {}).items()
+                  if k not in EXPERT_KEYS}
         source, positive, negative, noise, residual, name = values
         expert = {"source_model": (source or "").strip(), "name": (name or "").strip() or None,
                   "positive_prompts": decode_prompts(positive), "negative_prompts": decode_prompts(negative),
                   "noise_scale": _scale(noise), "residual_scale": _scale(residual)}
-        data["experts"].append({k: v for k, v in expert.items() if v is not None})
+        data["experts"].append({k: v for k, v in expert.items() if v is not None} | hidden)
     return _ordered(data)
 
 

@@ -1,6 +1,6 @@
 """The Preview tab's work as plain functions: gates from the recipe, routing of a probe text, no build.
 
-Gates and the prompt alignment depend only on the recipe (and the base model's device), not
+Gates and their held-out score depend only on the recipe (and the base model's device), not
 on the probe text, so they are kept in a small cache keyed by exactly what they depend on:
 editing the probe text re-routes in well under a second; editing a prompt recomputes the
 gates (a few forwards of the base model). The base model itself lives in the engine's registry.
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from workbench.progress import CancelToken
-from workbench.recipe import Recipe, RecipeError, errors, parse_recipe, validate
+from workbench.recipe import Problem, Recipe, RecipeError, errors, parse_recipe, validate
 from workbench.ui import shared
 
 CACHE_SIZE = 8
@@ -48,9 +48,50 @@ class Preview:
         return f"{self.trace.num_tokens} probe tokens routed in {self.seconds:.2f} s"
 
 
-def alignment_summary(aligned: Any) -> str:
-    return (f"**Alignment {aligned.score:.2f}** (chance {aligned.chance:.2f}): the share of each expert's "
-            "own prompt tokens that its router row wins, averaged over layers")
+def score_summary(score: Any, advice: list[str]) -> str:
+    """The held-out score in a line, each number next to chance and perfect, then what it means."""
+    if score.top1 is None:
+        head = "**Held-out routing: nothing to score.**"
+    else:
+        head = (f"**Held-out top-1 {score.top1:.2f}** (chance {score.chance_top1:.2f}, perfect 1) · "
+                f"**top-{score.k} {score.topk:.2f}** (chance {score.chance_topk:.2f}): how often a theme's "
+                f"held-out tokens go to its own expert ({score.held_out}).")
+    return "\n".join([head, *(f"- {line}" for line in advice)])
+
+
+def compare_table(results: list[Any], recipe: Recipe) -> str:
+    """The comparison as a markdown table, best first, the recipe's own mode marked."""
+    first = results[0].score
+    own = (recipe.gate_mode, bool(recipe.center_gates))
+    lines = [f"Held out: {first.held_out}. Chance: top-1 {first.chance_top1:.2f}, top-{first.k} "
+             f"{first.chance_topk:.2f}; perfect 1. Time: this mode's gates for the whole recipe.\n",
+             f"| gate mode | top-1 | top-{first.k} | seconds |", "|---|---|---|---|"]
+    for r in results:
+        mark = " (recipe)" if (r.mode, r.center) == own else ""
+        top1 = "-" if r.score.top1 is None else f"{r.score.top1:.2f}"
+        topk = "-" if r.score.topk is None else f"{r.score.topk:.2f}"
+        lines.append(f"| {r.label}{mark} | {top1} | {topk} | {r.seconds:.2f} |")
+    return "\n".join(lines)
+
+
+def with_mode(yaml_text: str, mode: str, center: bool) -> str:
+    """The recipe text with `gate_mode` (and `center_gates`) set, the rest as the user wrote it."""
+    from workbench.recipe import load_yaml, patch_yaml
+
+    unreadable = RecipeError([Problem("error", "", "the recipe YAML is not a mapping of keys",
+                                      "fix it in the Design tab, then use the mode again")])
+    data = load_yaml(yaml_text)
+    if not isinstance(data, dict):
+        raise unreadable
+    data["gate_mode"] = mode
+    if center:
+        data["center_gates"] = True
+    else:
+        data.pop("center_gates", None)
+    patched = patch_yaml(yaml_text, data)
+    if patched is None:
+        raise unreadable
+    return patched
 
 
 class _Cache:
@@ -72,7 +113,7 @@ class _Cache:
         return value
 
 
-_gates, _alignments = _Cache(), _Cache()
+_gates, _scores, _comparisons = _Cache(), _Cache(), _Cache(2)
 
 
 def recipe_for_preview(yaml_text: str) -> Recipe:
@@ -84,9 +125,11 @@ def recipe_for_preview(yaml_text: str) -> Recipe:
 
 
 def cache_key(recipe: Recipe, entry: Any) -> str:
-    """What gates and alignment depend on: base, mode, top-k, prompts; and the base's device/dtype."""
-    facts = {"base": recipe.base_model, "mode": recipe.gate_mode, "k": recipe.experts_per_token,
-             "experts": [[e.positive_prompts, e.negative_prompts] for e in recipe.experts],
+    """What gates and their score depend on: base, mode, centring, top-k, prompts (probes too);
+    and the base's device/dtype."""
+    facts = {"base": recipe.base_model, "mode": recipe.gate_mode, "center": bool(recipe.center_gates),
+             "k": recipe.experts_per_token,
+             "experts": [[e.positive_prompts, e.negative_prompts, e.probe_prompts] for e in recipe.experts],
              "where": f"{entry.device}/{entry.dtype}"}
     return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()
 
@@ -124,17 +167,43 @@ def run_preview(yaml_text: str, text: str, *, token: str | None = None, device: 
     return Preview(recipe, trace, gates, recipe.experts_copy_the_base(), time.perf_counter() - started)
 
 
-def run_alignment(yaml_text: str, *, token: str | None = None, device: str = "auto",
-                  cancel: CancelToken | None = None) -> tuple[Recipe, Any]:
-    """The recipe's prompt-to-expert alignment: its own positive prompts routed by its gates."""
-    from workbench.routing import alignment, alignment_traces
+def run_score(yaml_text: str, *, token: str | None = None, device: str = "auto",
+              cancel: CancelToken | None = None) -> tuple[Recipe, Any, list[str]]:
+    """The recipe's gates scored on held-out prompts: (recipe, HeldOutScore, advice)."""
+    from workbench.gates import explain, score_recipe
+
+    recipe = recipe_for_preview(yaml_text)
+    if not all(e.positive_prompts for e in recipe.experts):
+        raise RecipeError([Problem("error", "experts", f"gate_mode '{recipe.gate_mode}' has no prompts to "
+                                   "score the routing on", "add positive prompts to every expert")])
+    entry = base_entry(recipe, token=token, device=device)
+    gates = gates_for(recipe, entry, cancel)
+
+    def make() -> Any:
+        with entry.lock:
+            return score_recipe(recipe, entry.path, gates, model=entry.model, tokenizer=entry.tokenizer,
+                                cancel=cancel)
+
+    score = _scores.get(cache_key(recipe, entry), make)
+    return recipe, score, explain(score, gates.diagnostics, recipe.expert_labels())
+
+
+def run_compare(yaml_text: str, *, token: str | None = None, device: str = "auto",
+                cancel: CancelToken | None = None) -> tuple[Recipe, list[Any]]:
+    """Every gate mode scored side by side on the recipe's held-out prompts, best first."""
+    from workbench.gates import compare_modes
 
     recipe = recipe_for_preview(yaml_text)
     entry = base_entry(recipe, token=token, device=device)
-    gates = gates_for(recipe, entry, cancel)
-    key = cache_key(recipe, entry)
-    return recipe, _alignments.get(key, lambda: alignment(alignment_traces(recipe, entry, gates=gates,
-                                                                           cancel=cancel)))
+
+    def make() -> Any:
+        with entry.lock:
+            return compare_modes(recipe, entry.path, model=entry.model, tokenizer=entry.tokenizer,
+                                 cancel=cancel)
+
+    # Every mode is compared, so the recipe's own mode is not part of the key.
+    key = cache_key(recipe.model_copy(update={"gate_mode": "hidden", "center_gates": None}), entry)
+    return recipe, _comparisons.get(key, make)
 
 
 def probe_examples() -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +16,10 @@ from workbench.ui.design_form import DesignOutputs, render_form
 class DesignTab:
     yaml: gr.Code  # the recipe as text: Preview and Build read it
     draft: gr.State
+    # For another tab that writes the YAML (Preview's "Use the best mode"): chained after it,
+    # adopt(yaml) re-checks the recipe and redraws the form from it.
+    adopt: Callable[..., dict]
+    adopt_outputs: set
 
 
 def render(demo: gr.Blocks) -> DesignTab:
@@ -40,11 +45,12 @@ def render(demo: gr.Blocks) -> DesignTab:
             out.summary.render()
             out.yaml.render()
             out.yaml_problems.render()
-    _wire(demo, out, preset, about)
-    return DesignTab(out.yaml, out.draft)
+    adopt = _wire(demo, out, preset, about)
+    return DesignTab(out.yaml, out.draft, adopt, {out.draft, out.revision, out.yaml_problems, out.summary})
 
 
-def _wire(demo: gr.Blocks, out: DesignOutputs, preset: gr.Dropdown, about: gr.Markdown) -> None:
+def _wire(demo: gr.Blocks, out: DesignOutputs, preset: gr.Dropdown,
+          about: gr.Markdown) -> Callable[..., dict]:
     @shared.user_errors
     def yaml_edited(text: str, draft: dict, oauth_token: gr.OAuthToken | None = None) -> dict:
         checked, problems = design_logic.from_yaml(text, shared.user_token(oauth_token))
@@ -77,3 +83,14 @@ def _wire(demo: gr.Blocks, out: DesignOutputs, preset: gr.Dropdown, about: gr.Ma
     # The form renders at once on load; the models' configs (the demo model may first need
     # dequantising) are read after, and may add compatibility problems.
     demo.load(yaml_edited, [out.yaml, out.draft], everything, show_progress="hidden", concurrency_limit=None)
+
+    @shared.user_errors
+    def adopt(text: str, oauth_token: gr.OAuthToken | None = None) -> dict:
+        checked, problems = design_logic.from_yaml(text, shared.user_token(oauth_token))
+        if checked is None:
+            return {out.yaml_problems: form.problems_html(problems, show_path=True),
+                    out.summary: design_logic.status_line(None, problems)}
+        return {out.draft: checked.draft, out.revision: design_logic.next_revision(),
+                out.yaml_problems: checked.problems_html, out.summary: checked.summary()}
+
+    return adopt
