@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from workbench.build.card import base_license, display_name, hub_id, render_card
-from workbench.gates import diagnose
+from workbench.gates import HeldOutScore, diagnose
 from workbench.recipe import Expert, Recipe, parse_recipe
 
 
@@ -90,3 +90,18 @@ def test_the_rebuild_command_names_the_seed_where_the_recipe_draws_random_number
     rebuild = card.split("## Recipe")[1].split("```")[0]
     assert "python -m workbench build mergekit_moe_config.yml OUT" in rebuild
     assert ("--seed 7" in rebuild) is seeded
+
+
+def test_the_routing_report_gives_the_held_out_score_and_where_tokens_went(tmp_path: Path) -> None:
+    recipe = Recipe(base_model="org/base", gate_mode="fitted", experts=[
+        Expert(source_model="org/a", name="code", positive_prompts=["def f", "import os"]),
+        Expert(source_model="org/b", name="story", positive_prompts=["Once"], probe_prompts=["A tale"])])
+    score = HeldOutScore("fitted", False, 2, 1, 0.8, 0.8, [0.8], [0.8], [0.9, 0.7], [0.9, 0.7],
+                         [[0.9, 0.1], [0.3, 0.7]], [10, 4], "2-fold over each expert's positive prompts")
+    card = render_card(recipe, diagnose(torch.eye(2, 8)[None]), {}, {"dtype": "float32"}, score=score)
+    report = card.split("## Routing report")[1].split("## Gate diagnostics")[0]
+    assert "| top-1 hit rate | 0.800 | 0.500 | 1 |" in report
+    assert "| code | 0.90 | 0.10 |" in report and "| story | 0.30 | 0.70 |" in report
+    # fitted gates, names and probe prompts are the workbench's own: mergekit-moe cannot rebuild it
+    assert "not a mergekit-moe recipe" in card and "`gate_mode: fitted`" in card and "`probe_prompts`" in card
+    assert "## Routing report" not in render_card(recipe, diagnose(torch.eye(2, 8)[None]), {}, {})

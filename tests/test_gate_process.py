@@ -31,13 +31,14 @@ from pathlib import Path
 from workbench.build import build
 from workbench.recipe import Recipe
 
-events = {}
+events, scores = {}, {}
 for text, out in zip(sys.argv[1::2], sys.argv[2::2]):
     messages = events.setdefault(Path(out).name, [])
     result = build(Recipe.model_validate(json.loads(text)), Path(out), device="cpu", seed=3,
                    on_progress=lambda e: messages.append(e.message))
     assert result.gates is None and result.diagnostics.condition_numbers
-print(json.dumps({"torch_imported": "torch" in sys.modules, "messages": events}))
+    scores[Path(out).name] = result.score.to_dict() if result.score else None
+print(json.dumps({"torch_imported": "torch" in sys.modules, "messages": events, "scores": scores}))
 """
 
 
@@ -95,6 +96,12 @@ def test_a_build_without_torch_takes_the_same_routers_from_a_child(pico_factory,
     for mode, recipe in recipes.items():
         expected = from_gates(compute_gates(recipe, base, device="cpu", seed=3), "F32")
         assert router_bytes(tmp_path / mode) == expected.rows, mode
+    # The held-out score crosses from the child too, into the result and the model card.
+    score = report["scores"]["hidden"]
+    assert score["mode"] == "hidden" and score["tokens"][0] > 0 and score["tokens"][1:] == [0, 0]
+    assert "## Routing report" in (tmp_path / "hidden" / "README.md").read_text()
+    assert report["scores"]["random"] is None
+    assert "## Routing report" not in (tmp_path / "random" / "README.md").read_text()
 
 
 def test_gate_errors_cross_with_their_class_and_message(tmp_path: Path) -> None:

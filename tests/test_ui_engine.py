@@ -53,8 +53,26 @@ def test_preview_of_an_identity_moe_is_exact_and_cached(pico_moe):
     assert first.trace.layers == 3 and first.trace.experts == 4 and first.trace.source == "preview"
     again = preview_logic.run_preview(text, "Once upon a time", device="cpu")
     assert again.gates is first.gates  # probe edits reuse the gates
-    recipe, aligned = preview_logic.run_alignment(text, device="cpu")
-    assert aligned.overall.shape == (4, 4) and 0.0 <= aligned.score <= 1.0
+    # One prompt per expert: nothing to hold out, and the summary says how to fix that.
+    recipe, score, advice = preview_logic.run_score(text, device="cpu")
+    assert score.top1 is None and "two or more positive prompts" in preview_logic.score_summary(score, advice)
+
+
+def test_compare_then_use_the_best_mode_keeps_the_users_yaml(pico_moe):
+    base, _, _ = pico_moe
+    text = "# my notes\n" + identity_recipe(base).replace(
+        "positive_prompts: ['def add(a, b): return a + b']",
+        "positive_prompts: ['def add(a, b): return a + b', 'import os']  # code")
+    recipe, score, _ = preview_logic.run_score(text, device="cpu")
+    assert score.tokens[0] > 0 and score.tokens[1:] == [0, 0, 0] and score.chance_top1 == 0.25
+    recipe, results = preview_logic.run_compare(text, device="cpu")
+    table = preview_logic.compare_table(results, recipe)
+    assert "| hidden (recipe) |" in table and "| fitted |" in table and table.count("\n| ") == 11
+    patched = preview_logic.with_mode(text, "router_input", True)
+    assert patched.startswith("# my notes\n") and "'import os']  # code" in patched
+    assert "gate_mode: router_input" in patched and "center_gates: true" in patched
+    back = preview_logic.with_mode(patched, "hidden", False)
+    assert "center_gates" not in back and "gate_mode: hidden" in back
 
 
 def test_preview_with_a_different_expert_says_it_is_an_estimate(pico_moe, pico_factory):

@@ -87,17 +87,13 @@ def collect(model: nn.Module, tokenizer: Any, recipe: Any, *, probes: bool = Tru
         sets.append(tokenize_prompts(tokenizer, prompts, where=f"experts[{e}].{kind}_prompts"))
         labels += [(e, kind, j, text) for j, text in enumerate(prompts)]
     keep = kept_positions(sets, 1 if tokenizer.bos_token else 0, token_bytes // (4 * layers * hidden))
-    embed = model.get_input_embeddings().weight.detach()
     bank = PromptBank(len(recipe.experts), layers, hidden)
     for rows, merged in merged_forwards(model, sets, cancel):
         width = merged["input_ids"].shape[1]
         real = merged["attention_mask"].sum(dim=1).tolist()  # tokens of each row, pads excluded
         at = [[width - n + i for i in keep[k][r]] for (k, r), n in zip(rows, real, strict=True)]
-        for b, (last, router_last, tokens) in enumerate(_forward(model, merged, at)):
-            ids = merged["input_ids"][b, width - real[b]:]
-            embed_sum = embed[ids.to(embed.device)].float().sum(dim=0).cpu()
-            label = labels[len(bank.prompts)]
-            bank.prompts.append(PromptStates(*label, last, router_last, tokens, embed_sum))
+        for states in _forward(model, merged, at, real):
+            bank.prompts.append(PromptStates(*labels[len(bank.prompts)], *states))
         on_progress(Progress("gates", len(bank.prompts) / len(labels),
                              f"{len(bank.prompts)}/{len(labels)} prompts through the base model"))
     return bank
@@ -123,13 +119,19 @@ def _spread(span: range, share: float) -> list[int]:
     return sorted({span[len(span) - 1 - math.floor(i * step)] for i in range(count)})
 
 
-def _forward(model: nn.Module, batch: dict[str, Tensor],
-             at: Sequence[Sequence[int]]) -> Iterable[tuple[Tensor, Tensor, Tensor]]:
+def _forward(model: nn.Module, batch: dict[str, Tensor], at: Sequence[Sequence[int]],
+             real: Sequence[int]) -> Iterable[tuple[Tensor, Tensor, Tensor, Tensor]]:
     """One forward over `batch`, stopped after the last layer's router input: per row b,
     ((L, H) residual stream at the last token, (L, H) router input there, (L, len(at[b]), H)
-    router inputs at positions at[b]), float32 on the CPU."""
+    router inputs at positions at[b], (H,) sum of the embeddings of its real[b] tokens),
+    float32 on the CPU. The embeddings come from the forward (a streamed base keeps none)."""
     layers = decoder_layers(model)
     streams: list[Tensor] = []
+    sums: list[Tensor] = []
+
+    def embedded(module: nn.Module, args: Any, output: Tensor) -> None:
+        width = output.shape[1]
+        sums.extend(output[b, width - n:].float().sum(dim=0).cpu() for b, n in enumerate(real))
 
     def stream(module: nn.Module, args: tuple, kwargs: dict) -> None:
         streams.append((args[0] if args else kwargs["hidden_states"])[:, -1, :].float().cpu())
@@ -141,6 +143,7 @@ def _forward(model: nn.Module, batch: dict[str, Tensor],
         raise StopForward
 
     handles = [layer.register_forward_pre_hook(stream, with_kwargs=True) for layer in layers]
+    handles.append(model.get_input_embeddings().register_forward_hook(embedded))
     try:
         with router_inputs(model, select=select) as captured:
             # Registered after router_inputs' own hook: hooks run in order, so the capture comes first.
@@ -152,4 +155,4 @@ def _forward(model: nn.Module, batch: dict[str, Tensor],
     last = torch.stack(streams, dim=1)  # (B, L, H)
     router_last = torch.stack([c[0] for c in captured], dim=1)  # (B, L, H)
     for b in range(len(at)):
-        yield last[b], router_last[b], torch.stack([c[1][b] for c in captured])
+        yield last[b], router_last[b], torch.stack([c[1][b] for c in captured]), sums[b]

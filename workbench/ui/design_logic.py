@@ -20,8 +20,9 @@ from workbench.ui import form, shared, sizes
 
 BLANK = "blank"
 BLANK_TEXT = """# A blank recipe: name a base model and give each expert a source model and prompts.
+# gate_mode fitted routes by the prompts best (Preview tab: "Compare gate modes").
 base_model: ""
-gate_mode: hidden
+gate_mode: fitted
 experts_per_token: 2
 experts:
   - source_model: ""
