@@ -164,9 +164,44 @@ def test_preview_heatmap_appears(page):
     kinds = page.evaluate(f"{plot}.data.map(t => t.type)")
     assert kinds == ["heatmap"]
     assert "exactly" in page.inner_text("#wb-preview-note")
-    page.wait_for_selector("#wb-preview-alignment .js-plotly-plot", timeout=180_000)
-    assert "Alignment" in page.inner_text("#wb-preview-alignment-score")
+    page.wait_for_selector("#wb-preview-score .js-plotly-plot", timeout=180_000)
+    summary = wait_for_text(page, "#wb-preview-score-summary", ("Held-out top-1",), 180)
+    assert "chance 0.25" in summary
     shot(page, "preview")
+
+
+def yaml_has(page, text: str, timeout: float = 30_000) -> None:
+    page.wait_for_function("(t) => document.querySelector('#wb-yaml .cm-content').innerText.includes(t)",
+                           arg=text, timeout=timeout)
+
+
+def test_compare_gate_modes_then_use_the_best(page):
+    # The user switches the demo to mergekit's mode in the form, then asks which mode is best.
+    open_tab(page, "1 · Design")
+    page.get_by_label("Gate mode").click()
+    page.get_by_role("option", name="hidden", exact=True).click()
+    yaml_has(page, "gate_mode: hidden")
+    open_tab(page, "2 · Preview")
+    page.click("#wb-compare-run")
+    table = wait_for_text(page, "#wb-compare-table", ("hidden (recipe)",), 300)
+    assert "| fitted |" in page.locator("#wb-compare-table").inner_html() or "fitted" in table
+    assert "random" in table and "chance" in table.lower()
+    use = page.locator("#wb-compare-use")
+    use.wait_for(state="visible", timeout=30_000)
+    assert "Use fitted" in use.inner_text()
+    page.locator("#wb-compare-table").scroll_into_view_if_needed()
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SHOTS / "preview-compare.png"))
+    use.click()
+    yaml_has(page, "gate_mode: fitted")
+    text = page.locator("#wb-yaml .cm-content").inner_text()
+    assert "# The embedded default" in text and "name: chit-chat" in text  # the rest as the user wrote it
+    wait_for_text(page, "#wb-preview-score-summary", ("Held-out top-1",), 180)
+    open_tab(page, "1 · Design")
+    page.wait_for_function("document.querySelector('#wb-yaml').closest('body')"
+                           ".querySelector('input[aria-label=\"Gate mode\"]')?.value === 'fitted'",
+                           timeout=30_000)
+    assert page.locator(".toast-body").count() == 0
 
 
 def test_demo_build_runs_to_the_end_with_its_progress_bar(page):

@@ -311,3 +311,22 @@ def test_a_patch_refuses_text_that_is_not_a_safe_mapping():
     assert patch_yaml(alias_bomb(), {"base_model": "x"}) is None
     assert patch_yaml("- a list", {"base_model": "x"}) is None
     assert patch_yaml("base_model: [oops", {"base_model": "x"}) is None
+
+
+def test_workbench_gate_keys_parse_and_are_checked():
+    text = GOOD.replace("base_model: org/base", "base_model: org/base\ngate_mode: fitted\ncenter_gates: true")
+    probes = 'positive_prompts: ["math"]\n    probe_prompts: ["code", "x^2"]'
+    recipe, problems = parse_recipe(text.replace('positive_prompts: ["math"]', probes))
+    assert recipe.gate_mode == "fitted" and recipe.center_gates
+    assert recipe.experts[1].probe_prompts == ["code", "x^2"]
+    found = by_path(validate(recipe), "warning")
+    assert "no effect in gate_mode 'fitted'" in found["center_gates"].message  # centring is for prompt means
+    assert "not scored as held out" in found["experts[1].probe_prompts[0]"].message  # "code" is a positive
+    assert "experts[1].probe_prompts[1]" not in found
+    assert recipe.workbench_extensions() == ["gate_mode: fitted", "center_gates", "probe_prompts"]
+    again, problems = parse_recipe(dump_recipe(recipe))
+    assert problems == [] and again == recipe
+    assert "center_gates" not in dump_recipe(parse_recipe(GOOD)[0])  # mergekit recipes stay mergekit's
+    many = f'positive_prompts: ["math"]\n    probe_prompts: {["p"] * 65}'
+    too_many = GOOD.replace('positive_prompts: ["math"]', many)
+    assert "the limit is 64" in by_path(problems_of(too_many), "error")["experts[1].probe_prompts"].message

@@ -74,6 +74,13 @@ def _check_prompts(recipe: Recipe) -> list[Problem]:
                                "all positive prompts are empty: the gate is the BOS state minus the "
                                "negatives (\"zero positive prompting\")",
                                "fine if intended; otherwise add prompts this expert should take"))
+    seen = {p for e in recipe.experts for p in (e.positive_prompts or []) + (e.negative_prompts or [])}
+    for i, expert in enumerate(recipe.experts):
+        for j, probe in enumerate(expert.probe_prompts or []):
+            if probe in seen:
+                out.append(Problem("warning", f"experts[{i}].probe_prompts[{j}]",
+                                   "is also a positive or negative prompt, so the gates are made from it "
+                                   "and it is not scored as held out", "write a text the gates never see"))
     if recipe.center_gates and recipe.gate_mode not in PROMPT_MEAN_MODES:
         out.append(Problem("warning", "center_gates", f"has no effect in gate_mode '{recipe.gate_mode}'",
                            f"centring applies to {', '.join(PROMPT_MEAN_MODES)}; remove center_gates"))
