@@ -60,7 +60,10 @@ def score_summary(score: Any, advice: list[str]) -> str:
 
 
 def compare_table(results: list[Any], recipe: Recipe) -> str:
-    """The comparison as a markdown table, best first, the recipe's own mode marked."""
+    """The comparison as a markdown table, best first, the recipe's own mode marked, then what
+    the recipe's own mode's score means."""
+    from workbench.gates import explain
+
     first = results[0].score
     own = (recipe.gate_mode, bool(recipe.center_gates))
     lines = [f"Held out: {first.held_out}. Chance: top-1 {first.chance_top1:.2f}, top-{first.k} "
@@ -71,6 +74,10 @@ def compare_table(results: list[Any], recipe: Recipe) -> str:
         top1 = "-" if r.score.top1 is None else f"{r.score.top1:.2f}"
         topk = "-" if r.score.topk is None else f"{r.score.topk:.2f}"
         lines.append(f"| {r.label}{mark} | {top1} | {topk} | {r.seconds:.2f} |")
+    current = next((r for r in results if (r.mode, r.center) == own), None)
+    if current is not None:
+        advice = explain(current.score, current.gates.diagnostics, recipe.expert_labels())
+        lines += [f"\nThe recipe's {current.label}:"] + [f"- {line}" for line in advice] if advice else []
     return "\n".join(lines)
 
 
