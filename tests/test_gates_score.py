@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from workbench.gates.bank import PromptBank, PromptStates, collect
-from workbench.gates.compute import compute_gates
+from workbench.gates.compute import compute_gates, diagnose
 from workbench.gates.fit import fit_router
 from workbench.gates.score import bank_gates, compare_modes, folds, heldout_score
 from workbench.recipe import Expert, Recipe
@@ -160,3 +160,18 @@ def test_compare_scores_every_mode_with_random_last(pico):
     assert all(r.seconds >= 0 and r.score.top1 is not None for r in results)
     top = [r.score.top1 for r in results[:-1]]
     assert top == sorted(top, reverse=True)
+
+
+def test_rows_that_sum_to_zero_are_not_called_singular():
+    # Fitted and centred rows sum to zero, so they span E - 1 directions: mergekit's number is
+    # infinite for them although they route perfectly; the shift-invariant one is not.
+    rows = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [-1.0, -1.0, 0.0]]])
+    assert diagnose(rows).condition_numbers[0] > 1e6
+    assert diagnose(rows, shift_invariant=True).condition_numbers[0] == pytest.approx(3 ** 0.5)
+    assert diagnose(rows, shift_invariant=True).warnings == []
+
+
+def test_fitted_gates_carry_no_singular_warnings(pico):
+    base, model, tok = pico
+    gates = compute_gates(pico_recipe(base, "fitted"), base, model=model, tokenizer=tok)
+    assert all(c < 1e3 for c in gates.diagnostics.condition_numbers)

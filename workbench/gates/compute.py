@@ -111,9 +111,10 @@ def cheap_embedding(embed: Tensor, input_ids: Tensor, attention_mask: Tensor) ->
     return normalise((rows * attention_mask.unsqueeze(-1)).sum(dim=(0, 1)))
 
 
-def diagnose(vectors: Tensor) -> GateDiagnostics:
-    """Condition number and expert-expert cosine per layer of (L, E, H) gates."""
-    return diagnose_array(vectors.detach().to("cpu", torch.float64).numpy())
+def diagnose(vectors: Tensor, *, shift_invariant: bool = False) -> GateDiagnostics:
+    """Condition number and expert-expert cosine per layer of (L, E, H) gates
+    (`workbench.gates.rows.diagnose`)."""
+    return diagnose_array(vectors.detach().to("cpu", torch.float64).numpy(), shift_invariant=shift_invariant)
 
 
 def _dimensions(model: torch.nn.Module | None, base_path: Path) -> tuple[int, int]:
@@ -227,11 +228,13 @@ def compute_gates(
     vectors = combine_rows(pos, neg, center=bool(recipe.center_gates)).to(torch.float32)
     if mode == "cheap_embed":  # (E, H) -> (L, E, H)
         vectors = vectors.unsqueeze(0).repeat(layers, 1, 1)
-    return _done(vectors, mode)
+    return _done(vectors, mode, shift_invariant=bool(recipe.center_gates))
 
 
-def _done(vectors: Tensor, mode: str) -> Gates:
-    gates = Gates(vectors.contiguous(), mode, diagnose(vectors))
+def _done(vectors: Tensor, mode: str, *, shift_invariant: bool) -> Gates:
+    """Gates with their diagnostics; rows that sum to zero (fitted, centred) are judged as a
+    softmax sees them."""
+    gates = Gates(vectors.contiguous(), mode, diagnose(vectors, shift_invariant=shift_invariant))
     log.info("gates %s: %s, %d warning(s)", mode, tuple(vectors.shape), len(gates.diagnostics.warnings))
     return gates
 
@@ -264,7 +267,7 @@ def _fitted(recipe: Recipe, base_path: Path, device: str, model: torch.nn.Module
     positives = [torch.cat([p.tokens for p in bank.of(e, "positive")], 1) for e in experts]
     negatives = [torch.cat([p.tokens for p in ns], 1) if (ns := bank.of(e, "negative")) else None
                  for e in experts]
-    return _done(fit_router(positives, negatives, device=where), "fitted")
+    return _done(fit_router(positives, negatives, device=where), "fitted", shift_invariant=True)
 
 
 def _input_device(model: torch.nn.Module) -> torch.device:

@@ -76,14 +76,22 @@ def noise_gates(mode: str, shape: tuple[int, int, int], seed: int, dtype: str) -
     return from_array(noise(mode, shape, seed), mode, dtype)
 
 
-def diagnose(vectors: np.ndarray) -> GateDiagnostics:
-    """Condition number and expert-expert cosine per layer of (L, E, H) gates, in float64."""
+def diagnose(vectors: np.ndarray, *, shift_invariant: bool = False) -> GateDiagnostics:
+    """Condition number and expert-expert cosine per layer of (L, E, H) gates, in float64.
+
+    The condition number is mergekit's, of the rows as they are. With `shift_invariant` it is
+    that of the rows minus their mean, over its E - 1 directions: a softmax router ignores
+    a vector added to every row, and rows that sum to zero (fitted or centred gates) span
+    only E - 1 directions, so the plain number would be infinite for rows that route well.
+    """
     v = np.asarray(vectors, dtype=np.float64)
     layers, experts, _ = v.shape
     conditions = [1.0] * layers
-    if experts > 1:
-        s = np.linalg.svd(v, compute_uv=False)  # (L, min(E, H)), descending
-        conditions = [float(top / low) if low > 0 else math.inf for top, low in s[:, [0, -1]]]
+    if experts > 2 or (experts == 2 and not shift_invariant):
+        rows = v - v.mean(axis=1, keepdims=True) if shift_invariant else v
+        s = np.linalg.svd(rows, compute_uv=False)  # (L, min(E, H)), descending
+        low = min(s.shape[1], experts - 1) - 1 if shift_invariant else -1
+        conditions = [float(top / small) if small > 0 else math.inf for top, small in s[:, [0, low]]]
     unit = v / np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), 1e-8)
     cosine = (unit @ unit.transpose(0, 2, 1)).astype(np.float32)  # (L, E, E)
     warnings = [
