@@ -79,11 +79,13 @@ class Case:
     nice: int = 0  # CPU priority raised by this much in the child (root only), same for every tool
 
 
-def write_recipe(models: Path, work: Path, mode: str) -> Path:
-    experts = sorted(p for p in models.iterdir() if p.name.startswith("expert-"))
+def write_recipe(models: Path, work: Path, mode: str, count: int | None = None) -> Path:
+    """A recipe over the model set: `count` experts (default one per expert-K folder), cycling
+    over the folders, so 4 experts can come from 2 sources as in most real merges."""
+    folders = sorted(p for p in models.iterdir() if p.name.startswith("expert-"))
     entries = []
-    for k, folder in enumerate(experts):
-        entry = {"source_model": str(folder)}
+    for k in range(count or len(folders)):
+        entry = {"source_model": str(folders[k % len(folders)])}
         if mode != "random":
             positive, negative = PROMPTS[k % len(PROMPTS)]
             entry.update(positive_prompts=positive, negative_prompts=negative)
@@ -233,7 +235,7 @@ def plan(args: argparse.Namespace, tools: list[str]) -> tuple[list[Case], list[C
         out = work / f"out-{tool}"
         return Case(tool, label, command(tool, recipe, out, copy_src), out, inputs, args.nice)
 
-    random_recipe = write_recipe(args.models, work, "random")
+    random_recipe = write_recipe(args.models, work, "random", args.experts)
     big = [case(t, "random", random_recipe, copy_src if t == "copy" else args.models) for t in tools]
     builders = [t for t in tools if t != "copy"]
     small = []
@@ -242,7 +244,7 @@ def plan(args: argparse.Namespace, tools: list[str]) -> tuple[list[Case], list[C
         small = [case(t, "random, small", small_recipe, args.small) for t in builders]
     hidden = []
     if not args.no_hidden:
-        hidden_recipe = write_recipe(args.models, work, "hidden")
+        hidden_recipe = write_recipe(args.models, work, "hidden", args.experts)
         hidden = [case(t, "hidden", hidden_recipe, args.models) for t in builders]
     return big, small, hidden
 
@@ -381,6 +383,8 @@ def main(argv: list[str] | None = None) -> int:
                         "tool's fixed start-up cost")
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench-work"), help="recipes, outputs, logs")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--experts", type=int, help="experts in the big model's recipes, cycling over its "
+                        "expert-K folders (default: one per folder)")
     parser.add_argument("--tools", default=",".join(TOOLS), help="comma list of: " + ", ".join(TOOLS))
     parser.add_argument("--no-hidden", action="store_true", help="skip the single `hidden` gate-mode runs")
     parser.add_argument("--cache", choices=CACHE_MODES, default="empty", help="page cache before each run: "
