@@ -158,7 +158,9 @@ class DecoderLayer(nn.Module):
 class Body(nn.Module):
     def __init__(self, c: GateConfig):
         super().__init__()
-        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size, c.pad_token_id)
+        # _weight skips the random init: normal_ on the meta device imports torch._dynamo (1.5 s of CPU).
+        table = torch.empty(c.vocab_size, c.hidden_size)
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size, c.pad_token_id, _weight=table)
         self.layers = nn.ModuleList(DecoderLayer(c) for _ in range(c.num_hidden_layers))
         # Never run (the forwards stop at the last layer); here so that a checkpoint without it is
         # refused as transformers' model would refuse it, not half read.
