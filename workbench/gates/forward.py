@@ -284,7 +284,10 @@ def load_base(base_path: Path, device: str) -> nn.Module:
     leaf-streamed from disk on the CPU above STREAM_ABOVE_BYTES: into `workbench.gates.llama`'s
     forward for a plain Llama/Mistral base (no transformers import), else into transformers' model."""
     where, dtype = pick_device(device)
-    streamed = where.type == "cpu" and _resident_bytes(base_path, dtype) > STREAM_ABOVE_BYTES
+    try:
+        streamed = where.type == "cpu" and _resident_bytes(base_path, dtype) > STREAM_ABOVE_BYTES
+    except (OSError, ValueError) as exc:
+        raise GateError(f"cannot load the base model from {base_path}: {exc}; check the folder") from exc
     if streamed and (plain := _plain_base(base_path, dtype)) is not None:
         return plain
     from transformers import AutoModelForCausalLM  # lazy: importing this module stays cheap
