@@ -79,11 +79,13 @@ class Case:
     nice: int = 0  # CPU priority raised by this much in the child (root only), same for every tool
 
 
-def write_recipe(models: Path, work: Path, mode: str) -> Path:
-    experts = sorted(p for p in models.iterdir() if p.name.startswith("expert-"))
+def write_recipe(models: Path, work: Path, mode: str, count: int | None = None) -> Path:
+    """A recipe over the model set: `count` experts (default one per expert-K folder), cycling
+    over the folders, so 4 experts can come from 2 sources as in most real merges."""
+    folders = sorted(p for p in models.iterdir() if p.name.startswith("expert-"))
     entries = []
-    for k, folder in enumerate(experts):
-        entry = {"source_model": str(folder)}
+    for k in range(count or len(folders)):
+        entry = {"source_model": str(folders[k % len(folders)])}
         if mode != "random":
             positive, negative = PROMPTS[k % len(PROMPTS)]
             entry.update(positive_prompts=positive, negative_prompts=negative)
@@ -233,7 +235,7 @@ def plan(args: argparse.Namespace, tools: list[str]) -> tuple[list[Case], list[C
         out = work / f"out-{tool}"
         return Case(tool, label, command(tool, recipe, out, copy_src), out, inputs, args.nice)
 
-    random_recipe = write_recipe(args.models, work, "random")
+    random_recipe = write_recipe(args.models, work, "random", args.experts)
     big = [case(t, "random", random_recipe, copy_src if t == "copy" else args.models) for t in tools]
     builders = [t for t in tools if t != "copy"]
     small = []
@@ -242,7 +244,7 @@ def plan(args: argparse.Namespace, tools: list[str]) -> tuple[list[Case], list[C
         small = [case(t, "random, small", small_recipe, args.small) for t in builders]
     hidden = []
     if not args.no_hidden:
-        hidden_recipe = write_recipe(args.models, work, "hidden")
+        hidden_recipe = write_recipe(args.models, work, "hidden", args.experts)
         hidden = [case(t, "hidden", hidden_recipe, args.models) for t in builders]
     return big, small, hidden
 
@@ -267,7 +269,10 @@ def bench(args: argparse.Namespace) -> str:
     for k in range(args.rounds):
         order = big[k % len(big):] + big[:k % len(big)]
         runs += [measure(case, logs, round_no=k + 1, cache=args.cache) for case in order + small]
-    once = [measure(case, logs, cache=args.cache) for case in hidden]
+    once: list[Run] = []  # the hidden-gate runs, `--hidden-rounds` rounds in rotated order
+    for k in range(args.hidden_rounds if hidden else 0):
+        order = hidden[k % len(hidden):] + hidden[:k % len(hidden)]
+        once += [measure(case, logs, round_no=k + 1, cache=args.cache) for case in order]
     commands = {f"{c.tool} ({c.label})": shlex.join(c.argv) for c in big + small + hidden}
     priority = f"nice -{args.nice}" if args.nice else "normal priority"
     env = environment([args.models, args.work]) + [
@@ -319,21 +324,29 @@ def _row(r: Run, copy: Run | None, note: str) -> str:
             f"{r.anon_mb:.0f} | {r.file_mb:.0f} | {r.out_bytes:,} | {100 * r.cached:.0f}% | {ratio} |")
 
 
-def _paired(runs: list[Run]) -> list[str]:
+def _paired(runs: list[Run], label: str = "random") -> list[str]:
     """Median over rounds of each round's own ratios: robust to load that drifts between rounds."""
     by_round: dict[int, dict[str, float]] = {}
     for r in runs:
-        if r.label == "random":
+        if r.label == label:
             by_round.setdefault(r.round, {})[r.tool] = r.seconds
-    rounds = [t for t in by_round.values() if {"copy", "workbench", "mergekit"} <= set(t)]
+    rounds = [t for t in by_round.values() if {"workbench", "mergekit"} <= set(t)]
     if not rounds:
         return []
-    to_copy = [t["workbench"] / t["copy"] for t in rounds]
     speedup = [t["mergekit"] / t["workbench"] for t in rounds]
-    return [f"- per-round ratios (median over {len(rounds)} rounds): workbench / copy "
-            f"{statistics.median(to_copy):.2f} (range {min(to_copy):.2f}-{max(to_copy):.2f}); "
-            f"mergekit / workbench {statistics.median(speedup):.2f} "
-            f"(range {min(speedup):.2f}-{max(speedup):.2f})."]
+    text = (f"mergekit / workbench {statistics.median(speedup):.2f} "
+            f"(range {min(speedup):.2f}-{max(speedup):.2f})")
+    if all("copy" in t for t in rounds):
+        to_copy = [t["workbench"] / t["copy"] for t in rounds]
+        text = (f"workbench / copy {statistics.median(to_copy):.2f} "
+                f"(range {min(to_copy):.2f}-{max(to_copy):.2f}); " + text)
+    return [f"- {label} gates, per-round ratios (median over {len(rounds)} rounds): {text}."]
+
+
+def _groups(runs: list[Run]) -> list[list[Run]]:
+    """The runs of each (tool, label), in order of first appearance."""
+    keys = dict.fromkeys((r.tool, r.label) for r in runs)
+    return [[r for r in runs if (r.tool, r.label) == key] for key in keys]
 
 
 def render(runs: list[Run], once: list[Run], commands: dict[str, str], env: list[str], rounds: int) -> str:
@@ -345,9 +358,10 @@ def render(runs: list[Run], once: list[Run], commands: dict[str, str], env: list
         "| output bytes | inputs cached | ratio to copy | ratio to copy (s + flush) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
         *(_row(m, copy, f" (median of {rounds})") for m in med.values()),
-        *(_row(r, copy, " (1 run)") for r in once),
+        *(_row(median_run(group), copy, " (1 run)" if len(group) == 1 else f" (median of {len(group)})")
+          for group in _groups(once)),
     ]
-    lines = _paired(runs)
+    lines = _paired(runs) + _paired(once, "hidden")
     wb, mk = med.get(("workbench", "random")), med.get(("mergekit", "random"))
     if wb and mk:
         lines.append(f"- random gates: the workbench is {mk.seconds / wb.seconds:.2f}x faster than "
@@ -364,7 +378,7 @@ def render(runs: list[Run], once: list[Run], commands: dict[str, str], env: list
              "|---|---|---|---|---|---|---|---|---|"]
     every += [f"| {k + 1} | {r.round} | {r.tool} | {r.label} | {r.seconds:.1f} | {r.flush_seconds:.1f} | "
               f"{r.cpu_seconds:.1f} | "
-              f"{r.max_rss_mb:.0f} | {100 * r.cached:.0f}% |" for k, r in enumerate(runs)]
+              f"{r.max_rss_mb:.0f} | {100 * r.cached:.0f}% |" for k, r in enumerate(runs + once)]
     return "\n".join([
         f"One warm-up run of each case, then {rounds} rounds, the order rotated each round; medians.", "",
         *table, "", *lines, "",
@@ -381,8 +395,12 @@ def main(argv: list[str] | None = None) -> int:
                         "tool's fixed start-up cost")
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench-work"), help="recipes, outputs, logs")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--experts", type=int, help="experts in the big model's recipes, cycling over its "
+                        "expert-K folders (default: one per folder)")
     parser.add_argument("--tools", default=",".join(TOOLS), help="comma list of: " + ", ".join(TOOLS))
-    parser.add_argument("--no-hidden", action="store_true", help="skip the single `hidden` gate-mode runs")
+    parser.add_argument("--no-hidden", action="store_true", help="skip the `hidden` gate-mode runs")
+    parser.add_argument("--hidden-rounds", type=int, default=1, help="rounds of `hidden` builds, each tool "
+                        "once a round in rotated order, after the random-gate rounds (default 1)")
     parser.add_argument("--cache", choices=CACHE_MODES, default="empty", help="page cache before each run: "
                         "empty it and read the inputs (default), read the inputs into a full cache, or as is")
     parser.add_argument("--results", type=Path, help="write the markdown report here too")

@@ -9,6 +9,8 @@ the base; writes no file.
     compute      gate math for every mode (mergekit's meaning), compute_gates
     forward      base forwards on prompt sets, hooks that capture router inputs
     lazy_weights a base streamed from disk leaf by leaf
+    llama        a plain Llama/Mistral forward in torch alone, for a gates process without transformers
+    plain_tokenizer  tokenizer.json read directly where transformers would use it as it is
     rows         torch-free gates: noise modes, the dtype cast, diagnostics
     bank, fit    every prompt's states from one pass; the fitted router (gate_mode fitted)
     score        held-out routing score, scored_gates (gates + score), the gate-mode comparison

@@ -22,7 +22,9 @@ from torch import Tensor, nn
 
 from workbench.device import pick_device
 from workbench.errors import GateError
-from workbench.gates.lazy_weights import CheckpointMismatch, stream_leaves
+from workbench.gates.lazy_weights import CheckpointMismatch, stream_into, stream_leaves
+from workbench.gates.llama import gate_llama
+from workbench.gates.plain_tokenizer import plain_tokenizer
 from workbench.progress import CancelToken
 from workbench.recipe import Recipe
 
@@ -270,6 +272,11 @@ def _pad_id(batch: dict[str, Tensor]) -> int:
 
 
 def load_tokenizer(base_path: Path) -> Any:
+    """The base's tokenizer: read from tokenizer.json where transformers would use that file as it
+    is (`workbench.gates.plain_tokenizer`; no transformers import), else transformers' own."""
+    plain = plain_tokenizer(base_path)
+    if plain is not None:
+        return plain
     from transformers import AutoTokenizer  # lazy: importing this module stays cheap
 
     try:
@@ -280,18 +287,26 @@ def load_tokenizer(base_path: Path) -> Any:
 
 # Above this many bytes of weights on the CPU, the base is streamed from its safetensors
 # files one leaf module at a time during each forward (workbench.gates.lazy_weights), so gates
-# cost one leaf of memory whatever the model size.
-STREAM_ABOVE_BYTES = 1_000_000_000
+# cost one leaf of memory whatever the model size. Loading whole peaks near 1.5x the float32
+# weights plus 0.35 GB of libraries (1.8 GB for a 0.5 GB bf16 base), so only small bases do.
+STREAM_ABOVE_BYTES = 256 * 2**20
 
 
 def load_base(base_path: Path, device: str) -> nn.Module:
     """The base model in eval mode: whole on a GPU (bf16) or a small one on the CPU (float32),
-    leaf-streamed from disk on the CPU above STREAM_ABOVE_BYTES."""
-    from transformers import AutoModelForCausalLM  # lazy: importing this module stays cheap
-
+    leaf-streamed from disk on the CPU above STREAM_ABOVE_BYTES: into `workbench.gates.llama`'s
+    forward for a plain Llama/Mistral base (no transformers import), else into transformers' model."""
     where, dtype = pick_device(device)
     try:
-        if where.type == "cpu" and _resident_bytes(base_path, dtype) > STREAM_ABOVE_BYTES:
+        streamed = where.type == "cpu" and _resident_bytes(base_path, dtype) > STREAM_ABOVE_BYTES
+    except (OSError, ValueError) as exc:
+        raise GateError(f"cannot load the base model from {base_path}: {exc}; check the folder") from exc
+    if streamed and (plain := _plain_base(base_path, dtype)) is not None:
+        return plain
+    from transformers import AutoModelForCausalLM  # lazy: importing this module stays cheap
+
+    try:
+        if streamed:
             try:
                 model = stream_leaves(base_path, dtype)
             except CheckpointMismatch as exc:
@@ -309,6 +324,24 @@ def load_base(base_path: Path, device: str) -> nn.Module:
     except (OSError, ValueError) as exc:
         raise GateError(f"cannot load the base model from {base_path}: {exc}; check the folder") from exc
     return model.eval()
+
+
+def _plain_base(base_path: Path, dtype: torch.dtype) -> nn.Module | None:
+    """A plain Llama/Mistral base streamed into workbench.gates.llama's forward, or None."""
+    try:
+        skeleton = gate_llama(base_path)
+        if skeleton is None:
+            return None
+        model = stream_into(skeleton, base_path, dtype)
+    except CheckpointMismatch as exc:
+        log.info("cannot stream %s into the plain Llama forward (%s); loading it with transformers",
+                 base_path, exc)
+        return None
+    except (OSError, ValueError, KeyError) as exc:
+        raise GateError(f"cannot load the base model from {base_path}: {exc}; check the folder") from exc
+    log.info("loading %s on cpu (%s) for gates, plain Llama forward, each leaf streamed from disk", base_path,
+             dtype)
+    return model
 
 
 @contextmanager

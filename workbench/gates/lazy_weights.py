@@ -53,6 +53,13 @@ def stream_leaves(folder: Path, dtype: torch.dtype) -> nn.Module:
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
     # init_empty_weights re-creates each parameter it moves to meta, which unties tied ones.
     model.tie_weights()
+    return stream_into(model, folder, dtype)
+
+
+def stream_into(model: nn.Module, folder: Path, dtype: torch.dtype) -> nn.Module:
+    """Hook every leaf of `model`, a skeleton with its parameters on the meta device and names equal
+    to the checkpoint's keys in `folder`, to read its weights at `dtype` as it runs; `model` back.
+    Raises CheckpointMismatch when some parameter has no tensor of its shape."""
     index = WeightIndex(folder)
     sources = _sources(model, index)
     reader = _Reader(dtype)
