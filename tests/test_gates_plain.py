@@ -34,7 +34,7 @@ def recipe(base: Path, mode: str) -> Recipe:
 @pytest.mark.parametrize(("family", "tie", "dtype"), [
     ("llama", False, torch.float32), ("llama", True, torch.bfloat16), ("mistral", False, torch.bfloat16),
 ])
-@pytest.mark.parametrize("mode", ["hidden", "router_input", "hidden_avg", "fitted"])
+@pytest.mark.parametrize("mode", ["hidden", "router_input", "hidden_avg", "fitted", "cheap_embed"])
 def test_plain_forward_gives_transformers_gates_bit_for_bit(pico_factory, monkeypatch, family, tie, dtype,
                                                              mode):
     # Prompts of different lengths share a left-padded forward, so the padded-mask path runs

@@ -190,8 +190,10 @@ def compute_gates(
     owned = model is None and mode != "cheap_embed"
     if mode == "cheap_embed":
         layers, _ = _dimensions(model, base_path)
-        embed = model.get_input_embeddings().weight.detach().cpu() if model is not None else None
-        embed = embed if embed is not None else read_embedding(base_path)
+        weight = model.get_input_embeddings().weight if model is not None else None
+        # A streamed base keeps its weights on the meta device between forwards: read the file.
+        embed = weight.detach().cpu() if weight is not None and weight.device.type != "meta" \
+            else read_embedding(base_path)
 
         def state(batch: dict[str, Tensor]) -> Tensor:
             return cheap_embedding(embed, batch["input_ids"], batch["attention_mask"])
