@@ -206,3 +206,38 @@ def test_watched_work_stops_when_its_client_stops_pulling():
     stopped_at = len(checks)
     time.sleep(0.5)
     assert len(checks) == stopped_at < 15
+
+
+def test_a_slow_hub_config_never_holds_up_a_keystroke_check(monkeypatch):
+    """An online but slow Hub: the check answers within its wait, then the config arrives."""
+    import threading
+
+    from workbench import models
+    from workbench.ui import design_logic
+
+    release, calls = threading.Event(), []
+
+    def slow(refs, token=None):
+        calls.append(list(refs))
+        release.wait(10)
+        return {ref: {"model_type": "llama"} for ref in refs}
+
+    monkeypatch.setattr(models, "read_configs", slow)
+    monkeypatch.setattr(shared, "configs", shared.ConfigCache())
+    monkeypatch.setattr(design_logic, "CONFIG_WAIT", 0.2)
+    data = {"base_model": "org/slow-base", "experts": [
+        {"source_model": "org/slow-base", "positive_prompts": ["code"]},
+        {"source_model": "org/slow-base", "positive_prompts": ["maths"]}]}
+    started = time.monotonic()
+    first = design_logic.check(data, None)
+    second = design_logic.check(data, None)  # the next keystroke: the same fetch, not a second one
+    assert time.monotonic() - started < 2 and first.pending and second.pending and len(calls) == 1
+    waiting = [p for p in first.problems if "being fetched" in p.message]
+    assert waiting and all(p.level == "warning" for p in waiting)
+    release.set()
+    deadline = time.monotonic() + 5
+    while shared.configs.pending(["org/slow-base"], None) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    after = design_logic.check(data, None)
+    assert not after.pending and not any("being fetched" in p.message for p in after.problems)
+    assert len(calls) == 1  # the config is cached now

@@ -32,6 +32,7 @@ class DesignOutputs:
     yaml: gr.Code
     yaml_problems: gr.HTML
     summary: gr.HTML
+    timer: gr.Timer  # ticks while a Hub config is being fetched (tab_design checks again)
 
 
 def render_form(out: DesignOutputs, demo: gr.Blocks) -> None:
@@ -164,9 +165,11 @@ def _wire(out: DesignOutputs, top: list[Any], cards: list[_Card], slots: dict[st
         # edit, and then only where it differs.
         if checked.data != values[out.draft]["data"]:
             update[out.yaml] = checked.yaml_in(values[out.yaml])
+        if checked.pending:
+            update[out.timer] = gr.Timer(active=True)
         return update
 
-    updates = {out.draft, out.yaml, out.yaml_problems, out.summary, *slots.values()}
+    updates = {out.draft, out.yaml, out.yaml_problems, out.summary, out.timer, *slots.values()}
     # `.change`, not `.input`: Gradio fires `input` on key presses only, so a deletion or a paste
     # would go unvalidated.
     for component in fields:
@@ -180,11 +183,11 @@ def _wire(out: DesignOutputs, top: list[Any], cards: list[_Card], slots: dict[st
             checked = design_logic.restructure(current, action, index, shared.user_token(oauth_token))
             return {out.draft: checked.draft, out.revision: design_logic.next_revision(),
                     out.yaml: checked.yaml_in(text), out.yaml_problems: checked.problems_html,
-                    out.summary: checked.summary()}
+                    out.summary: checked.summary(), out.timer: gr.Timer(active=checked.pending)}
 
         return change
 
-    changed = {out.draft, out.revision, out.yaml, out.yaml_problems, out.summary}
+    changed = {out.draft, out.revision, out.yaml, out.yaml_problems, out.summary, out.timer}
     for i, card in enumerate(cards):
         for action, button in card.buttons.items():
             button.click(structural(action, i), [out.draft, out.yaml], changed, show_progress="hidden",

@@ -31,6 +31,9 @@ experts:
     positive_prompts: []
 """
 NEW_EXPERT = {"source_model": "", "positive_prompts": []}
+# How long a check waits for a Hub config it has not read yet; past that it answers with a
+# "being fetched" warning and the Design tab checks again when the fetch is done.
+CONFIG_WAIT = 1.5
 _revisions = itertools.count(1)
 
 
@@ -50,6 +53,7 @@ class Checked:
     recipe: Recipe | None
     problems: list[Problem] = field(default_factory=list)
     base_config: dict | str | None = None  # the base's config.json, or why it is unavailable
+    pending: bool = False  # a Hub config is still being fetched: check again when it is in
 
     @property
     def draft(self) -> dict[str, Any]:
@@ -80,12 +84,15 @@ def check(data: dict[str, Any], token: str | None, earlier: list[Problem] | None
     recipe, problems = recipe_from_dict(data)
     problems = list(earlier or []) + [p for p in problems if p not in (earlier or [])]
     base_config: dict | str | None = None
+    pending = False
     if recipe is not None:
-        configs = shared.configs.get(recipe.model_refs(), token)
+        refs = recipe.model_refs()
+        configs = shared.configs.get(refs, token, wait=CONFIG_WAIT)
+        pending = shared.configs.pending(refs, token)
         problems += validate(recipe, configs)
         found = configs.get(recipe.base_model)
         base_config = found if isinstance(found, dict) else getattr(found, "reason", None)
-    return Checked(data, recipe, problems, base_config)
+    return Checked(data, recipe, problems, base_config, pending)
 
 
 def expert_labels(data: dict[str, Any]) -> list[str]:

@@ -155,18 +155,28 @@ def chat_messages(history: list[Any] | None) -> list[dict[str, str]]:
 class ConfigCache:
     """read_configs with memory: a model's config is read once; a failure is retried after a while.
 
-    Validation runs on every edit; without this each keystroke would hit the Hub.
+    Validation runs on every edit; without this each keystroke would hit the Hub. With
+    `wait`, a Hub config not yet cached is fetched on a thread of its own and waited for at
+    most that long: a slow Hub then never holds up a keystroke's check, the ref maps to a
+    "being fetched" warning, and `pending` says so until the fetch ends (the Design tab
+    checks again then). One fetch per model and token at a time, whoever asks.
     """
 
     def __init__(self, retry_after: float = 60.0) -> None:
         self.retry_after = retry_after
         self._found: dict[tuple[str, str], dict | ConfigUnavailable] = {}
         self._when: dict[tuple[str, str], float] = {}
+        self._fetching: dict[tuple[str, str], threading.Thread] = {}
         self._lock = threading.Lock()
 
-    def get(self, refs: list[str], token: str | None) -> dict[str, dict | ConfigUnavailable]:
-        from workbench.models import read_configs
+    @staticmethod
+    def _key(ref: str, token: str | None) -> tuple[str, str]:
+        # Per token (by its hash, never the token itself): one user's access to a private
+        # model must not show its config to another.
+        return ref, hashlib.sha256(token.encode()).hexdigest() if token else ""
 
+    def get(self, refs: list[str], token: str | None, *,
+            wait: float | None = None) -> dict[str, dict | ConfigUnavailable]:
         out: dict[str, dict | ConfigUnavailable] = {}
         for ref in dict.fromkeys(refs):
             try:
@@ -174,20 +184,62 @@ class ConfigCache:
             except WorkbenchError as exc:
                 out[ref] = ConfigUnavailable(str(exc))
                 continue
-            # Per token (by its hash, never the token itself): one user's access to a private
-            # model must not show its config to another.
-            key = (ref, hashlib.sha256(token.encode()).hexdigest() if token else "")
+            key = self._key(ref, token)
             with self._lock:
                 cached, when = self._found.get(key), self._when.get(key, 0.0)
             fresh = time.monotonic() - when < self.retry_after
             if isinstance(cached, dict) or (cached is not None and fresh):
                 out[ref] = cached
                 continue
-            found = read_configs([ref], token=token)[ref]
+            if wait is None or not _on_the_hub(ref):
+                out[ref] = self._read(key, ref, token)
+                continue
+            fetch = self._start(key, ref, token)
+            fetch.join(wait)
             with self._lock:
-                self._found[key], self._when[key] = found, time.monotonic()
-            out[ref] = found
+                done = self._found.get(key) if not fetch.is_alive() else None
+            out[ref] = done if done is not None else ConfigUnavailable(
+                f"config.json of {ref} is being fetched from the Hub; the checks update when it arrives",
+                level="warning")
         return out
+
+    def pending(self, refs: list[str], token: str | None) -> bool:
+        """Whether a config of `refs` is still being fetched for this token."""
+        with self._lock:
+            return any(self._fetching.get(self._key(ref, token)) is not None for ref in refs)
+
+    def _read(self, key: tuple[str, str], ref: str, token: str | None) -> dict | ConfigUnavailable:
+        from workbench.models import read_configs
+
+        found = read_configs([ref], token=token)[ref]
+        with self._lock:
+            self._found[key], self._when[key] = found, time.monotonic()
+        return found
+
+    def _start(self, key: tuple[str, str], ref: str, token: str | None) -> threading.Thread:
+        """The fetch of `key` under way, or a new one."""
+        def run() -> None:
+            try:
+                self._read(key, ref, token)
+            finally:
+                with self._lock:
+                    self._fetching.pop(key, None)
+
+        with self._lock:
+            fetch = self._fetching.get(key)
+            if fetch is None:
+                fetch = self._fetching[key] = threading.Thread(target=run, name="config-fetch", daemon=True)
+                fetch.start()
+        return fetch
+
+
+def _on_the_hub(ref: str) -> bool:
+    from workbench.models import parse_ref
+
+    try:
+        return parse_ref(ref).kind == "hub"
+    except WorkbenchError:
+        return False
 
 
 configs = ConfigCache()

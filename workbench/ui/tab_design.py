@@ -33,6 +33,7 @@ def render(demo: gr.Blocks) -> DesignTab:
         yaml_problems=gr.HTML(checked.problems_html, elem_id="wb-yaml-problems", elem_classes="wb-slot",
                               render=False),
         summary=gr.HTML(checked.summary(), elem_id="wb-summary", render=False),
+        timer=gr.Timer(1.0, active=False),
     )
     with gr.Row(equal_height=False):
         with gr.Column(scale=3, elem_classes="wb-form-col"):
@@ -58,12 +59,12 @@ def _wire(demo: gr.Blocks, out: DesignOutputs, preset: gr.Dropdown,
             return {out.yaml_problems: form.problems_html(problems, show_path=True),
                     out.summary: design_logic.status_line(None, problems)}
         update: dict[Any, Any] = {out.draft: checked.draft, out.yaml_problems: checked.problems_html,
-                                  out.summary: checked.summary()}
+                                  out.summary: checked.summary(), out.timer: gr.Timer(active=checked.pending)}
         if checked.draft != draft:
             update[out.revision] = design_logic.next_revision()  # re-render the form
         return update
 
-    everything = {out.draft, out.revision, out.yaml_problems, out.summary}
+    everything = {out.draft, out.revision, out.yaml_problems, out.summary, out.timer}
     # The per-keystroke checks are light and each session's own run one at a time (the browser
     # sends the next only when the last is done), so sessions never queue behind each other:
     # with the default limit of 1, one session's first read of a Hub config held up everyone's.
@@ -76,13 +77,28 @@ def _wire(demo: gr.Blocks, out: DesignOutputs, preset: gr.Dropdown,
         checked, problems = design_logic.from_yaml(text, shared.user_token(oauth_token))
         return {out.yaml: text, out.draft: checked.draft, out.revision: design_logic.next_revision(),
                 out.yaml_problems: checked.problems_html, out.summary: checked.summary(),
-                about: design_logic.preset_description(text)}
+                about: design_logic.preset_description(text), out.timer: gr.Timer(active=checked.pending)}
 
     preset.input(preset_chosen, [preset], everything | {out.yaml, about}, concurrency_limit=None)
 
     # The form renders at once on load; the models' configs (the demo model may first need
     # dequantising) are read after, and may add compatibility problems.
     demo.load(yaml_edited, [out.yaml, out.draft], everything, show_progress="hidden", concurrency_limit=None)
+
+    @shared.user_errors
+    def fetched(text: str, oauth_token: gr.OAuthToken | None = None) -> dict:
+        """A tick while a Hub config is fetched: once it is in, the checks that waited for it.
+        The form is not redrawn (the user may be typing in it); its problems follow the next edit."""
+        checked, _ = design_logic.from_yaml(text, shared.user_token(oauth_token))
+        if checked is None:
+            return {out.timer: gr.Timer(active=False)}
+        if checked.pending:
+            return {}
+        return {out.draft: checked.draft, out.yaml_problems: checked.problems_html,
+                out.summary: checked.summary(), out.timer: gr.Timer(active=False)}
+
+    out.timer.tick(fetched, [out.yaml], {out.draft, out.yaml_problems, out.summary, out.timer},
+                   show_progress="hidden", concurrency_limit=None)
 
     @shared.user_errors
     def adopt(text: str, oauth_token: gr.OAuthToken | None = None) -> dict:
