@@ -38,10 +38,8 @@ def recipe_of(path: str, base: str | None):
 
 def fitted_from_disk(path: str, base: str | None) -> dict:
     """In this process: fitted gates from nothing loaded, each part timed."""
-    import torch
-
     from workbench.gates.bank import collect
-    from workbench.gates.fit import fit_router
+    from workbench.gates.fit import fit_bank
     from workbench.gates.forward import load_base, load_tokenizer
     from workbench.models import resolve
 
@@ -55,10 +53,7 @@ def fitted_from_disk(path: str, base: str | None) -> dict:
     bank = collect(model, tokenizer, recipe, probes=False)
     times["forwards_s"] = time.perf_counter() - mark
     mark = time.perf_counter()
-    experts = range(bank.experts)
-    fit_router([torch.cat([p.tokens for p in bank.of(e, "positive")], 1) for e in experts],
-               [torch.cat([p.tokens for p in ns], 1) if (ns := bank.of(e, "negative")) else None
-                for e in experts])
+    fit_bank(bank)
     times["fit_s"] = time.perf_counter() - mark
     times["total_s"] = time.perf_counter() - started
     times["tokens"] = sum(p.tokens.shape[1] for p in bank.prompts)

@@ -245,8 +245,8 @@ def _fitted(recipe: Recipe, base_path: Path, device: str, model: torch.nn.Module
             on_progress: ProgressFn, cancel: CancelToken) -> Gates:
     """`fitted` gates: every prompt's router inputs (probes left out), then the fitted router."""
     from workbench.gates.bank import collect
-    from workbench.gates.fit import fit_router
-    from workbench.gates.forward import NoRouterInput
+    from workbench.gates.fit import fit_bank
+    from workbench.gates.forward import NoRouterInput, input_device
 
     owned = model is None
     if owned:
@@ -255,7 +255,7 @@ def _fitted(recipe: Recipe, base_path: Path, device: str, model: torch.nn.Module
     try:
         bank = collect(model, tokenizer, recipe, probes=False, cancel=cancel,
                        on_progress=lambda e: on_progress(Progress("gates", 0.8 * e.fraction, e.message)))
-        where = _input_device(model)
+        where = input_device(model)  # the fit runs where the base does
     except NoRouterInput as exc:
         raise GateError(f"gate_mode fitted: {exc}; use gate_mode hidden") from exc
     finally:
@@ -265,14 +265,4 @@ def _fitted(recipe: Recipe, base_path: Path, device: str, model: torch.nn.Module
     on_progress(Progress("gates", 0.8, f"fitting a router on {sum(p.tokens.shape[1] for p in bank.prompts)} "
                                        f"prompt tokens per layer"))
     cancel.check()
-    experts = range(bank.experts)
-    positives = [torch.cat([p.tokens for p in bank.of(e, "positive")], 1) for e in experts]
-    negatives = [torch.cat([p.tokens for p in ns], 1) if (ns := bank.of(e, "negative")) else None
-                 for e in experts]
-    return _done(fit_router(positives, negatives, device=where), "fitted", shift_invariant=True)
-
-
-def _input_device(model: torch.nn.Module) -> torch.device:
-    """Where the fit runs: the base's device (a streamed base's parameters are on meta)."""
-    found = next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
-    return found
+    return _done(fit_bank(bank, device=where), "fitted", shift_invariant=True)

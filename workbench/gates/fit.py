@@ -17,9 +17,13 @@ Legend: L layers, E experts, N tokens, H hidden size.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from workbench.gates.bank import PromptBank
 
 L2 = 1e-3  # penalty on the weights of the RMS-normalised inputs (held-out best on the demo, BENCHMARKS.md)
 MAX_ITERATIONS = 100  # L-BFGS steps; the demo's fits converge in under 60
@@ -59,6 +63,17 @@ def fit_router(positives: Sequence[Tensor], negatives: Sequence[Tensor | None], 
 
     optimiser.step(loss_fn)
     return (weight.detach() / scale).float().cpu()
+
+
+def fit_bank(bank: PromptBank, *, held: set[tuple[int, int]] = frozenset(),
+             device: str | torch.device = "cpu") -> Tensor:
+    """fit_router on a prompt bank's token states, without the `held` (expert, positive index) prompts."""
+    experts = range(bank.experts)
+    positives = [torch.cat([p.tokens for p in bank.of(e, "positive") if (e, p.index) not in held], 1)
+                 for e in experts]
+    negatives = [torch.cat([p.tokens for p in ns], 1) if (ns := bank.of(e, "negative")) else None
+                 for e in experts]
+    return fit_router(positives, negatives, device=device)
 
 
 def _stack(per_expert: Sequence[Tensor], device: str | torch.device) -> tuple[Tensor, Tensor, Tensor]:

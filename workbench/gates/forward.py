@@ -96,7 +96,7 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 def run_forward(model: nn.Module, batch: dict[str, Tensor]) -> None:
     """One forward over `batch`, until a hook raises StopForward; a forward that ends without
     one missed a state and is an error."""
-    device = _input_device(model)
+    device = input_device(model)
     inputs = {k: v.to(device) for k, v in batch.items()}
     try:
         with torch.no_grad():
@@ -107,7 +107,8 @@ def run_forward(model: nn.Module, batch: dict[str, Tensor]) -> None:
     raise GateError("the base model's forward never reached its last decoder layer; the gates need its input")
 
 
-def _input_device(model: nn.Module) -> torch.device:
+def input_device(model: nn.Module) -> torch.device:
+    """Where a model's inputs go: its first real parameter's or buffer's device."""
     # A streamed base keeps its parameters on the meta device between leaves; its buffers are real.
     real = (t for t in chain(model.parameters(), model.buffers()) if t.device.type != "meta")
     return next((t.device for t in real), torch.device("cpu"))

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from workbench.gates.bank import PromptBank, PromptStates, collect
 from workbench.gates.compute import combine_rows, compute_gates, normalise
-from workbench.gates.fit import fit_router
+from workbench.gates.fit import fit_bank
 from workbench.gates.forward import load_base, load_tokenizer
 from workbench.gates.rows import noise
 from workbench.gates.types import Gates, HeldOutScore
@@ -62,15 +62,14 @@ def folds(bank: PromptBank) -> list[list[tuple[int, int]]]:
 def bank_gates(mode: str, center: bool, bank: PromptBank, *, held: set[tuple[int, int]] = frozenset(),
                seed: int = 0) -> Tensor:
     """(L, E, H) gates of `mode` from the bank's states, leaving out the `held` (expert,
-    positive index) prompts. The same math as `compute_gates` (combine_rows, fit_router)."""
+    positive index) prompts. The same math as `compute_gates` (combine_rows, fit_bank)."""
     shape = (bank.layers, bank.experts, bank.hidden)
     if mode in PROMPTLESS_MODES:
         return torch.from_numpy(noise(mode, shape, seed))
+    if mode == "fitted":
+        return fit_bank(bank, held=held)
     pos = [[p for p in bank.of(e, "positive") if (e, p.index) not in held] for e in range(bank.experts)]
     neg = [bank.of(e, "negative") for e in range(bank.experts)]
-    if mode == "fitted":
-        return fit_router([torch.cat([p.tokens for p in ps], 1) for ps in pos],
-                          [torch.cat([p.tokens for p in ns], 1) if ns else None for ns in neg])
     state: Callable[[list[PromptStates]], Tensor] = {
         "hidden": lambda ps: torch.stack([p.last for p in ps]).mean(0),
         "router_input": lambda ps: torch.stack([p.router_last for p in ps]).mean(0),
