@@ -77,7 +77,8 @@ def compare_table(results: list[Any], recipe: Recipe) -> str:
     current = next((r for r in results if (r.mode, r.center) == own), None)
     if current is not None:
         advice = explain(current.score, current.gates.diagnostics, recipe.expert_labels())
-        lines += [f"\nThe recipe's {current.label}:"] + [f"- {line}" for line in advice] if advice else []
+        if advice:
+            lines += [f"\nThe recipe's mode, {current.label}:"] + [f"- {line}" for line in advice]
     return "\n".join(lines)
 
 
