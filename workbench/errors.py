@@ -29,3 +29,7 @@ class GateError(WorkbenchError):
 
 class Cancelled(WorkbenchError):
     """A long job was stopped on request."""
+
+
+class ForgeError(WorkbenchError):
+    """An expert could not be forged from the examples; nothing was left under the output name."""

@@ -17,6 +17,7 @@ from typing import Any
 
 from workbench.cli.inspect import add_commands, print_gate_warnings, print_score, seed
 from workbench.errors import WorkbenchError
+from workbench.forge import ForgeSettings as ForgeDefaults
 from workbench.models import env_token
 from workbench.progress import Progress
 from workbench.recipe import Problem, RecipeError, errors, read_recipe, validate
@@ -71,8 +72,37 @@ def _parser() -> argparse.ArgumentParser:
     cmd.add_argument("--force", action="store_true", help="replace OUT once the new build is verified")
     cmd.set_defaults(run=cmd_build)
 
+    cmd = commands.add_parser("forge", help="train an expert's MLPs from examples, into a model folder OUT")
+    cmd.add_argument("base", help="base model: hub id, local folder or demo:NAME")
+    cmd.add_argument("data", help='JSON lines: {"prompt": ..., "reply": ...} (optional "system") '
+                     'or {"text": ...}')
+    cmd.add_argument("out", help="output folder (created; must not exist unless --force)")
+    defaults = ForgeDefaults()
+    cmd.add_argument("--steps", type=int, default=defaults.steps)
+    cmd.add_argument("--lr", type=float, default=defaults.lr, help="AdamW learning rate")
+    cmd.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    cmd.add_argument("--seed", type=seed, default=defaults.seed)
+    cmd.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    cmd.add_argument("--layers", type=layer_range, default=None, metavar="A-B",
+                     help="train only the MLPs of layers A to B (default: all)")
+    cmd.add_argument("--force", action="store_true",
+                     help="replace OUT (an earlier forge) once the new one is verified")
+    cmd.set_defaults(run=cmd_forge)
+
     add_commands(commands)
     return parser
+
+
+def layer_range(text: str) -> tuple[int, int]:
+    """argparse type of --layers: "A-B" (or one layer "A"), whole numbers, A <= B."""
+    first, _, last = text.partition("-")
+    try:
+        pair = int(first), int(last or first)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a layer range; write e.g. 10-29") from None
+    if not 0 <= pair[0] <= pair[1]:
+        raise argparse.ArgumentTypeError(f"{text!r}: the first layer must be 0 or more, not after the last")
+    return pair
 
 
 def _print_problems(problems: list[Problem]) -> None:
@@ -172,6 +202,22 @@ def _compare(args: argparse.Namespace, recipe: Any, base_path: Path, bar: Progre
     for line in words:
         print(f"note: {line}")
     print(f"compared in {seconds:.1f} s")
+    return 0
+
+
+def cmd_forge(args: argparse.Namespace) -> int:
+    from workbench.forge import ForgeSettings, forge_expert
+
+    if not args.out.strip():
+        raise WorkbenchError("OUT is empty; name the output folder, e.g. experts/pirate")
+    settings = ForgeSettings(steps=args.steps, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
+                             layers=args.layers)
+    with ProgressBar() as bar:
+        result = forge_expert(args.base, Path(args.data), Path(args.out), settings, device=args.device,
+                              force=args.force, token=env_token(), on_progress=bar)
+    print(f"forged {result.path}: {result.examples} examples, {len(result.losses)} steps, loss "
+          f"{result.losses[0]:.3f} -> {result.losses[-1]:.3f} in {result.seconds:.1f} s; use it as an "
+          "expert's source_model")
     return 0
 
 

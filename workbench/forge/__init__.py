@@ -1,0 +1,21 @@
+"""Forge: a base model and a few examples in, an expert whose MLPs learned them out.
+
+Takes a base model reference and a JSON-lines file of examples (`{"prompt", "reply"}` chat
+pairs or `{"text"}`); trains only the MLP weights (`workbench.forge.train`) and writes a
+whole model folder as a build writes one (`workbench.forge.expert`), usable as any
+expert's `source_model`. Writes only its output folder.
+
+    data     examples read and checked, each error naming its line
+    settings ForgeSettings: steps, learning rate, batch size, seed, layers (no torch)
+    train    the MLP-only training loop: settings, encoding, seeded AdamW
+    expert   forge_expert: load, train, write (staged, manifested, renamed), the card
+"""
+
+from workbench.faces import face
+
+EXPORTS = {
+    "Example": "data", "Examples": "data", "read_examples": "data",
+    "ForgeSettings": "settings", "mlp_parameters": "train",
+    "ForgeResult": "expert", "forge_expert": "expert",
+}
+__getattr__, __dir__ = face(__name__, EXPORTS)
