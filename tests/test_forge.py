@@ -141,3 +141,18 @@ def test_forge_cli_reports_bad_data_and_refuses_an_existing_folder(pico_factory,
 def test_every_shipped_example_set_reads_and_has_two_dozen_chat_pairs(path):
     examples = read_examples(path).items
     assert len(examples) >= 24 and all(e.prompt and e.reply for e in examples)
+
+
+def test_the_reply_loss_is_transformers_causal_lm_loss(pico_factory, data):
+    from transformers import AutoTokenizer
+
+    from workbench.forge.train import _batch, encode, reply_loss
+
+    base = pico_factory("forge-base", seed=4)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    rows = [encode(tokenizer, e, 512) for e in read_examples(data).items]
+    assert any(label == -100 for _, labels in rows for label in labels)  # prompts carry no loss
+    batch = _batch(rows, tokenizer.eos_token_id, torch.device("cpu"))
+    with torch.no_grad():
+        torch.testing.assert_close(reply_loss(model, batch), model(**batch, use_cache=False).loss)
