@@ -89,7 +89,9 @@ def test_slow_typing_in_the_yaml_keeps_every_character_and_comment(page, shots):
 def test_switching_every_preset_shows_no_error_toast(page, shots):
     """Each switch once showed 'Could not parse server response' toasts (KeyErrors on the server)."""
     for name in PRESETS:
-        page.locator("#wb-preset input").click()
+        # A busy renderer still drawing 16 cards can hold a click's wait for navigations past
+        # Playwright's 30 s default (seen on a loaded CI machine): the user would just wait.
+        page.locator("#wb-preset input").click(timeout=120_000)
         time.sleep(0.6)
         page.get_by_role("option", name=name, exact=True).click()
         expected = {"raiden-16x3b": 16, "cognito-2x7b": 2, "blank": 2}.get(name, 4)

@@ -147,6 +147,12 @@ def from_yaml(text: str, token: str | None) -> tuple[Checked | None, list[Proble
     return check(form.recipe_data(recipe), token, earlier=problems), problems
 
 
+def fetching(text: str, token: str | None) -> bool:
+    """Whether a model config of the recipe in `text` is still being fetched (no check runs)."""
+    recipe, _ = parse_recipe(text or "")
+    return recipe is not None and shared.configs.pending(recipe.model_refs(), token)
+
+
 def from_form(draft: dict[str, Any], top: list[Any], cards: list[list[Any]], token: str | None) -> Checked:
     return check(form.form_data(draft["data"], top, cards), token)
 

@@ -88,12 +88,14 @@ def _wire(demo: gr.Blocks, out: DesignOutputs, preset: gr.Dropdown,
     @shared.user_errors
     def fetched(text: str, oauth_token: gr.OAuthToken | None = None) -> dict:
         """A tick while a Hub config is fetched: once it is in, the checks that waited for it.
-        The form is not redrawn (the user may be typing in it); its problems follow the next edit."""
-        checked, _ = design_logic.from_yaml(text, shared.user_token(oauth_token))
+        A tick costs nothing while the fetch runs; the form is not redrawn (the user may be
+        typing in it), its problems follow the next edit."""
+        token = shared.user_token(oauth_token)
+        if design_logic.fetching(text, token):
+            return {}
+        checked, _ = design_logic.from_yaml(text, token)
         if checked is None:
             return {out.timer: gr.Timer(active=False)}
-        if checked.pending:
-            return {}
         return {out.draft: checked.draft, out.yaml_problems: checked.problems_html,
                 out.summary: checked.summary(), out.timer: gr.Timer(active=False)}
 
