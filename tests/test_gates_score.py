@@ -175,3 +175,19 @@ def test_fitted_gates_carry_no_singular_warnings(pico):
     base, model, tok = pico
     gates = compute_gates(pico_recipe(base, "fitted"), base, model=model, tokenizer=tok)
     assert all(c < 1e3 for c in gates.diagnostics.condition_numbers)
+
+
+def test_a_fitted_build_runs_its_prompts_through_the_base_once(pico, monkeypatch):
+    from workbench.gates import bank as bank_module
+    from workbench.gates import score as score_module
+
+    base, model, tok = pico
+    recipe = pico_recipe(base, "fitted")
+    calls = []
+    real = bank_module.collect
+    monkeypatch.setattr(score_module, "collect", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(bank_module, "collect", lambda *a, **k: calls.append(1) or real(*a, **k))
+    gates = score_module.scored_gates(recipe, base, device="cpu")
+    assert len(calls) == 1 and gates.score is not None and gates.score.mode == "fitted"
+    torch.testing.assert_close(gates.vectors, compute_gates(recipe, base, model=model, tokenizer=tok).vectors,
+                               atol=1e-4, rtol=1e-3)

@@ -164,12 +164,14 @@ def compute_gates(
     model: torch.nn.Module | None = None,
     tokenizer: Any = None,
     memo: dict | None = None,
+    bank: Any = None,
 ) -> Gates:
     """Router gates (L, E, H) for `recipe` from the base model at `base_path`.
 
     A passed-in model/tokenizer is used where it is (its device and dtype) and left
     loaded; otherwise the base loads on pick_device(device) and is freed afterwards.
-    One progress event per prompt set; `cancel` is checked before each set. `memo` keeps
+    One progress event per prompt set; `cancel` is checked before each set. `bank`, for
+    `fitted`, is the recipe's prompt bank when the caller has it. `memo` keeps
     `hidden_avg` set states by their prompts between calls on the same model (a set's
     state depends on nothing else), for held-out folds that share most sets.
     """
@@ -184,7 +186,7 @@ def compute_gates(
 
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(base_path)
     if mode == "fitted":
-        return _fitted(recipe, base_path, device, model, tokenizer, on_progress, cancel)
+        return _fitted(recipe, base_path, device, model, tokenizer, on_progress, cancel, bank)
     batches = expert_batches(recipe, tokenizer)
     cancel.check()
     owned = model is None and mode != "cheap_embed"
@@ -242,8 +244,9 @@ def _done(vectors: Tensor, mode: str, *, shift_invariant: bool) -> Gates:
 
 
 def _fitted(recipe: Recipe, base_path: Path, device: str, model: torch.nn.Module | None, tokenizer: Any,
-            on_progress: ProgressFn, cancel: CancelToken) -> Gates:
-    """`fitted` gates: every prompt's router inputs (probes left out), then the fitted router."""
+            on_progress: ProgressFn, cancel: CancelToken, bank: Any = None) -> Gates:
+    """`fitted` gates: every prompt's router inputs (probes left out), then the fitted router.
+    A prompt bank already collected with `model` (its probes are never fitted on) is used as it is."""
     from workbench.gates.bank import collect
     from workbench.gates.fit import fit_bank
     from workbench.gates.forward import NoRouterInput, input_device
@@ -253,8 +256,9 @@ def _fitted(recipe: Recipe, base_path: Path, device: str, model: torch.nn.Module
         on_progress(Progress("gates", 0.0, "loading the base model"))
         model = load_base(base_path, device)
     try:
-        bank = collect(model, tokenizer, recipe, probes=False, cancel=cancel,
-                       on_progress=lambda e: on_progress(Progress("gates", 0.8 * e.fraction, e.message)))
+        if bank is None:
+            bank = collect(model, tokenizer, recipe, probes=False, cancel=cancel,
+                           on_progress=lambda e: on_progress(Progress("gates", 0.8 * e.fraction, e.message)))
         where = input_device(model)  # the fit runs where the base does
     except NoRouterInput as exc:
         raise GateError(f"gate_mode fitted: {exc}; use gate_mode hidden") from exc

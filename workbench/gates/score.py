@@ -212,10 +212,13 @@ def scored_gates(recipe: Recipe, base_path: Path, *, device: str = "auto", seed:
     on_progress(Progress("gates", 0.0, "loading the base model"))
     model, tokenizer = load_base(base_path, device), load_tokenizer(base_path)
     try:
+        # Fitted gates and the score read the same prompt bank: its forwards run once.
+        bank = collect(model, tokenizer, recipe, cancel=cancel, on_progress=on_progress) \
+            if recipe.gate_mode == "fitted" else None
         gates = compute_gates(recipe, base_path, seed=seed, on_progress=on_progress, cancel=cancel,
-                              model=model, tokenizer=tokenizer)
-        gates.score = score_recipe(recipe, base_path, gates, model=model, tokenizer=tokenizer, seed=seed,
-                                   cancel=cancel)
+                              model=model, tokenizer=tokenizer, bank=bank)
+        gates.score = score_recipe(recipe, base_path, gates, model=model, tokenizer=tokenizer, bank=bank,
+                                   seed=seed, cancel=cancel)
         return gates
     finally:
         del model
