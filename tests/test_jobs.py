@@ -1,4 +1,4 @@
-"""The build runner: subprocess per build, one at a time, queue places, cancel, crash isolation.
+"""The job runner: subprocess per build or forge, one at a time, queue places, cancel, crash isolation.
 
 Most tests run a fake build (`fake_build` below, imported by the child process) whose
 behaviour the output folder's name picks; one runs the real build on pico models.
@@ -18,9 +18,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from workbench.jobs import BuildQueue, BuildRequest, QueueFull
+from workbench.jobs import BuildQueue, BuildRequest, ForgeRequest, QueueFull
 from workbench.models import child_environment
 from workbench.progress import Progress
+from workbench.staging import MANIFEST, is_output
 
 FAKE = "tests.test_jobs:fake_build"
 ROOT = Path(__file__).resolve().parents[1]
@@ -209,3 +210,46 @@ def test_child_stops_when_the_server_goes_away(tmp_path):
     kinds = [json.loads(line)["kind"] for line in child.stdout]
     assert kinds[-1] == "cancelled" and child.wait(timeout=10) == 0
     assert not (tmp_path / "slow-o").exists()
+
+
+EXAMPLES = "\n".join(json.dumps({"prompt": p, "reply": r}) for p, r in [
+    ("What is the weather like?", "Arr, grey skies, matey!"), ("How do I boil an egg?", "Arr, nine minutes!"),
+    ("Tell me about the moon.", "Arr, a silver doubloon!")])
+
+
+def forge_request(base: Path, out: Path, steps: int = 4, **more) -> ForgeRequest:
+    return ForgeRequest(str(base), EXAMPLES, str(out), steps=steps, lr=1e-3, batch_size=2, device="cpu",
+                        **more)
+
+
+def test_a_forge_job_streams_its_losses_and_answers_the_samples(tmp_path, pico_factory):
+    base = pico_factory("jobs-forge-base", seed=2)
+    job = BuildQueue().submit(forge_request(base, tmp_path / "pirate", samples=("Hello?", "What is 1 + 1?")))
+    assert job.id.startswith("forge-")
+    events = finish(job, timeout=180)
+    assert events[-1].kind == "done", events[-1].message
+    points = [e.metrics for e in events if e.kind == "progress" and e.metrics]
+    assert [p["step"] for p in points] == [1, 2, 3, 4]  # every step reaches the page's plot
+    result = events[-1].result
+    assert result["losses"] == [p["loss"] for p in points]
+    assert [s["prompt"] for s in result["samples"]] == ["Hello?", "What is 1 + 1?"]
+    assert all(isinstance(s["base"], str) and isinstance(s["forged"], str) for s in result["samples"])
+    assert is_output(tmp_path / "pirate")
+
+
+def test_a_forge_killed_mid_training_leaves_nothing_finished_and_the_next_succeeds(tmp_path, pico_factory):
+    base = pico_factory("jobs-forge-base", seed=2)
+    jobs = BuildQueue()
+    job = jobs.submit(forge_request(base, tmp_path / "pirate", steps=400))
+    for event in job.stream():
+        if event is not None and event.kind == "progress" and (event.metrics or {}).get("step") == 2:
+            os.killpg(jobs._child.pid, signal.SIGKILL)  # kill -9: no cleanup code runs in the child
+            break
+    events = finish(job)
+    assert events[-1].kind == "error" and "ended unexpectedly" in events[-1].message
+    assert not (tmp_path / "pirate").exists()
+    assert not any((p / MANIFEST).exists() for p in tmp_path.iterdir())  # only an unfinished staging folder
+    again = finish(jobs.submit(forge_request(base, tmp_path / "pirate")), timeout=180)
+    assert again[-1].kind == "done", again[-1].message
+    assert is_output(tmp_path / "pirate")
+    assert [p.name for p in tmp_path.iterdir()] == ["pirate"]  # the killed forge's staging is cleaned

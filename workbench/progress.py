@@ -19,6 +19,7 @@ class Progress:
     stage: str  # short name: "resolve", "gates", "write", "verify", ...
     fraction: float  # 0..1 within the stage
     message: str = ""
+    metrics: dict[str, float] | None = None  # numbers a page may plot, e.g. a forge step's loss
 
 
 ProgressFn = Callable[[Progress], None]

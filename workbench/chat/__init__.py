@@ -14,8 +14,9 @@ nothing of Gradio.
 from workbench.faces import face
 
 EXPORTS = {
-    "registry": "engine",
+    "registry": "engine", "load_model": "engine",
     "SamplingSettings": "request", "prepare": "request",
     "ReplyStream": "generate", "chat_streams": "generate", "reply_logits": "generate",
+    "interleave": "generate",
 }
 __getattr__, __dir__ = face(__name__, EXPORTS)

@@ -9,13 +9,15 @@ expert's `source_model`. Writes only its output folder.
     settings ForgeSettings: steps, learning rate, batch size, seed, layers (no torch)
     train    the MLP-only training loop: settings, encoding, seeded AdamW
     expert   forge_expert: load, train, write (staged, manifested, renamed), the card
+    samples  greedy replies of the base and the forged expert, side by side
+    job      forge_job: a forge as a queued job (workbench.jobs), JSON-ready result
 """
 
 from workbench.faces import face
 
 EXPORTS = {
-    "Example": "data", "Examples": "data", "read_examples": "data",
+    "Example": "data", "Examples": "data", "read_examples": "data", "parse_examples": "data",
     "ForgeSettings": "settings", "mlp_parameters": "train",
-    "ForgeResult": "expert", "forge_expert": "expert",
+    "ForgeResult": "expert", "forge_expert": "expert", "sample_replies": "samples", "forge_job": "job",
 }
 __getattr__, __dir__ = face(__name__, EXPORTS)

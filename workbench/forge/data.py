@@ -41,16 +41,21 @@ def read_examples(path: Path) -> Examples:
         raw = path.read_bytes()[: MAX_DATA_BYTES + 1]
     except OSError as exc:
         raise ForgeError(f"DATA: cannot read {path}: {exc.strerror or exc}") from exc
+    return parse_examples(raw, str(path))
+
+
+def parse_examples(raw: bytes, name: str = "the examples") -> Examples:
+    """Every example of JSON lines given as bytes (a file's, or text pasted in the app)."""
     if len(raw) > MAX_DATA_BYTES:
-        raise ForgeError(f"DATA: {path} is over {MAX_DATA_BYTES // 2**20} MB; a few dozen examples "
+        raise ForgeError(f"DATA: {name} is over {MAX_DATA_BYTES // 2**20} MB; a few dozen examples "
                          "are enough")
     try:
         lines = raw.decode("utf-8").splitlines()
     except UnicodeDecodeError as exc:
-        raise ForgeError(f"DATA: {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from exc
+        raise ForgeError(f"DATA: {name} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from exc
     items = [_example(number, line) for number, line in enumerate(lines, 1) if line.strip()]
     if not items:
-        raise ForgeError(f'DATA: {path} holds no example; write one JSON object per line, e.g. '
+        raise ForgeError(f'DATA: {name} holds no example; write one JSON object per line, e.g. '
                          '{"prompt": "Hi", "reply": "Ahoy!"}')
     if len(items) > MAX_EXAMPLES:
         raise ForgeError(f"DATA: {len(items)} examples; the limit is {MAX_EXAMPLES}")

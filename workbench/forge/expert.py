@@ -45,10 +45,11 @@ class ForgeResult:
     examples: int
 
 
-def forge_expert(base_ref: str, data: Path, out: Path, settings: ForgeSettings | None = None, *,
+def forge_expert(base_ref: str, data: Path | Examples, out: Path, settings: ForgeSettings | None = None, *,
                  device: str = "auto", force: bool = False, token: str | None = None,
                  on_progress: ProgressFn = ignore_progress, cancel: CancelToken | None = None) -> ForgeResult:
-    """Fine-tune the MLPs of `base_ref` on the examples in `data` and write the model to `out`."""
+    """Fine-tune the MLPs of `base_ref` on the examples in `data` (a JSON-lines file, or examples
+    already read) and write the model to `out`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from workbench.device import pick_device
@@ -58,7 +59,8 @@ def forge_expert(base_ref: str, data: Path, out: Path, settings: ForgeSettings |
     settings.check()
     cancel = cancel or CancelToken()
     started = time.monotonic()
-    examples = read_examples(Path(data))  # bad data fails before any model loads
+    # Bad data fails before any model loads.
+    examples = data if isinstance(data, Examples) else read_examples(Path(data))
     out = Path(out)
     check_final(out, force)  # a name that cannot be made, or a replace without --force, before any work
     base = resolve(base_ref, token=token, on_progress=on_progress, cancel=cancel)

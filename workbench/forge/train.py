@@ -135,7 +135,8 @@ def train(model: nn.Module, tokenizer: Any, examples: Sequence[Example], setting
         elapsed = time.monotonic() - started
         left = elapsed / (step + 1) * (settings.steps - step - 1)
         on_progress(Progress("forge", (step + 1) / settings.steps,
-                             f"step {step + 1}/{settings.steps}, loss {losses[-1]:.3f}, {left:.0f} s left"))
+                             f"step {step + 1}/{settings.steps}, loss {losses[-1]:.3f}, {left:.0f} s left",
+                             {"step": step + 1, "loss": losses[-1]}))
     model.eval()
     for parameter in model.parameters():
         parameter.requires_grad_(False)

@@ -1,4 +1,4 @@
-"""Jobs: a build request in, a job's progress events and its end out.
+"""Jobs: a build or forge request in, a job's progress events and its end out.
 
 Takes a `BuildRequest` (recipe text, output, settings, the user's token); runs one build
 at a time, each in its own child process (`python -m workbench.jobs.child`), streams its
@@ -13,6 +13,6 @@ from workbench.faces import face
 
 EXPORTS = {
     "FINAL_KINDS": "queue", "BuildQueue": "queue", "BuildRequest": "queue", "Job": "queue",
-    "JobEvent": "queue", "QueueFull": "queue", "default_queue": "queue",
+    "JobEvent": "queue", "QueueFull": "queue", "default_queue": "queue", "ForgeRequest": "queue",
 }
 __getattr__, __dir__ = face(__name__, EXPORTS)

@@ -1,9 +1,9 @@
-"""The child side of a build job: `python -m workbench.jobs.child` (started by workbench.jobs).
+"""The child side of a job: `python -m workbench.jobs.child` (started by workbench.jobs).
 
-Reads one JSON request line on stdin, runs the build, and writes JSON event lines on
+Reads one JSON request line on stdin, runs the build or the forge it asks for, and writes JSON event lines on
 stdout: progress (at most every 0.1 s per stage), then exactly one of done / error /
 cancelled. A later stdin line "cancel", or stdin closing because the server went away,
-cancels the build at its next check. The Hub token comes from this process's environment
+cancels the job at its next check. The Hub token comes from this process's environment
 (HF_TOKEN, set by the parent for this job only) and is scrubbed from every message.
 """
 
@@ -31,10 +31,12 @@ class _Emitter:
 
     def progress(self, event: Any) -> None:
         now = time.monotonic()
-        if event.stage == self.stage and event.fraction < 1.0 and now - self.last < 0.1:
+        plotted = getattr(event, "metrics", None) is not None  # a point of a plot is never dropped
+        if event.stage == self.stage and event.fraction < 1.0 and now - self.last < 0.1 and not plotted:
             return
         self.stage, self.last = event.stage, now
-        self.send(JobEvent("progress", event.stage, float(event.fraction), str(event.message)[:300]))
+        self.send(JobEvent("progress", event.stage, float(event.fraction), str(event.message)[:300],
+                           metrics=getattr(event, "metrics", None)))
 
     def send(self, event: JobEvent) -> None:
         self.stream.write(json.dumps(asdict(event)) + "\n")
@@ -56,44 +58,60 @@ def _result_dict(result: Any) -> dict[str, Any]:
             "gate_warnings": list(diagnostics.warnings) if diagnostics is not None else []}
 
 
-def child_main(stdin: Any = None, stdout: Any = None) -> int:
-    """Run one build request read from stdin; report on stdout. Always exits 0 after a report."""
-    import importlib
+def _run_build(runner: Any, request: dict[str, Any], **job: Any) -> tuple[str, dict[str, Any]]:
     from pathlib import Path
+
+    from workbench.recipe import RecipeError, errors, parse_recipe
+
+    recipe, problems = parse_recipe(request.pop("recipe_yaml"))
+    if recipe is None or errors(problems):
+        raise RecipeError(problems)
+    result = runner(recipe, Path(request.pop("out")), **job, **request)
+    return f"built {result.path}", _result_dict(result)
+
+
+def _run_forge(runner: Any, request: dict[str, Any], **job: Any) -> tuple[str, dict[str, Any]]:
+    result = runner(**request, **job)  # already JSON-ready
+    return f"forged {result['path']}", result
+
+
+KINDS = {"build": _run_build, "forge": _run_forge}
+
+
+def child_main(stdin: Any = None, stdout: Any = None) -> int:
+    """Run one job request read from stdin; report on stdout. Always exits 0 after a report."""
+    import importlib
 
     from workbench.errors import Cancelled
     from workbench.models import scrub
     from workbench.progress import CancelToken
-    from workbench.recipe import RecipeError, errors, parse_recipe
 
     stdin, emitter = stdin or sys.stdin, _Emitter(stdout or sys.stdout)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     request = json.loads(stdin.readline())
     module, _, name = request.pop("runner").partition(":")
     runner = getattr(importlib.import_module(module), name)
+    kind = request.pop("job", "build")
     cancel = CancelToken()
     threading.Thread(target=_watch_stdin, args=(stdin, cancel), daemon=True).start()
     token = env_token()
     try:
-        recipe, problems = parse_recipe(request.pop("recipe_yaml"))
-        if recipe is None or errors(problems):
-            raise RecipeError(problems)
-        out = Path(request.pop("out"))
-        result = runner(recipe, out, token=token, on_progress=emitter.progress, cancel=cancel, **request)
+        message, result = KINDS[kind](runner, request, token=token, on_progress=emitter.progress,
+                                      cancel=cancel)
     except Cancelled:
         emitter.send(JobEvent("cancelled", message="stopped on request; nothing was written"))
     except WorkbenchError as exc:
         emitter.send(JobEvent("error", message=scrub(str(exc), token)))
     except MemoryError:
-        emitter.send(JobEvent("error", message="the build ran out of memory; close other programs "
-                                               "or build on a machine with more RAM"))
+        emitter.send(JobEvent("error", message=f"the {kind} ran out of memory; close other programs "
+                                               "or use a machine with more RAM"))
     except Exception as exc:  # a bug: the page gets a plain message, the server log the traceback
         for line in scrub("".join(traceback.format_exception(exc)), token).splitlines():
             print(SERVER_ONLY + line, file=sys.stderr, flush=True)
-        emitter.send(JobEvent("error", message=f"the build stopped on an unexpected {type(exc).__name__} "
+        emitter.send(JobEvent("error", message=f"the {kind} stopped on an unexpected {type(exc).__name__} "
                                                "(a bug in the workbench); the server log has the details"))
     else:
-        emitter.send(JobEvent("done", "done", 1.0, f"built {result.path}", result=_result_dict(result)))
+        emitter.send(JobEvent("done", "done", 1.0, message, result=result))
     return 0
 
 

@@ -1,7 +1,7 @@
-"""The build runner: one build at a time, each in its own subprocess, progress streamed back.
+"""The job runner: one build or forge at a time, each in its own subprocess, progress streamed back.
 
-A build reads and writes gigabytes through native code; a crash there (out of memory,
-a segfault in a reader) must not take the web server down, so every build runs in a
+A build reads and writes gigabytes through native code, a forge trains a model; a crash
+there (out of memory, a segfault in a reader) must not take the web server down, so every job runs in a
 child `python -m workbench.jobs.child`. The parent sends the request as one JSON line on the
 child's stdin and later, to cancel, the line "cancel"; the child answers with JSON lines
 on stdout (progress, then one of done / error / cancelled). Closing the child's stdin also
@@ -39,6 +39,7 @@ from workbench.models import child_environment
 log = logging.getLogger(__name__)
 
 DEFAULT_RUNNER = "workbench.build:build"
+FORGE_RUNNER = "workbench.forge:forge_job"
 FINAL_KINDS = ("done", "error", "cancelled")
 # A child's stderr line for the server log only: tracebacks hold server paths.
 SERVER_ONLY = "server-log| "
@@ -64,20 +65,41 @@ class BuildRequest:
 
 
 @dataclass(frozen=True)
+class ForgeRequest:
+    """A forge: the base, the examples as JSON lines, the output and the training settings."""
+
+    base: str
+    examples: str
+    out: str  # absolute output folder, already checked with build.output_path
+    steps: int = 30
+    lr: float = 5e-5
+    batch_size: int = 4
+    seed: int = 0
+    layers: tuple[int, int] | None = None
+    device: str = "auto"
+    force: bool = False
+    samples: tuple[str, ...] = ()  # prompts both the base and the expert answer once it is forged
+
+
+Request = BuildRequest | ForgeRequest
+
+
+@dataclass(frozen=True)
 class JobEvent:
     kind: Literal["queued", "progress", "log", "done", "error", "cancelled"]
     stage: str = ""
     fraction: float = 0.0
     message: str = ""
-    position: int = 0  # place in line, the running build being number 1 ("queued" only)
+    position: int = 0  # place in line, the running job being number 1 ("queued" only)
     eta_seconds: float | None = None  # time left in the current stage, when it can be told
-    result: dict[str, Any] | None = None  # "done" only: path, files, total_bytes, seconds, gates
+    result: dict[str, Any] | None = None  # "done" only: a build's path, files, sizes; a forge's losses
+    metrics: dict[str, float] | None = None  # "progress" only: numbers to plot (a forge's step, loss)
 
 
 @dataclass(eq=False)
 class Job:
     id: str
-    request: BuildRequest
+    request: Request
     token: str | None = field(default=None, repr=False)
     state: State = "queued"
     events: queue.Queue = field(default_factory=queue.Queue, repr=False)
@@ -122,10 +144,12 @@ class Job:
 
 
 class BuildQueue:
-    """Runs submitted builds one at a time, each in a child process."""
+    """Runs submitted builds and forges one at a time, each in a child process: both are heavy."""
 
-    def __init__(self, runner: str = DEFAULT_RUNNER, *, max_waiting: int = 8, grace_seconds: float = 10.0):
-        self.runner = runner  # "module:function" the child calls; server-side only, never user input
+    def __init__(self, runner: str = DEFAULT_RUNNER, *, forge_runner: str = FORGE_RUNNER,
+                 max_waiting: int = 8, grace_seconds: float = 10.0):
+        # "module:function" the child calls per kind of job; server-side only, never user input.
+        self.runners = {"build": runner, "forge": forge_runner}
         self.max_waiting = max_waiting
         self.grace_seconds = grace_seconds
         self._waiting: deque[Job] = deque()
@@ -136,12 +160,12 @@ class BuildQueue:
         self._child: subprocess.Popen | None = None
         self._running: Job | None = None
 
-    def submit(self, request: BuildRequest, token: str | None = None) -> Job:
+    def submit(self, request: Request, token: str | None = None) -> Job:
         with self._lock:
             if len(self._waiting) >= self.max_waiting:
-                raise QueueFull(f"{len(self._waiting)} builds are already waiting; "
+                raise QueueFull(f"{len(self._waiting)} jobs (builds, forges) are already waiting; "
                                 "try again in a few minutes")
-            job = Job(f"build-{next(self._ids)}", request, token)
+            job = Job(f"{_kind(request)}-{next(self._ids)}", request, token)
             self._jobs[job.id] = job
             self._waiting.append(job)
             place = self._place(job)
@@ -200,8 +224,8 @@ class BuildQueue:
             try:
                 self._run(job)
             except Exception as exc:  # the queue must survive anything one job does
-                log.exception("build runner failed for %s", job.id)
-                job._emit(JobEvent("error", message=f"the build runner failed: {type(exc).__name__}: {exc}"))
+                log.exception("job runner failed for %s", job.id)
+                job._emit(JobEvent("error", message=f"the job runner failed: {type(exc).__name__}: {exc}"))
             finally:
                 job.token = None
                 with self._lock:
@@ -216,7 +240,9 @@ class BuildQueue:
         reader = threading.Thread(target=_drain, args=(child.stderr, stderr_tail, job), daemon=True)
         reader.start()
         try:
-            child.stdin.write(json.dumps({"runner": self.runner, **asdict(job.request)}) + "\n")
+            kind = _kind(job.request)
+            line = {"runner": self.runners[kind], "job": kind, **asdict(job.request)}
+            child.stdin.write(json.dumps(line) + "\n")
             child.stdin.flush()
         except (BrokenPipeError, OSError):
             log.warning("build child for %s exited before reading its request", job.id)
@@ -233,7 +259,8 @@ class BuildQueue:
                 log.error("build %s ended with exit code %s; its last output: %s", job.id, code,
                           " | ".join(stderr_tail))
             message = ("stopped" if job._cancel.is_set() else
-                       f"the build process ended unexpectedly (exit code {code}); nothing was written. "
+                       f"the {_kind(job.request)} process ended unexpectedly (exit code {code}); nothing "
+                       "was written. "
                        "The server log has its last output")
             job._emit(JobEvent("cancelled" if job._cancel.is_set() else "error", message=message))
 
@@ -260,6 +287,10 @@ class BuildQueue:
         except subprocess.TimeoutExpired:
             _kill(child, job.id)
             child.wait()
+
+
+def _kind(request: Request) -> str:
+    return "forge" if isinstance(request, ForgeRequest) else "build"
 
 
 def _kill(child: subprocess.Popen, job_id: str) -> None:
