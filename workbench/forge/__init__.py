@@ -11,13 +11,16 @@ expert's `source_model`. Writes only its output folder.
     expert   forge_expert: load, train, write (staged, manifested, renamed), the card
     samples  greedy replies of the base and the forged expert, side by side
     job      forge_job: a forge as a queued job (workbench.jobs), JSON-ready result
+    sets     the shipped example sets (assets/forge), an expert's forge_data as a file
 """
 
 from workbench.faces import face
 
 EXPORTS = {
     "Example": "data", "Examples": "data", "read_examples": "data", "parse_examples": "data",
+    "MAX_DATA_BYTES": "data",
     "ForgeSettings": "settings", "mlp_parameters": "train",
     "ForgeResult": "expert", "forge_expert": "expert", "sample_replies": "samples", "forge_job": "job",
+    "example_sets": "sets", "data_path": "sets", "sample_prompts": "sets",
 }
 __getattr__, __dir__ = face(__name__, EXPORTS)

@@ -22,6 +22,6 @@ EXPORTS = {
     "errors": "schema",
     "dump_recipe": "parse", "load_recipe": "parse", "parse_recipe": "parse", "read_recipe": "parse",
     "recipe_from_dict": "parse", "load_yaml": "safe_yaml", "patch_yaml": "edit",
-    "validate": "checks",
+    "validate": "checks", "forge_command_data": "compat",
 }
 __getattr__, __dir__ = face(__name__, EXPORTS)

@@ -74,6 +74,14 @@ def _check_prompts(recipe: Recipe) -> list[Problem]:
                                "all positive prompts are empty: the gate is the BOS state minus the "
                                "negatives (\"zero positive prompting\")",
                                "fine if intended; otherwise add prompts this expert should take"))
+    for i, expert in enumerate(recipe.experts):
+        if expert.forge_data is not None and not expert.forge_data.strip():
+            out.append(Problem("error", f"experts[{i}].forge_data", "is empty",
+                               "name a shipped example set (pirate, victorian, hero, villain) or a "
+                               "JSON-lines file, or remove forge_data"))
+        elif expert.forge_data and expert.source_model == recipe.base_model:
+            out.append(Problem("warning", f"experts[{i}].forge_data", "is ignored: source_model is the base "
+                               "itself, not a forged expert", "set source_model to the folder to forge into"))
     seen = {p for e in recipe.experts for p in (e.positive_prompts or []) + (e.negative_prompts or [])}
     for i, expert in enumerate(recipe.experts):
         for j, probe in enumerate(expert.probe_prompts or []):

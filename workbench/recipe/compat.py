@@ -6,6 +6,7 @@ kv-heads, head_dim and activation; a different vocabulary is a loud warning (REL
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -16,6 +17,13 @@ from workbench.recipe.schema import ConfigUnavailable, Problem, Recipe
 MATCH_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "num_key_value_heads", "head_dim", "hidden_act")
 FAMILIES = {"mixtral": ("llama", "mistral")}
+SET_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")  # a shipped example set: assets/forge/NAME.jsonl
+
+
+def forge_command_data(forge_data: str) -> str:
+    """The DATA argument of the forge command for an expert's `forge_data`: a shipped set's
+    name becomes its file under assets/forge (the command runs from the workbench's folder)."""
+    return f"assets/forge/{forge_data}.jsonl" if SET_NAME.fullmatch(forge_data) else forge_data
 
 
 def _model_paths(recipe: Recipe) -> dict[str, list[str]]:
@@ -28,9 +36,15 @@ def _model_paths(recipe: Recipe) -> dict[str, list[str]]:
 def check_compatibility(recipe: Recipe, configs: Mapping[str, dict | ConfigUnavailable]) -> list[Problem]:
     out: list[Problem] = []
     paths = _model_paths(recipe)
+    forged = {e.source_model: e.forge_data for e in recipe.experts if e.forge_data}
     for ref, where in paths.items():
         config = configs.get(ref)
-        if isinstance(config, ConfigUnavailable):
+        if isinstance(config, ConfigUnavailable) and ref in forged and config.level == "error":
+            out.append(Problem("error", where[0], f"'{ref}' is not forged yet",
+                               f"forge it from {forged[ref]!r} with one command, python -m workbench forge "
+                               f"{recipe.base_model} {forge_command_data(forged[ref])} {ref} (about 2 "
+                               "minutes on a laptop), or press 'Forge missing experts' in the Design tab"))
+        elif isinstance(config, ConfigUnavailable):
             out.append(Problem(config.level, where[0], f"config of '{ref}' not reachable: {config.reason}",
                                "check the name, the network or HF_TOKEN; compatibility is unchecked"))
     base = configs.get(recipe.base_model)

@@ -50,6 +50,9 @@ class Expert(BaseModel):
     negative_prompts: list[str] | None = None
     # workbench extension: held-out texts this expert should take, scored but never fitted on
     probe_prompts: list[str] | None = None
+    # workbench extension: the examples source_model is forged from (a shipped set's name, or a
+    # JSON-lines file), so a missing forged expert can be made with one command or click
+    forge_data: str | None = None
     noise_scale: float | None = None
     residual_scale: float | None = None
 
@@ -89,7 +92,7 @@ class Recipe(BaseModel):
         """The workbench-only keys this recipe uses (mergekit-moe 0.1.x ignores or refuses them)."""
         used = [f"gate_mode: {self.gate_mode}"] if self.gate_mode in ("router_input", "fitted") else []
         used += ["center_gates"] if self.center_gates else []
-        for key in ("name", "probe_prompts"):
+        for key in ("name", "probe_prompts", "forge_data"):
             used += [key] if any(getattr(e, key) for e in self.experts) else []
         return used
 

@@ -13,7 +13,7 @@ from typing import Any
 import gradio as gr
 
 from workbench import __version__
-from workbench.ui import shared, tab_build, tab_chat, tab_design, tab_preview, tab_routing
+from workbench.ui import shared, tab_build, tab_chat, tab_design, tab_forge, tab_preview, tab_routing
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,13 @@ def create_app() -> gr.Blocks:
                 chat = tab_chat.render(built, chat_tab)
             with gr.Tab("5 · Routing", id="routing", elem_id="wb-tab-routing") as routing_tab:
                 tab_routing.render(chat, routing_tab, tabs)
+            with gr.Tab("Forge an expert", id="forge", elem_id="wb-tab-forge"):
+                forge = tab_forge.render(design)
+        # One click from a recipe with experts still to forge: to the Forge tab, forge them, redraw the form.
+        design.forge_missing.click(lambda: gr.Tabs(selected="forge"), None, [tabs], show_progress="hidden") \
+            .then(forge.forge_missing, [design.yaml, forge.forged], forge.outputs,
+                  show_progress_on=[forge.status], concurrency_limit=8) \
+            .then(design.adopt, [design.yaml], design.adopt_outputs, show_progress="hidden")
     return demo
 
 

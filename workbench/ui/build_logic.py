@@ -17,7 +17,8 @@ from workbench.ui import shared
 from workbench.ui.sizes import human
 
 STAGES = {"resolve": "Fetching models", "demo": "Preparing the demo model", "gates": "Computing gates",
-          "write": "Writing tensors", "verify": "Verifying", "done": "Done"}
+          "write": "Writing tensors", "verify": "Verifying", "done": "Done",
+          "forge": "Training the MLPs", "samples": "Sample replies"}
 
 
 def make_request(yaml_text: str, name: str, device: str, dtype: str | None, shard_size: str,
@@ -39,47 +40,53 @@ def make_request(yaml_text: str, name: str, device: str, dtype: str | None, shar
 
 
 @dataclass
-class BuildView:
-    """What the tab shows at one moment of a job."""
+class JobView:
+    """What the Build or Forge tab shows at one moment of a job."""
 
     status: str
     log: str
     fraction: float | None = None  # None: no progress bar
     description: str = ""
     summary: str = ""
-    output: str | None = None  # the finished build's folder
+    output: str | None = None  # the finished job's folder
     finished: bool = False
+    points: list[dict[str, float]] = field(default_factory=list)  # metrics so far (a forge's losses)
 
 
 @dataclass
 class Follower:
-    """Turns a job's events into views, at most a few per second while progress streams."""
+    """Turns a build's events into views, at most a few per second while progress streams."""
 
     job: jobs.Job
     queue: jobs.BuildQueue
     interval: float = 0.25
     lines: deque = field(default_factory=lambda: deque(maxlen=300))
+    points: list = field(default_factory=list)
+    # Where each stage's own 0..1 sits on the job's one bar.
+    spans: dict = field(default_factory=lambda: SPANS)
     _last: float = 0.0
     _stage: str | None = None  # the stage the log last named, and since when
     _since: float = 0.0
 
-    def views(self) -> Iterator[BuildView]:
+    def views(self) -> Iterator[JobView]:
         fraction, description = None, ""
         for event in self.job.stream(poll=0.5):
             if event is None or event.kind == "queued":
                 place = self.queue.position(self.job)
                 if place:
-                    yield BuildView(f"Waiting: you are number **{place}** in the queue "
-                                    f"({place - 1} build(s) ahead).", self.log)
+                    yield JobView(f"Waiting: you are number **{place}** in the queue "
+                                  f"({place - 1} job(s) ahead: builds and forges take turns).", self.log)
                 continue
             if event.kind == "log":
                 self.lines.append(event.message)
             elif event.kind == "progress":
                 # One bar for the whole build, never going back: the gates run beside the copy
                 # and report their own stage, which names the wait but does not move the bar.
-                fraction = max(fraction or 0.0, overall_fraction(event.stage, event.fraction))
+                fraction = max(fraction or 0.0, overall_fraction(event.stage, event.fraction, self.spans))
                 description = progress_text(event)
                 self._log_stage(event)
+                if event.metrics:
+                    self.points.append(event.metrics)
             if event.kind in jobs.FINAL_KINDS:
                 self._log_stage(None)
                 yield self.final(event)
@@ -87,7 +94,7 @@ class Follower:
             if time.monotonic() - self._last >= self.interval:
                 self._last = time.monotonic()
                 # The progress bar drawn over the status box carries the stage and time left.
-                yield BuildView("", self.log, fraction, description)
+                yield JobView("", self.log, fraction, description, points=list(self.points))
 
     def _log_stage(self, event: jobs.JobEvent | None) -> None:
         """Each stage once in the log, with how long it took: not a line per progress event."""
@@ -105,15 +112,15 @@ class Follower:
     def log(self) -> str:
         return "\n".join(self.lines)
 
-    def final(self, event: jobs.JobEvent) -> BuildView:
+    def final(self, event: jobs.JobEvent) -> JobView:
         if event.kind == "done" and event.result:
             self.lines.append(event.message)
-            return BuildView("✔ Build finished.", self.log, None, "", summary_markdown(event.result),
-                             event.result["path"], True)
+            return JobView("✔ Build finished.", self.log, None, "", summary_markdown(event.result),
+                           event.result["path"], True)
         if event.kind == "cancelled":
-            return BuildView("■ Build cancelled; nothing was written.", self.log, finished=True)
+            return JobView("■ Build cancelled; nothing was written.", self.log, finished=True)
         self.lines.append(f"error: {event.message}")
-        return BuildView(f"✖ Build failed: {html.escape(event.message)}", self.log, finished=True)
+        return JobView(f"✖ Build failed: {html.escape(event.message)}", self.log, finished=True)
 
 
 # Where each stage's own 0..1 sits on the build's one bar. The gates are computed beside the
@@ -122,8 +129,8 @@ SPANS = {"resolve": (0.0, 0.05), "demo": (0.0, 0.05), "write": (0.05, 0.95), "ve
          "done": (1.0, 1.0)}
 
 
-def overall_fraction(stage: str, fraction: float) -> float:
-    low, high = SPANS.get(stage, (0.0, 0.0))
+def overall_fraction(stage: str, fraction: float, spans: dict | None = None) -> float:
+    low, high = (spans or SPANS).get(stage, (0.0, 0.0))
     return low + (high - low) * min(max(fraction, 0.0), 1.0)
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import gradio as gr
 
-from workbench.ui import design_logic, form, shared
+from workbench.ui import design_logic, forge_logic, form, shared
 from workbench.ui.design_form import DesignOutputs, render_form
 
 
@@ -20,6 +20,7 @@ class DesignTab:
     # adopt(yaml) re-checks the recipe and redraws the form from it.
     adopt: Callable[..., dict]
     adopt_outputs: set
+    forge_missing: gr.Button  # shown while experts of the recipe (forge_data) are still to be forged
 
 
 def render(demo: gr.Blocks) -> DesignTab:
@@ -41,13 +42,27 @@ def render(demo: gr.Blocks) -> DesignTab:
                 preset = gr.Dropdown(names, value=names[0], label="Start from", scale=1, elem_id="wb-preset",
                                      info="a preset recipe, or blank")
                 about = gr.Markdown(design_logic.preset_description(text), elem_classes="wb-muted")
+            with gr.Row(equal_height=True, elem_classes="wb-forge-row"):
+                note = forge_logic.missing_note(text)
+                missing = gr.Markdown(note, elem_id="wb-missing-experts", scale=3)
+                forge = gr.Button("Forge missing experts", variant="primary", visible=bool(note), scale=1,
+                                  elem_id="wb-forge-missing")
             render_form(out, demo)
         with gr.Column(scale=2, elem_classes="wb-side-col"):
             out.summary.render()
             out.yaml.render()
             out.yaml_problems.render()
     adopt = _wire(demo, out, preset, about)
-    return DesignTab(out.yaml, out.draft, adopt, {out.draft, out.revision, out.yaml_problems, out.summary})
+
+    def missing_changed(text: str) -> dict:
+        note = forge_logic.missing_note(text)
+        return {missing: note, forge: gr.Button(visible=bool(note))}
+
+    # Every change of the text (typed, a form edit, a preset, a forge that moved an expert).
+    out.yaml.change(missing_changed, [out.yaml], [missing, forge], show_progress="hidden",
+                    concurrency_limit=None)
+    return DesignTab(out.yaml, out.draft, adopt, {out.draft, out.revision, out.yaml_problems, out.summary},
+                     forge)
 
 
 def _wire(demo: gr.Blocks, out: DesignOutputs, preset: gr.Dropdown,
