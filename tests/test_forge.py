@@ -136,11 +136,17 @@ def test_forge_cli_reports_bad_data_and_refuses_an_existing_folder(pico_factory,
     assert "not after the last" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("path", sorted(Path(__file__).parent.parent.glob("assets/forge/*.jsonl")),
-                         ids=lambda p: p.name)
-def test_every_shipped_example_set_reads_and_has_two_dozen_chat_pairs(path):
+SHIPPED = Path(__file__).parent.parent / "assets" / "forge"
+
+
+@pytest.mark.parametrize("path", sorted(SHIPPED.glob("*.jsonl")), ids=lambda p: p.name)
+def test_every_shipped_example_set_reads_and_has_two_dozen_distinct_chat_pairs(path):
     examples = read_examples(path).items
     assert len(examples) >= 24 and all(e.prompt and e.reply for e in examples)
+    prompts = [e.prompt.strip().lower() for e in examples]
+    assert sorted(p for p in set(prompts) if prompts.count(p) > 1) == []  # a repeat teaches nothing new
+    listed = (SHIPPED / "README.md").read_text()
+    assert f"| `{path.name}` | {len(examples)} |" in listed  # in the README's table, with its count
 
 
 def test_the_reply_loss_is_transformers_causal_lm_loss(pico_factory, data):
