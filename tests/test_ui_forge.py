@@ -27,9 +27,9 @@ def outputs(tmp_path, monkeypatch):
 
 
 def request(**changes):
-    fields = {"base": "demo:smollm2-135m-instruct", "examples": EXAMPLES, "name": "pirate-expert", "steps": 30,
-              "lr": 5e-5, "batch_size": 4, "seed": 0, "layers": "", "samples": "Hi?\n\nWhat is 2 + 2?",
-              "replace": False} | changes
+    fields = {"base": "demo:smollm2-135m-instruct", "examples": EXAMPLES, "name": "pirate-expert",
+              "steps": 30, "lr": 5e-5, "batch_size": 4, "seed": 0, "layers": "",
+              "samples": "Hi?\n\nWhat is 2 + 2?", "replace": False} | changes
     return forge_logic.make_request(*fields.values())
 
 
