@@ -4,6 +4,7 @@ forge job (progress, loss points, samples), and adding a forged expert to the re
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from workbench import jobs
 from workbench.errors import ForgeError, WorkbenchError
 from workbench.recipe import load_yaml, parse_recipe
 from workbench.staging import MANIFEST
-from workbench.ui import forge_logic
+from workbench.ui import forge_logic, shared
 
 ROOT = Path(__file__).resolve().parents[1]
 ALIGNMENT = (ROOT / "presets" / "alignment-demo.yaml").read_text()
@@ -76,10 +77,24 @@ def test_the_alignment_preset_names_its_missing_experts_and_where_they_go(output
     assert forge_logic.missing_note((ROOT / "presets" / "demo.yaml").read_text()) == ""
 
 
-def test_on_a_space_a_missing_expert_is_forged_into_the_outputs_folder(outputs, monkeypatch):
+def test_on_a_space_a_forged_expert_is_private_to_the_visitor_who_forged_it(outputs, monkeypatch):
     monkeypatch.setenv("SPACE_ID", "someone/workbench")
     missing = forge_logic.missing_experts(ALIGNMENT)[0]
-    assert forge_logic.forge_target(missing) == outputs.resolve() / "hero-expert"
+    target = forge_logic.forge_target(missing)
+    assert target.parent == outputs.resolve() and re.fullmatch(r"hero-expert-[0-9a-f]{32}", target.name)
+    assert forge_logic.forge_target(missing) != target  # a new secret each time
+    made = request()
+    assert Path(made.out).name.startswith("pirate-expert-")
+    with pytest.raises(WorkbenchError):  # not finished yet: nothing to load
+        shared.check_model_ref(str(target))
+    target.mkdir(parents=True)
+    (target / MANIFEST).write_text("{}")
+    shared.check_model_ref(str(target))  # the visitor's own forged expert, by its secret name
+    plain = outputs / "hero-expert"
+    plain.mkdir()
+    (plain / MANIFEST).write_text("{}")
+    with pytest.raises(WorkbenchError):  # any other folder stays refused on a Space
+        shared.check_model_ref(str(plain))
 
 
 def test_the_views_of_a_forge_show_every_loss_and_the_samples_side_by_side(tmp_path, pico_factory):

@@ -108,7 +108,7 @@ def make_request(base: str, examples: str, name: str, steps: float, lr: float, b
     settings = ForgeSettings(steps=int(steps or 0), lr=float(lr or 0), batch_size=int(batch_size or 0),
                              seed=int(seed or 0), layers=parse_layers(layers))
     settings.check()
-    out = out or output_path(shared.outputs_root(), (name or "").strip())
+    out = out or output_path(shared.outputs_root(), shared.private_name((name or "").strip()))
     if out.exists() and not replace:
         raise ForgeError(f"an output named {out.name!r} exists; tick 'replace' or choose another name")
     prompts = tuple(line.strip() for line in (samples or "").splitlines() if line.strip())
@@ -166,7 +166,7 @@ def forge_target(missing: Missing) -> Path:
     allowed = [r for r in shared.model_roots() if r == missing.out or r in missing.out.parents]
     if allowed and not shared.on_space():
         return missing.out
-    return output_path(root, missing.out.name)
+    return output_path(root, shared.private_name(missing.out.name))
 
 
 @dataclass

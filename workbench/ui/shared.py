@@ -14,6 +14,8 @@ import html
 import inspect
 import logging
 import os
+import re
+import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -26,6 +28,7 @@ from workbench.errors import WorkbenchError
 from workbench.models import env_token
 from workbench.progress import CancelToken
 from workbench.recipe import ConfigUnavailable
+from workbench.staging import MANIFEST
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +63,14 @@ def check_model_ref(ref: str, where: str = "model") -> None:
     """Refuse a model the app has no business loading, before anything reads it.
 
     Demo models and Hub ids are fine. A folder is fine under `model_roots()`, never on a
-    Space: a visitor must not make the server read its folders (or another visitor's builds).
+    Space: a visitor must not make the server read its folders (or another visitor's builds),
+    except an expert the visitor forged here, whose folder name holds a secret only they were
+    shown (`private_name`).
     """
     from workbench.models import parse_ref
 
+    if on_space() and is_private_output(ref):
+        return
     parsed = parse_ref(ref, allow_local=not on_space())  # a SourceError on a Space for any folder
     if parsed.kind != "local":
         return
@@ -74,6 +81,21 @@ def check_model_ref(ref: str, where: str = "model") -> None:
         raise WorkbenchError(f"{where} {ref!r} is a folder outside those this app loads models from "
                              f"({shown}); move it under one of them, or add its parent folder to "
                              "MOE_WORKBENCH_MODEL_ROOTS and restart the app")
+
+
+_PRIVATE = re.compile(r".+-[0-9a-f]{32}")
+
+
+def private_name(name: str) -> str:
+    """On a Space, an output name no other visitor can guess (it is their key to the folder)."""
+    return f"{name}-{secrets.token_hex(16)}" if on_space() else name
+
+
+def is_private_output(ref: str) -> bool:
+    """A finished output folder of this app whose name ends in a `private_name` secret."""
+    path = Path(ref.strip()) if isinstance(ref, str) else Path()
+    return (path.is_absolute() and path.parent == outputs_root() and _PRIVATE.fullmatch(path.name) is not None
+            and (path / MANIFEST).is_file())
 
 
 def oauth_available() -> bool:
