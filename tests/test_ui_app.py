@@ -48,12 +48,12 @@ def test_ui_modules_never_import_torch_transformers_or_safetensors(path):
     assert not imported & {"torch", "transformers", "safetensors"}
 
 
-def test_the_app_has_the_five_tabs_in_order():
+def test_the_app_has_its_tabs_in_order():
     from workbench.ui.blocks import create_app
 
     demo = create_app()
     labels = [b.label for b in demo.blocks.values() if isinstance(b, gr.Tab)]
-    assert labels == ["1 · Design", "2 · Preview", "3 · Build", "4 · Chat", "5 · Routing"]
+    assert labels == ["1 · Design", "2 · Preview", "3 · Build", "4 · Chat", "5 · Routing", "Forge an expert"]
 
 
 def test_the_design_checks_of_one_session_never_queue_behind_another():

@@ -12,6 +12,7 @@ from workbench.recipe import Problem, errors, parse_recipe
 from workbench.ui import design_logic, form, sizes
 
 PRESETS = sorted(Path(__file__).parent.parent.joinpath("presets").glob("*.yaml"))
+DEMO_PRESET = Path(__file__).parent.parent / "presets" / "demo.yaml"
 
 
 @pytest.mark.parametrize("prompts", [
@@ -195,7 +196,7 @@ def test_sizes_say_why_they_are_missing():
 
 def test_a_form_edit_keeps_the_users_yaml_comments_and_layout():
     """Form edits re-dumped the recipe: comments gone, keys reordered, quotes stripped."""
-    text = PRESETS[1].read_text()  # demo.yaml: a comment block, quoted prompts, its own key order
+    text = DEMO_PRESET.read_text()  # demo.yaml: a comment block, quoted prompts, its own key order
     checked, _ = design_logic.from_yaml(text, None)
     assert checked.yaml_in(text) == text  # nothing edited: byte for byte
     top = [checked.data["base_model"], checked.data["gate_mode"], checked.data.get("dtype"), 1, None]
@@ -211,6 +212,6 @@ def test_a_form_edit_keeps_the_users_yaml_comments_and_layout():
 
 
 def test_a_form_edit_on_yaml_that_does_not_parse_writes_the_whole_recipe():
-    checked, _ = design_logic.from_yaml(PRESETS[1].read_text(), None)
+    checked, _ = design_logic.from_yaml(DEMO_PRESET.read_text(), None)
     assert checked.yaml_in("experts: [oops") == checked.yaml
     assert checked.yaml_in("") == checked.yaml

@@ -1,4 +1,4 @@
-"""The whole app: five tabs in one Gradio Blocks, and how it launches.
+"""The whole app: six tabs in one Gradio Blocks (five steps and the forge), and how it launches.
 
 Per-session values live in gr.State (recipe draft, builds of this session, chat ids,
 the last trace); models live in the engine's registry, shared by every session.
