@@ -4,7 +4,8 @@ A user picks a shipped example set, shortens the training (typed, at human speed
 the demo model, watches the loss plot grow, reads the base's and the forged expert's sample
 replies side by side, and adds the expert to the recipe. Another user opens the alignment demo
 preset, is offered to forge its missing experts, starts, and cancels. Screenshots go to the
-test's temporary folder (the path is printed) to be looked at.
+test's temporary folder (the path is printed) to be looked at; the finished forge's also to
+assets/screenshots/forge.png (the README shows it).
 """
 
 from __future__ import annotations
@@ -14,7 +15,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_browser import ROOT, VIEWPORT, browser, open_tab, server, wait_for_text  # noqa: F401 (fixtures)
+from tests.test_browser import (  # noqa: F401 (fixtures)
+    ROOT,
+    SHOTS,
+    VIEWPORT,
+    browser,
+    open_tab,
+    server,
+    wait_for_text,
+)
 from tests.test_browser_editing import DOC, no_error_shown, type_slowly
 
 pytestmark = [pytest.mark.browser, pytest.mark.demo]
@@ -65,7 +74,9 @@ def test_forge_a_villain_watch_the_loss_compare_replies_and_add_it_to_the_recipe
     page.screenshot(path=str(shots / "forge-running.png"))
     status = wait_for_text(page, "#wb-forge-status", ("Forged", "failed"), 600)
     assert "Forged **villain-expert**" in status or "Forged villain-expert" in status, status
+    page.mouse.move(0, 0)  # no hover tooltips in the picture
     page.screenshot(path=str(shots / "forge-done.png"), full_page=True)
+    page.screenshot(path=str(SHOTS / "forge.png"), full_page=True)  # the README shows it
     assert page.locator("#wb-forge-loss .js-plotly-plot").count() == 1
     summary = page.inner_text("#wb-forge-summary")
     assert "prompt" in summary and "forged" in summary and "Why is the sky blue?" in summary

@@ -1,7 +1,8 @@
 """Jobs: a build or forge request in, a job's progress events and its end out.
 
-Takes a `BuildRequest` (recipe text, output, settings, the user's token); runs one build
-at a time, each in its own child process (`python -m workbench.jobs.child`), streams its
+Takes a `BuildRequest` (recipe text, output, settings, the user's token) or a
+`ForgeRequest` (base, examples, output, training settings); runs one job at a time, builds
+and forges in one line, each in its own child process (`python -m workbench.jobs.child`), streams its
 progress as `JobEvent`s, reports queue places, and cancels on request. A crash in the
 child never takes the server down.
 
