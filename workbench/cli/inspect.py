@@ -232,8 +232,7 @@ def print_score(score: Any, names: list[str]) -> None:
     if score.top1 is None:
         print("held-out routing: nothing to hold out (every expert has one positive prompt)")
         return
-    print(f"held-out routing ({score.held_out}): top-1 {score.top1:.3f} (chance {score.chance_top1:.3f}), "
-          f"top-{score.k} {score.topk:.3f} (chance {score.chance_topk:.3f}); perfect 1")
+    print(f"held-out routing ({score.held_out}): {score.rates()}; perfect 1")
     for e, name in enumerate(names):
         rate = score.per_expert_top1[e]
         print(f"  e{e} {'   -  ' if rate is None else f'{rate:6.1%}'}  {name}")

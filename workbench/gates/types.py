@@ -78,6 +78,13 @@ class HeldOutScore:
     def chance_topk(self) -> float:
         return min(self.k, self.experts) / self.experts
 
+    def rates(self, digits: int = 3) -> str:
+        """'top-1 0.822 (chance 0.250), top-2 0.925 (chance 0.500)'; top-1 alone for a top-1 MoE."""
+        top1 = f"top-1 {self.top1:.{digits}f} (chance {self.chance_top1:.{digits}f})"
+        if self.k == 1:
+            return top1
+        return f"{top1}, top-{self.k} {self.topk:.{digits}f} (chance {self.chance_topk:.{digits}f})"
+
     def to_dict(self) -> dict[str, Any]:
         return {"mode": self.mode, "center_gates": self.center, "experts": self.experts, "k": self.k,
                 "top1": self.top1, "topk": self.topk, "chance_top1": self.chance_top1,

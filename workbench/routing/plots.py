@@ -191,8 +191,7 @@ def heldout_figure(score: HeldOutScore, names: list[str]) -> go.Figure:
     fig.update_xaxes(title={"text": "layer"}, row=1, col=2)
     fig.update_annotations(font_size=12, yshift=8)
     title = "Held-out routing: nothing to hold out" if score.top1 is None else (
-        f"Held-out routing: top-1 {score.top1:.2f} (chance {score.chance_top1:.2f}), "
-        f"top-{score.k} {score.topk:.2f} (chance {score.chance_topk:.2f}); perfect 1")
+        f"Held-out routing: {score.rates(2)}; perfect 1")
     fig.update_layout(template=TEMPLATE, title={"text": title}, margin={"t": 90},
                       legend={"orientation": "h", "y": -0.2})
     return fig

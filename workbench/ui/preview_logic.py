@@ -53,9 +53,10 @@ def score_summary(score: Any, advice: list[str]) -> str:
     if score.top1 is None:
         head = "**Held-out routing: nothing to score.**"
     else:
-        head = (f"**Held-out top-1 {score.top1:.2f}** (chance {score.chance_top1:.2f}, perfect 1) · "
-                f"**top-{score.k} {score.topk:.2f}** (chance {score.chance_topk:.2f}): how often a theme's "
-                f"held-out tokens go to its own expert ({score.held_out}).")
+        top_k = "" if score.k == 1 else (f" · **top-{score.k} {score.topk:.2f}** "
+                                         f"(chance {score.chance_topk:.2f})")
+        head = (f"**Held-out top-1 {score.top1:.2f}** (chance {score.chance_top1:.2f}, perfect 1){top_k}: "
+                f"how often a theme's held-out tokens go to its own expert ({score.held_out}).")
     return "\n".join([head, *(f"- {line}" for line in advice)])
 
 
