@@ -167,6 +167,18 @@ def test_output_is_portable(layout_build) -> None:
     assert str(base.parent) not in card.split("## Recipe")[0]
 
 
+def test_a_loaders_private_keys_stay_out_of_the_output_config(pico_factory, tmp_path: Path) -> None:
+    base = tmp_path / "from-gguf"
+    shutil.copytree(pico_factory("identity", seed=1), base)
+    config_path = base / "config.json"
+    stray = {"_model_name_or_path": "Smollm2 135M 8k Lc100K Mix1 Ep2", "_name_or_path": str(base)}
+    config_path.write_text(json.dumps(json.loads(config_path.read_text()) | stray))
+    result = build(make_recipe(base, [base] * 2), tmp_path / "moe", device="cpu",
+                   gates=random_gates(3, 2, 64))
+    config = json.loads((result.path / "config.json").read_text())
+    assert not [key for key in config if key.startswith("_")]
+
+
 def test_card_of_hub_models_lists_them_as_base_models(pico_factory, tmp_path: Path) -> None:
     base = pico_factory("identity", seed=1, family="llama")
     config = json.loads((base / "config.json").read_text())
