@@ -233,6 +233,26 @@ def test_dtype_argument_casts_every_tensor(pico_factory, tmp_path: Path) -> None
     assert json.loads((result.path / "config.json").read_text())["dtype"] == "bfloat16"
 
 
+def test_a_float64_recipe_writes_float64_tensors(pico_factory, tmp_path: Path) -> None:
+    base = pico_factory("identity", seed=1, family="llama")
+    recipe, problems = parse_recipe(f"base_model: {base}\ndtype: float64\nexperts:\n"
+                                    f"  - source_model: {base}\n    positive_prompts: [code]\n"
+                                    f"  - source_model: {base}\n    positive_prompts: [tale]\n")
+    assert recipe.dtype == "float64" and not [p for p in problems if p.level == "error"]
+    result = build(recipe, tmp_path / "f64", device="cpu")  # gates computed here, rows cast to F64
+    with safe_open(str(result.path / "model.safetensors"), framework="numpy") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F64"}
+    weights = tensors_of(result.path)
+    dense = load_file(str(base / "model.safetensors"))
+    assert torch.equal(weights["model.layers.2.block_sparse_moe.experts.1.w1.weight"],
+                       dense["model.layers.2.mlp.gate_proj.weight"].double())  # exact: an upcast
+    assert torch.equal(weights["model.layers.0.block_sparse_moe.gate.weight"],
+                       result.gates.vectors[0].double())
+    config = json.loads((result.path / "config.json").read_text())
+    assert config["dtype"] == config["torch_dtype"] == "float64"
+    assert (logits(result.path) - logits(base)).abs().max() < 1e-4  # still the base's logits
+
+
 def test_noise_and_residual_scale_change_only_their_expert(pico_factory, tmp_path: Path) -> None:
     base = pico_factory("identity", seed=1, family="llama")
     kwargs = [{"noise_scale": 0.05}, {"residual_scale": 0.5}, {}]

@@ -222,7 +222,7 @@ class _Job:
     sources: dict[str, ModelSource]
     indexes: dict[str, WeightIndex]
     specs: list[TensorSpec]
-    dtype: str  # "bfloat16" | "float16" | "float32"
+    dtype: str  # "bfloat16" | "float16" | "float32" | "float64"
     seed: int
     gates: RouterGates | None = None
 
@@ -305,7 +305,8 @@ class _Job:
         tensor = index.load(spec.src_name)
         if not noise and residual is None:
             return tensor.to(out_dtype)
-        tensor = tensor.to(torch.float32)  # transforms in float32, then one cast
+        tensor = tensor.to(torch.promote_types(torch.float32, out_dtype))  # transforms in float32 or
+        # float64 (never below the output's precision), then one cast
         if noise:
             tensor.add_(torch.randn(spec.shape, generator=self._generator(spec)), alpha=noise)
         if residual is not None:

@@ -66,7 +66,8 @@ def _parser() -> argparse.ArgumentParser:
     cmd.add_argument("recipe")
     cmd.add_argument("out", help="output folder (created; must not exist unless --force)")
     cmd.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    cmd.add_argument("--dtype", default=None, help="bfloat16, float16 or float32 (default: the recipe's)")
+    cmd.add_argument("--dtype", default=None,
+                     help="bfloat16, float16, float32 or float64 (default: the recipe's)")
     cmd.add_argument("--shard-size", default="5GB", help="largest shard, e.g. 5GB or 500MB")
     cmd.add_argument("--seed", type=seed, default=0, help="seed for random gates and noise")
     cmd.add_argument("--force", action="store_true", help="replace OUT once the new build is verified")

@@ -38,7 +38,7 @@ TORCH_DTYPE_NAMES = {
     "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
 }
 # Recipe/config dtype names -> safetensors codes.
-DTYPE_NAMES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
+DTYPE_NAMES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32", "float64": "F64"}
 
 
 def torch_dtype(code: str) -> torch.dtype:
