@@ -97,6 +97,8 @@ def test_only_folders_under_the_model_roots_are_loaded_by_path(monkeypatch, tmp_
         shared.check_model_ref(ref)
     with pytest.raises(WorkbenchError, match="outside those this app loads models from.*MODEL_ROOTS"):
         shared.check_model_ref(str(elsewhere), "the base model")
+    with pytest.raises(WorkbenchError, match="outside"):  # a LoRA's folder is held to the same rule
+        shared.check_model_ref(f"{pico_llama}+{elsewhere}", "experts[1]")
     found = shared.ConfigCache().get([str(elsewhere)], None)[str(elsewhere)]
     assert found.level == "error" and "outside those this app loads models from" in found.reason
     recipe = (f"base_model: {elsewhere}\nexperts:\n  - source_model: {elsewhere}\n"

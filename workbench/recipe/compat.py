@@ -30,9 +30,12 @@ def check_compatibility(recipe: Recipe, configs: Mapping[str, dict | ConfigUnava
     paths = _model_paths(recipe)
     for ref, where in paths.items():
         config = configs.get(ref)
-        if isinstance(config, ConfigUnavailable):
+        if isinstance(config, ConfigUnavailable) and config.level == "warning":
             out.append(Problem(config.level, where[0], f"config of '{ref}' not reachable: {config.reason}",
                                "check the name, the network or HF_TOKEN; compatibility is unchecked"))
+        elif isinstance(config, ConfigUnavailable):  # the reason says what is wrong and what to do
+            out.append(Problem(config.level, where[0], f"cannot use '{ref}': {config.reason}",
+                               "fix what the message names; compatibility is checked once the model reads"))
     base = configs.get(recipe.base_model)
     if not isinstance(base, dict):
         return out

@@ -61,19 +61,21 @@ def check_model_ref(ref: str, where: str = "model") -> None:
 
     Demo models and Hub ids are fine. A folder is fine under `model_roots()`, never on a
     Space: a visitor must not make the server read its folders (or another visitor's builds).
+    A `+LORA` adapter folder is held to the same rule.
     """
     from workbench.models import parse_ref
 
     parsed = parse_ref(ref, allow_local=not on_space())  # a SourceError on a Space for any folder
-    if parsed.kind != "local":
-        return
-    path = Path(parsed.name).resolve()
     roots = model_roots()
-    if not any(path == root or root in path.parents for root in roots):
-        shown = ", ".join(str(r) for r in dict.fromkeys(roots))
-        raise WorkbenchError(f"{where} {ref!r} is a folder outside those this app loads models from "
-                             f"({shown}); move it under one of them, or add its parent folder to "
-                             "MOE_WORKBENCH_MODEL_ROOTS and restart the app")
+    for part in (parsed, parsed.adapter):
+        if part is None or part.kind != "local":
+            continue
+        path = Path(part.name).resolve()
+        if not any(path == root or root in path.parents for root in roots):
+            shown = ", ".join(str(r) for r in dict.fromkeys(roots))
+            raise WorkbenchError(f"{where} {ref!r} names a folder outside those this app loads models from "
+                                 f"({shown}); move it under one of them, or add its parent folder to "
+                                 "MOE_WORKBENCH_MODEL_ROOTS and restart the app")
 
 
 def oauth_available() -> bool:
