@@ -243,3 +243,9 @@ def test_a_slow_hub_config_never_holds_up_a_keystroke_check(monkeypatch):
     after = design_logic.check(data, None)
     assert not after.pending and not any("being fetched" in p.message for p in after.problems)
     assert len(calls) == 1  # the config is cached now
+
+
+def test_a_hub_lora_on_a_local_model_is_fetched_off_the_keystroke_path(pico_llama):
+    # Its adapter_config.json comes from the Hub, so the check must not wait for it.
+    assert shared._on_the_hub(f"{pico_llama}+org/lora") and shared._on_the_hub("org/model+org/lora")
+    assert not shared._on_the_hub(f"{pico_llama}+{pico_llama}") and not shared._on_the_hub("demo:nope")

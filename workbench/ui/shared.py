@@ -239,9 +239,10 @@ def _on_the_hub(ref: str) -> bool:
     from workbench.models import parse_ref
 
     try:
-        return parse_ref(ref).kind == "hub"
+        parsed = parse_ref(ref)
     except WorkbenchError:
         return False
+    return "hub" in (parsed.kind, parsed.adapter.kind if parsed.adapter else None)  # a Hub LoRA too
 
 
 configs = ConfigCache()
