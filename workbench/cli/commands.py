@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from workbench.cli.inspect import add_commands, print_gate_warnings, print_score, seed
-from workbench.errors import WorkbenchError
+from workbench.errors import SourceError, WorkbenchError
 from workbench.forge import ForgeSettings as ForgeDefaults
 from workbench.models import env_token
 from workbench.progress import Progress
@@ -136,6 +136,10 @@ def cmd_gates(args: argparse.Namespace) -> int:
     _print_problems(problems)
     with ProgressBar() as bar:
         base = resolve(recipe.base_model, token=env_token(), on_progress=bar)
+        if base.adapter is not None:  # the gates would come from the base without it
+            raise SourceError(f"base_model '{recipe.base_model}' applies a LoRA, which the gates cannot "
+                              "read: merge it into the base first (peft's merge_and_unload) and name that "
+                              "folder")
         if args.compare:
             return _compare(args, recipe, base.path, bar)
         from workbench.gates import scored_gates
