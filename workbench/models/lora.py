@@ -62,6 +62,14 @@ WHY = {
 }
 
 
+class LoraRefused(SourceError):
+    """An adapter the workbench will not apply: `what` is wrong, `fix` says what to do."""
+
+    def __init__(self, what: str, fix: str):
+        self.what, self.fix = what, fix
+        super().__init__(f"{what}: {fix}")
+
+
 @dataclass(frozen=True)
 class LoraAdapter:
     """A peft LoRA folder, checked: its scale and, per adapted MLP weight, its A and B."""
@@ -130,29 +138,29 @@ def check_adapter(ref: str, kind: str, name: str, revision: str | None, token: s
     if kind == "local":
         folder = Path(name).resolve()
         if not folder.is_dir():
-            raise SourceError(f"LoRA '{ref}': no adapter folder at {folder}: check the path")
+            raise LoraRefused(f"LoRA '{ref}': no adapter folder at {folder}", "check the path after the '+'")
         settings(adapter_config(folder / ADAPTER_CONFIG, ref), ref)
         if not (folder / ADAPTER_WEIGHTS).is_file():
             _refuse_pickles(ref, {p.name for p in folder.iterdir()})
-            raise SourceError(f"LoRA '{ref}' has no {ADAPTER_WEIGHTS}: save it with peft's save_pretrained")
+            raise LoraRefused(f"LoRA '{ref}' has no {ADAPTER_WEIGHTS}", "save it with peft's save_pretrained")
         return
     settings(adapter_config(hub_source.fetch_file(name, ADAPTER_CONFIG, revision, token), ref), ref)
 
 
 def adapter_config(path: Path, ref: str) -> dict[str, Any]:
     if not path.is_file():
-        raise SourceError(f"LoRA '{ref}' has no {ADAPTER_CONFIG}: a LoRA reference names a peft adapter "
-                          "folder or repo (adapter_config.json + adapter_model.safetensors)")
+        raise LoraRefused(f"LoRA '{ref}' has no {ADAPTER_CONFIG}", "after the '+' name a peft adapter folder "
+                          "or repo (adapter_config.json + adapter_model.safetensors)")
     if path.stat().st_size > MAX_CONFIG_BYTES:
-        raise SourceError(f"LoRA '{ref}': {ADAPTER_CONFIG} is {path.stat().st_size / 1e6:.1f} MB, not a "
-                          "peft config: re-save the adapter")
+        raise LoraRefused(f"LoRA '{ref}': {ADAPTER_CONFIG} is {path.stat().st_size / 1e6:.1f} MB, not a peft "
+                          "config", "re-save the adapter")
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, RecursionError) as exc:
-        raise SourceError(f"LoRA '{ref}': {ADAPTER_CONFIG} is not valid JSON ({exc}): re-save the adapter") \
-            from None
+        raise LoraRefused(f"LoRA '{ref}': {ADAPTER_CONFIG} is not valid JSON ({exc})",
+                          "re-save the adapter") from None
     if not isinstance(config, dict):
-        raise SourceError(f"LoRA '{ref}': {ADAPTER_CONFIG} is not a JSON object: re-save the adapter")
+        raise LoraRefused(f"LoRA '{ref}': {ADAPTER_CONFIG} is not a JSON object", "re-save the adapter")
     return config
 
 
@@ -160,26 +168,25 @@ def settings(config: dict[str, Any], ref: str) -> tuple[int, float]:
     """(r, s) of a plain LoRA's config; anything else refused, saying why and what to do."""
     kind = config.get("peft_type")
     if kind != "LORA":
-        raise SourceError(f"LoRA '{ref}' is a {kind!r} adapter; the workbench applies plain LoRA (peft_type "
-                          f"LORA) only: {MERGE_FIRST}")
+        raise LoraRefused(f"LoRA '{ref}' is a {kind!r} adapter; the workbench applies plain LoRA (peft_type "
+                          "LORA) only", MERGE_FIRST)
     for key in PLAIN:
         if config.get(key):  # every plain value is falsy: False, {}, None
-            raise SourceError(f"LoRA '{ref}' sets {key}: {config[key]!r} ({WHY[key]}); the workbench "
-                              f"applies plain LoRA only: {MERGE_FIRST}")
+            raise LoraRefused(f"LoRA '{ref}' sets {key}: {config[key]!r} ({WHY[key]}); the workbench "
+                              "applies plain LoRA only", MERGE_FIRST)
     unknown = sorted(k for k, v in config.items() if k not in HARMLESS and k not in PLAIN and v)
     if unknown:
-        raise SourceError(f"LoRA '{ref}' sets {', '.join(unknown)}, which the workbench does not know how "
-                          f"to merge: {MERGE_FIRST}")
+        raise LoraRefused(f"LoRA '{ref}' sets {', '.join(unknown)}, which the workbench does not know how "
+                          "to merge", MERGE_FIRST)
     if config.get("bias", "none") != "none":
-        raise SourceError(f"LoRA '{ref}' trains biases (bias: {config['bias']!r}), which Mixtral experts "
-                          f"cannot hold: {MERGE_FIRST}, or train it with bias='none'")
+        raise LoraRefused(f"LoRA '{ref}' trains biases (bias: {config['bias']!r}), which Mixtral experts "
+                          "cannot hold", f"{MERGE_FIRST}, or train it with bias='none'")
     saved = config.get("modules_to_save") or []
     if any(p in str(m) for m in saved for p in (*MLP_PROJECTIONS, "mlp")):
-        raise SourceError(f"LoRA '{ref}' replaces whole MLP modules (modules_to_save: {saved}): "
-                          f"{MERGE_FIRST}")
+        raise LoraRefused(f"LoRA '{ref}' replaces whole MLP modules (modules_to_save: {saved})", MERGE_FIRST)
     rank, alpha = config.get("r"), config.get("lora_alpha", 8)  # peft's default alpha
     if type(rank) is not int or rank < 1 or not isinstance(alpha, int | float) or isinstance(alpha, bool):
-        raise SourceError(f"LoRA '{ref}': r is {rank!r} and lora_alpha {alpha!r}; r must be a positive "
+        raise LoraRefused(f"LoRA '{ref}': r is {rank!r} and lora_alpha {alpha!r}", "r must be a positive "
                           "whole number and lora_alpha a number: re-save the adapter")
     return rank, alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
 
@@ -220,6 +227,6 @@ def _pairs(infos: dict[str, TensorInfo], ref: str,
 def _refuse_pickles(ref: str, files: set[str]) -> None:
     pickles = sorted(f for f in files if f.startswith("adapter_model.") and f != ADAPTER_WEIGHTS)
     if pickles:
-        raise SourceError(f"LoRA '{ref}' has only {', '.join(pickles)}: loading pickle runs arbitrary code, "
-                          "so the workbench reads safetensors only; re-save it with peft's save_pretrained "
-                          "(safe_serialization=True)")
+        raise LoraRefused(f"LoRA '{ref}' has only {', '.join(pickles)}: loading pickle runs arbitrary code, "
+                          "so the workbench reads safetensors only",
+                          "re-save it with peft's save_pretrained (safe_serialization=True)")

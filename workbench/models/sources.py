@@ -167,8 +167,9 @@ def read_configs(refs: Iterable[str], *, token: str | None = None) -> dict[str, 
             out[ref] = read_config(ref, token=token)
         except HubUnreachable as exc:
             out[ref] = ConfigUnavailable(reason=str(exc), level="warning")
-        except SourceError as exc:
-            out[ref] = ConfigUnavailable(reason=str(exc))
+        except SourceError as exc:  # a refusal that knows its fix hands it on apart (a LoRA's)
+            fix = getattr(exc, "fix", "")
+            out[ref] = ConfigUnavailable(reason=getattr(exc, "what", str(exc)) if fix else str(exc), fix=fix)
     return out
 
 

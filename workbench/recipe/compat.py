@@ -34,7 +34,7 @@ def check_compatibility(recipe: Recipe, configs: Mapping[str, dict | ConfigUnava
             out.append(Problem(config.level, where[0], f"config of '{ref}' not reachable: {config.reason}",
                                "check the name, the network or HF_TOKEN; compatibility is unchecked"))
         elif isinstance(config, ConfigUnavailable):  # the reason says what is wrong and what to do
-            out.append(Problem(config.level, where[0], f"cannot use '{ref}': {config.reason}",
+            out.append(Problem(config.level, where[0], f"cannot use '{ref}': {config.reason}", config.fix or
                                "fix what the message names; compatibility is checked once the model reads"))
     base = configs.get(recipe.base_model)
     if not isinstance(base, dict):

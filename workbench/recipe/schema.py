@@ -136,6 +136,7 @@ class ConfigUnavailable:
 
     reason: str
     level: Level = "error"
+    fix: str = ""  # how to fix it, where the reason does not already say
 
 
 def errors(problems: list[Problem]) -> list[Problem]:
