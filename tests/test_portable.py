@@ -27,6 +27,12 @@ def test_config_gets_top_level_rope_theta_and_torch_dtype():
     assert "rope_theta" not in cfg and "torch_dtype" not in cfg  # the input is not modified
 
 
+def test_config_loses_a_loaders_private_keys():
+    cfg = {"model_type": "llama", "_model_name_or_path": "Smollm2 135M 8k Lc100K Mix1 Ep2",
+           "_name_or_path": "/tmp/x", "vocab_size": 9}
+    assert portable_config(cfg) == {"model_type": "llama", "vocab_size": 9}
+
+
 def test_config_keeps_fields_that_are_already_there():
     cfg = {"rope_theta": 1.0, "torch_dtype": "float16", "dtype": "float32",
            "rope_parameters": {"rope_theta": 2.0, "rope_type": "default"}}

@@ -174,6 +174,14 @@ def test_aliases_accepted_like_mergekit():
     assert problems == [] and recipe.gate_mode == "hidden" and recipe.dtype == "float16"
 
 
+def test_float64_as_in_mergekit():
+    recipe, problems = parse_recipe(GOOD + "dtype: torch.float64\n")
+    assert problems == [] and recipe.dtype == "float64"
+    _, problems = parse_recipe(GOOD + "dtype: double\n")
+    assert [(p.path, p.message, p.fix) for p in problems] == [("dtype", "unknown dtype 'double'",
+                                                               "write 'float64'")]
+
+
 def test_future_architecture_named():
     found = by_path(problems_of(GOOD + "architecture: qwen\n"))
     assert "not supported yet" in found["architecture"].message

@@ -406,3 +406,30 @@ def test_a_network_failure_mid_call_marks_the_hub_unreachable(online_mode, monke
     found = read_configs(["org/a", "org/b"])
     assert all("no network" in v.reason for v in found.values()) and len(calls) == 1
 
+
+
+def test_a_hub_lora_is_pinned_and_only_its_two_files_are_fetched(hub, pico_llama, tmp_path):
+    from tests.test_lora import write_adapter
+
+    hub.add("org/model", _files(pico_llama))
+    hub.add("org/lora", {**_files(write_adapter(tmp_path / "a", pico_llama)), "README.md": b"card"})
+    assert read_config("org/model+org/lora@main") == json.loads(_files(pico_llama)["config.json"])
+    source = resolve("org/model+org/lora@main")
+    assert source.adapter.revision == SHA and source.adapter.rank == 4 and source.revision == SHA
+    lora = [(call, kw) for call, kw in hub.downloads() if kw["name"] == "org/lora"]
+    assert all(kw["revision"] in ("main", SHA) for _, kw in lora)  # validation's look, then the commit
+    snapshots = [kw for call, kw in lora if call == "snapshot_download"]
+    assert [(kw["revision"], kw["allow_patterns"]) for kw in snapshots] == [
+        (SHA, ["adapter_config.json", "adapter_model.safetensors"])]
+
+
+def test_a_pickle_only_hub_lora_is_refused_before_any_of_it_downloads(hub, pico_llama, tmp_path):
+    from tests.test_lora import write_adapter
+
+    files = _files(write_adapter(tmp_path / "a", pico_llama))
+    files["adapter_model.bin"] = files.pop("adapter_model.safetensors")
+    hub.add("org/model", _files(pico_llama))
+    hub.add("org/pickled-lora", files)
+    with pytest.raises(SourceError, match="pickle runs arbitrary code"):
+        resolve("org/model+org/pickled-lora")
+    assert [kw for _, kw in hub.downloads() if kw["name"] == "org/pickled-lora"] == []

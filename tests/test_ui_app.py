@@ -97,6 +97,8 @@ def test_only_folders_under_the_model_roots_are_loaded_by_path(monkeypatch, tmp_
         shared.check_model_ref(ref)
     with pytest.raises(WorkbenchError, match="outside those this app loads models from.*MODEL_ROOTS"):
         shared.check_model_ref(str(elsewhere), "the base model")
+    with pytest.raises(WorkbenchError, match="outside"):  # a LoRA's folder is held to the same rule
+        shared.check_model_ref(f"{pico_llama}+{elsewhere}", "experts[1]")
     found = shared.ConfigCache().get([str(elsewhere)], None)[str(elsewhere)]
     assert found.level == "error" and "outside those this app loads models from" in found.reason
     recipe = (f"base_model: {elsewhere}\nexperts:\n  - source_model: {elsewhere}\n"
@@ -241,3 +243,9 @@ def test_a_slow_hub_config_never_holds_up_a_keystroke_check(monkeypatch):
     after = design_logic.check(data, None)
     assert not after.pending and not any("being fetched" in p.message for p in after.problems)
     assert len(calls) == 1  # the config is cached now
+
+
+def test_a_hub_lora_on_a_local_model_is_fetched_off_the_keystroke_path(pico_llama):
+    # Its adapter_config.json comes from the Hub, so the check must not wait for it.
+    assert shared._on_the_hub(f"{pico_llama}+org/lora") and shared._on_the_hub("org/model+org/lora")
+    assert not shared._on_the_hub(f"{pico_llama}+{pico_llama}") and not shared._on_the_hub("demo:nope")

@@ -222,7 +222,7 @@ class _Job:
     sources: dict[str, ModelSource]
     indexes: dict[str, WeightIndex]
     specs: list[TensorSpec]
-    dtype: str  # "bfloat16" | "float16" | "float32"
+    dtype: str  # "bfloat16" | "float16" | "float32" | "float64"
     seed: int
     gates: RouterGates | None = None
 
@@ -250,7 +250,13 @@ class _Job:
         return tensor_nbytes(self.code, spec.shape)
 
     def check_sources(self) -> None:
-        """Every source tensor exists with the planned shape, before a byte is written."""
+        """Every source tensor exists with the planned shape, and every LoRA fits its model,
+        before a byte is written."""
+        for ref, source in self.sources.items():
+            if source.adapter is not None:
+                index = self.indexes[ref]
+                source.adapter.check_shapes({n: index.info(n).shape for n in source.adapter.pairs
+                                             if n in index})
         for ref in {e.source_model for e in self.recipe.experts}:
             biased = [n for n in self.indexes[ref].names if ".mlp." in n and n.endswith(".bias")]
             if biased:
@@ -292,20 +298,26 @@ class _Job:
         bytes, else a tensor. Only the last imports torch (a plain build never does)."""
         if spec.source == "gate":
             return self.gates.rows[spec.layer]  # (E, H), already in the output dtype
-        index = self.indexes[self.ref(spec)]
+        ref = self.ref(spec)
+        index = self.indexes[ref]
         expert = self.recipe.experts[spec.source] if isinstance(spec.source, int) else None
         noise = expert.noise_scale if expert is not None and expert.noise_scale else 0.0
         residual = expert.residual_scale if expert is not None and spec.role == "w2" else None
+        adapter = self.sources[ref].adapter
+        lora = adapter is not None and adapter.changes(spec.src_name)
         info = index.info(spec.src_name)
-        if not noise and residual is None and info.dtype == self.code:
+        if not noise and residual is None and not lora and info.dtype == self.code:
             return info
         import torch
 
         out_dtype = torch_dtype(self.code)
         tensor = index.load(spec.src_name)
-        if not noise and residual is None:
+        if not noise and residual is None and not lora:
             return tensor.to(out_dtype)
-        tensor = tensor.to(torch.float32)  # transforms in float32, then one cast
+        # Transforms in float32 or float64 (never below the output's precision), then one cast;
+        # the LoRA first: it is part of what the expert's weight is.
+        work = torch.promote_types(torch.float32, out_dtype)
+        tensor = adapter.apply(spec.src_name, tensor, work) if lora else tensor.to(work)
         if noise:
             tensor.add_(torch.randn(spec.shape, generator=self._generator(spec)), alpha=noise)
         if residual is not None:

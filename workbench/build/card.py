@@ -1,7 +1,8 @@
 """The model card (README.md) written next to a built MoE.
 
 YAML front matter the Hub reads (license, base_model list, tags), then what a visitor
-needs: the experts and their prompts, the recipe that rebuilds the model, and the gate
+needs: the experts and their prompts, where the weights really come from, the recipe that
+rebuilds the model (and whether mergekit-moe builds the same from it), and the gate
 diagnostics that tell whether the router can tell the experts apart. Holds no tokens; the
 tables name a local folder by its own name only, and `base_model` lists Hub ids only.
 """
@@ -18,7 +19,7 @@ import yaml
 
 from workbench.gates import GateDiagnostics, HeldOutScore
 from workbench.models import DEMO_MODELS, DemoModel
-from workbench.recipe import PROMPTLESS_MODES, Recipe, dump_recipe, load_yaml
+from workbench.recipe import PROMPTLESS_MODES, Recipe, dump_recipe, load_yaml, mergekit_reading, split_ref
 
 log = logging.getLogger(__name__)
 
@@ -27,10 +28,12 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def hub_id(ref: str) -> str | None:
-    """The Hub model id behind a reference (revision dropped), or None for a local folder.
+    """The Hub model id behind a reference (revision and LoRA dropped), or None for a local
+    folder; a demo model's is the model it was quantised from.
 
     Only these go into `base_model`: the Hub refuses a card whose base_model is not a model id.
     """
+    ref = split_ref(ref)[0]
     if ref.startswith("demo:"):
         demo = _demo_model(ref)
         return demo.upstream if demo else None
@@ -38,10 +41,22 @@ def hub_id(ref: str) -> str | None:
     return bare if HUB_ID.match(bare) and not Path(bare).exists() else None
 
 
+def hub_ids(refs: list[str]) -> list[str]:
+    """Every Hub id the references name, LoRA adapters included, each once."""
+    parts = [part for ref in refs for part in split_ref(ref) if part]
+    return list(dict.fromkeys(i for i in map(hub_id, parts) if i))
+
+
 def display_name(ref: str) -> str:
-    """How the card names a model: its hub id, else a folder's own name (never a full local
-    path, which would leak the builder's file system)."""
-    return hub_id(ref) or (ref if ref.startswith("demo:") else Path(ref).name or ref)
+    """How the card names a model: its hub id, a demo model by its own name (its weights are
+    not the upstream's; `_provenance` says what they are), else a folder's own name (never a
+    full local path, which would leak the builder's file system); a LoRA after a '+'."""
+    model, lora = split_ref(ref)
+    if lora is not None:
+        return f"{display_name(model)} + LoRA {display_name(lora)}"
+    if ref.startswith("demo:"):
+        return ref
+    return hub_id(ref) or Path(ref).name or ref
 
 
 def base_license(sources: dict[str, Any], base_ref: str) -> str:
@@ -80,10 +95,10 @@ def render_card(recipe: Recipe, diagnostics: GateDiagnostics, sources: dict[str,
     """README.md text: front matter, description, experts, recipe, routing report, gate
     diagnostics; `seed` is the build's, named in the rebuild command where the recipe draws
     random numbers; `score` the gates' held-out score (no report without one)."""
-    ids = [i for i in map(hub_id, recipe.model_refs()) if i]
+    ids = hub_ids(recipe.model_refs())
     meta: dict[str, Any] = {"license": base_license(sources, recipe.base_model)}
     if ids:
-        meta["base_model"] = list(dict.fromkeys(ids))
+        meta["base_model"] = ids
     meta.update(tags=TAGS, library_name="transformers", pipeline_tag="text-generation")
     base_name = display_name(recipe.base_model)
     experts = len(recipe.experts)
@@ -96,7 +111,7 @@ def render_card(recipe: Recipe, diagnostics: GateDiagnostics, sources: dict[str,
         f"from each expert's prompts (gate mode `{recipe.gate_mode}`, no training). "
         f"Each token uses {k} of {experts} experts. Weights are `{config.get('dtype')}`, "
         "in the classic Mixtral layout that transformers 4.x/5.x, vLLM and llama.cpp read.\n",
-        _experts_table(recipe, sources),
+        _experts_table(recipe, sources) + _provenance(recipe, sources),
         _rebuild(recipe, seed) + "\n\n```yaml\n" + dump_recipe(recipe).rstrip() + "\n```\n",
         *([_routing_report(score, recipe.expert_labels())] if score is not None else []),
         _diagnostics(diagnostics),
@@ -104,20 +119,49 @@ def render_card(recipe: Recipe, diagnostics: GateDiagnostics, sources: dict[str,
     return "\n".join(parts)
 
 
+def _provenance(recipe: Recipe, sources: dict[str, Any]) -> str:
+    """What a demo model's weights are: dequantised GGUF values (or, where its package was
+    missing, its upstream repo at the commit the build read)."""
+    lines = []
+    for ref in dict.fromkeys(split_ref(r)[0] for r in recipe.model_refs()):
+        demo = _demo_model(ref)
+        if demo is None:
+            continue
+        revision = getattr(sources.get(ref), "revision", None)
+        if revision:
+            what = (f"read from {demo.upstream} at commit {revision[:12]} (its package "
+                    f"`{demo.pip_name}` was not installed)")
+        else:
+            what = demo.provenance()
+        lines.append(f"- `{ref}`: {what}.")
+    return "\n" + "\n".join(lines) + "\n" if lines else ""
+
+
 def _rebuild(recipe: Recipe, seed: int) -> str:
-    """The recipe section's first line: the command that builds this model again."""
+    """The recipe section's first line: the command that builds this model again, and
+    whether mergekit-moe 0.1.5 builds the same model from the same file."""
     command = "python -m workbench build mergekit_moe_config.yml OUT"
     seeded = recipe.gate_mode in PROMPTLESS_MODES or any(e.noise_scale for e in recipe.experts)
-    extensions = recipe.workbench_extensions()
-    if extensions:
-        mergekit = (f"this is not a mergekit-moe recipe: it uses the workbench's "
-                    f"{', '.join(f'`{k}`' for k in extensions)}")
-    else:
-        mergekit = "mergekit-moe reads the same file" + (", with random numbers of its own" if seeded else "")
     if not seeded:
-        return f"## Recipe\n\nRebuild with `{command}`; {mergekit}."
+        return f"## Recipe\n\nRebuild with `{command}`. {_mergekit_sentence(recipe, seeded)}"
     return (f"## Recipe\n\nRebuild with `{command} --seed {seed}`: the seed makes the random "
-            f"routers and the experts' noise the same again ({mergekit}).")
+            f"routers and the experts' noise the same again. {_mergekit_sentence(recipe, seeded)}")
+
+
+def _mergekit_sentence(recipe: Recipe, seeded: bool) -> str:
+    reading = mergekit_reading(recipe)
+    if reading.stops:
+        return "mergekit-moe 0.1.5 cannot build this file: " + "; ".join(reading.stops) + "."
+    if reading.ignored:
+        keys = ", ".join(f"`{k}`" for k in reading.ignored)
+        return (f"mergekit-moe 0.1.5 reads this file but ignores {keys}, so it builds different routers "
+                "from it.")
+    sentence = "mergekit-moe 0.1.5 reads the same file"
+    if reading.flag:
+        sentence += f" with its `{reading.flag}` flag (every expert is the same model)"
+    if reading.labels:
+        sentence += f", ignoring {' and '.join(f'`{k}`' for k in reading.labels)} (they only label and score)"
+    return sentence + (", with random numbers of its own." if seeded else ".")
 
 
 def _cell(text: str) -> str:

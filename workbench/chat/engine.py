@@ -139,6 +139,12 @@ def _recipe_facts(folder: Path, experts: int) -> tuple[list[str], str | None]:
     return (names if len(names) == experts else generic), recipe.base_model
 
 
+def lora_refused(ref: str) -> str:
+    return (f"{ref!r} applies a LoRA, which only a recipe's experts take (as the build reads their "
+            "weights); to chat with it, build a MoE that uses it, or merge the adapter into its model "
+            "first (peft's merge_and_unload) and load that folder")
+
+
 def load_model(ref: str, *, device: str = "auto", token: str | None = None,
                allow_local: bool = True) -> LoadedModel:
     """Resolve and load `ref` (a folder, hub id or demo:NAME) with its tokenizer; not registered."""
@@ -147,6 +153,8 @@ def load_model(ref: str, *, device: str = "auto", token: str | None = None,
     from workbench.models import resolve
 
     source = resolve(ref, token=token, allow_local=allow_local)
+    if source.adapter is not None:
+        raise SourceError(lora_refused(ref))
     where, dtype = pick_device(device)
     log.info("loading %s from %s on %s (%s)", ref, source.path, where, dtype)
     try:
@@ -207,6 +215,8 @@ class Registry:
         from workbench.models import parse_ref
 
         parsed = parse_ref(ref, allow_local=self.allow_local)
+        if parsed.adapter is not None:  # its key would be the plain model's
+            raise SourceError(lora_refused(ref))
         name = str(Path(parsed.name).resolve()) if parsed.kind == "local" else ref.strip()
         where, dtype = pick_device(device)
         return name, f"{where}/{dtype}"

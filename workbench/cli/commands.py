@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from workbench.cli.inspect import add_commands, print_gate_warnings, print_score, seed
-from workbench.errors import WorkbenchError
+from workbench.errors import SourceError, WorkbenchError
 from workbench.forge import ForgeSettings as ForgeDefaults
 from workbench.models import env_token
 from workbench.progress import Progress
@@ -66,7 +66,8 @@ def _parser() -> argparse.ArgumentParser:
     cmd.add_argument("recipe")
     cmd.add_argument("out", help="output folder (created; must not exist unless --force)")
     cmd.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    cmd.add_argument("--dtype", default=None, help="bfloat16, float16 or float32 (default: the recipe's)")
+    cmd.add_argument("--dtype", default=None,
+                     help="bfloat16, float16, float32 or float64 (default: the recipe's)")
     cmd.add_argument("--shard-size", default="5GB", help="largest shard, e.g. 5GB or 500MB")
     cmd.add_argument("--seed", type=seed, default=0, help="seed for random gates and noise")
     cmd.add_argument("--force", action="store_true", help="replace OUT once the new build is verified")
@@ -135,6 +136,10 @@ def cmd_gates(args: argparse.Namespace) -> int:
     _print_problems(problems)
     with ProgressBar() as bar:
         base = resolve(recipe.base_model, token=env_token(), on_progress=bar)
+        if base.adapter is not None:  # the gates would come from the base without it
+            raise SourceError(f"base_model '{recipe.base_model}' applies a LoRA, which the gates cannot "
+                              "read: merge it into the base first (peft's merge_and_unload) and name that "
+                              "folder")
         if args.compare:
             return _compare(args, recipe, base.path, bar)
         from workbench.gates import scored_gates

@@ -366,7 +366,7 @@ def _resident_bytes(base_path: Path, dtype: torch.dtype) -> int:
     on_disk = sum(p.stat().st_size for p in base_path.glob("*.safetensors"))
     config = json.loads((base_path / "config.json").read_text())
     stored = str(config.get("dtype") or config.get("torch_dtype") or "float32")
-    stored_size = 2 if stored.removeprefix("torch.") in ("bfloat16", "float16") else 4
+    stored_size = {"bfloat16": 2, "float16": 2, "float64": 8}.get(stored.removeprefix("torch."), 4)
     return on_disk * torch.finfo(dtype).bits // 8 // stored_size
 
 

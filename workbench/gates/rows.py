@@ -54,7 +54,9 @@ def cast(matrix: np.ndarray, dtype: str) -> bytes:
     if dtype == "BF16":
         bits = matrix.view("<u4")
         return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype("<u2").tobytes()
-    raise BuildError(f"cannot write router rows as {dtype}; use BF16, F16 or F32")
+    if dtype == "F64":
+        return matrix.astype("<f8").tobytes()  # exact: every float32 is a float64
+    raise BuildError(f"cannot write router rows as {dtype}; use BF16, F16, F32 or F64")
 
 
 def noise(mode: str, shape: tuple[int, int, int], seed: int) -> np.ndarray:

@@ -106,7 +106,7 @@ class RouterGates:
 
     mode: str
     shape: tuple[int, int, int]  # (L, E, H)
-    dtype: str  # safetensors code of `rows`: "BF16", "F16" or "F32"
+    dtype: str  # safetensors code of `rows`: "BF16", "F16", "F32" or "F64"
     rows: list[bytes]  # rows[l]: layer l's (E, H) router weight, little-endian, row-major
     diagnostics: GateDiagnostics
     gates: Gates | None = None  # the tensors, where this process computed or was given them

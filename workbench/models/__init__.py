@@ -1,13 +1,14 @@
 """Models: a model reference in, a local folder of config.json, safetensors and tokenizer out.
 
-Takes a reference (a local folder, a Hub id, or `demo:NAME` for the bundled demo model)
-and gives a `ModelSource` (folder, revision, config); reads safetensors headers and byte
-ranges without loading a model (`WeightIndex`); makes folders portable between
-transformers 4 and 5. Never loads a whole model, never unpickles.
+Takes a reference (a local folder, a Hub id, or `demo:NAME` for the bundled demo model,
+optionally `+LORA`) and gives a `ModelSource` (folder, revision, config, LoRA adapter);
+reads safetensors headers and byte ranges without loading a model (`WeightIndex`); makes
+folders portable between transformers 4 and 5. Never loads a whole model, never unpickles.
 
     sources   references -> folders; config.json for validation
     hub       Hub listing and downloads; tokens (from the user or HF_TOKEN, never logged)
     demo      the bundled SmolLM2 GGUF, dequantised once into a safetensors cache
+    lora      peft LoRA adapters of `model+lora` references, applied as weights are read
     tensors   safetensors tables, checked headers, a lazy index over a folder
     portable  config and tokenizer fix-ups for transformers 4 and 5
 """

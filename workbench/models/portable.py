@@ -38,8 +38,11 @@ def portable_config(cfg: dict[str, Any]) -> dict[str, Any]:
     - `rope_scaling`: `rope_parameters` without `rope_theta`, when its `rope_type` is not
       "default" (llama3, yarn, ...); transformers 5 reads it back to the same parameters.
     - `torch_dtype`: a copy of `dtype`.
+    Fields it drops: names starting with '_', a loader's bookkeeping and no model's setting
+    (`_name_or_path`; `_model_name_or_path`, where transformers' GGUF reader puts the GGUF's
+    `general.name`, e.g. "Smollm2 135M 8k Lc100K Mix1 Ep2" for the demo model).
     """
-    out = copy.deepcopy(cfg)
+    out = {key: value for key, value in copy.deepcopy(cfg).items() if not key.startswith("_")}
     rope = out.get("rope_parameters")
     if isinstance(rope, dict) and "rope_theta" in rope:
         out.setdefault("rope_theta", rope["rope_theta"])

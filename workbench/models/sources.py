@@ -3,7 +3,9 @@
 A reference is one of
 - `demo:NAME`: a model the workbench ships (see `workbench.models.demo`), e.g. demo:smollm2-135m-instruct;
 - a local folder: an existing path, or one written as a path (`/`, `./`, `../`, `~`);
-- a Hub id `org/name`, optionally `org/name@revision` (branch, tag or commit sha).
+- a Hub id `org/name`, optionally `org/name@revision` (branch, tag or commit sha);
+- any of the first three followed by `+LORA`, LORA a folder or Hub id of a peft LoRA adapter,
+  applied to the model's weights as the build reads them (`workbench.models.lora`).
 
 Trust rules, applied before any weight is read or downloaded: safetensors only (pickle
 weights run code when loaded), no `auto_map` and no model_type unknown to transformers
@@ -19,15 +21,16 @@ import logging
 import os
 import re
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
 import workbench.models.hub as hub_source
 from workbench.errors import HubUnreachable, SourceError
 from workbench.models.demo import DEMO_MODELS, DemoModel, DemoPackageMissing, build_demo_folder
+from workbench.models.lora import LoraAdapter, check_adapter, fetch_adapter, open_adapter
 from workbench.progress import CancelToken, Progress, ProgressFn, ignore_progress
-from workbench.recipe import ConfigUnavailable
+from workbench.recipe import ConfigUnavailable, split_ref
 
 __all__ = ["DEMO_MODELS", "DEMO_PREFIX", "DemoModel", "ModelRef", "ModelSource", "cache_root",
            "demo_model_path", "parse_ref", "read_config", "read_configs", "resolve"]
@@ -50,6 +53,7 @@ class ModelRef:
     kind: Literal["local", "hub", "demo"]
     name: str  # folder path (local), "org/name" (hub) or the demo model's name
     revision: str | None = None  # hub only, as written after '@'
+    adapter: ModelRef | None = None  # the LoRA after '+' (local or hub)
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,7 @@ class ModelSource:
     path: Path  # folder with config.json, safetensors weights (+ index) and tokenizer files
     revision: str | None  # the commit sha a hub model resolved to; None otherwise
     config: dict[str, Any]  # parsed config.json
+    adapter: LoraAdapter | None = None  # a `+LORA` reference's adapter, applied as weights are read
 
 
 def cache_root() -> Path:
@@ -71,8 +76,22 @@ def parse_ref(ref: str, *, allow_local: bool = True) -> ModelRef:
 
     With `allow_local=False` (a public Space) a ref is never read as a local folder: a
     hub-shaped ref means the Hub even if a folder of that name exists on the server.
+    `MODEL+LORA` gives MODEL's ref with the LoRA's (a folder or Hub id) as its `adapter`.
     """
     text = ref.strip() if isinstance(ref, str) else ""
+    model, lora = split_ref(text)
+    if lora is None:
+        return _parse_one(ref, text, allow_local)
+    if "+" in lora:
+        raise SourceError(f"model reference {ref!r} has more than one '+': write MODEL+LORA")
+    parsed, adapter = _parse_one(ref, model.strip(), allow_local), _parse_one(ref, lora.strip(), allow_local)
+    if adapter.kind == "demo":
+        raise SourceError(f"{lora.strip()!r} in {ref!r} is a demo model, not a LoRA adapter: name the "
+                          "adapter's folder or Hub repo after the '+'")
+    return replace(parsed, adapter=adapter)
+
+
+def _parse_one(ref: str, text: str, allow_local: bool) -> ModelRef:
     control = next((c for c in text if ord(c) < 32 or ord(c) == 127), None)
     if control is not None:
         raise SourceError(f"model reference {ref!r} contains the control character U+{ord(control):04X}: "
@@ -122,6 +141,9 @@ def read_config(ref: str, *, token: str | None = None) -> dict[str, Any]:
     are checked by `resolve`, which lists the repo.
     """
     parsed = parse_ref(ref)
+    if parsed.adapter is not None:  # its adapter_config.json only: a refused kind shows at validation
+        lora = parsed.adapter
+        check_adapter(split_ref(ref)[1].strip(), lora.kind, lora.name, lora.revision, token)
     if parsed.kind == "demo":
         try:
             return _load_config(demo_model_path(parsed.name) / "config.json")
@@ -145,8 +167,9 @@ def read_configs(refs: Iterable[str], *, token: str | None = None) -> dict[str, 
             out[ref] = read_config(ref, token=token)
         except HubUnreachable as exc:
             out[ref] = ConfigUnavailable(reason=str(exc), level="warning")
-        except SourceError as exc:
-            out[ref] = ConfigUnavailable(reason=str(exc))
+        except SourceError as exc:  # a refusal that knows its fix hands it on apart (a LoRA's)
+            fix = getattr(exc, "fix", "")
+            out[ref] = ConfigUnavailable(reason=getattr(exc, "what", str(exc)) if fix else str(exc), fix=fix)
     return out
 
 
@@ -155,11 +178,27 @@ def resolve(ref: str, *, token: str | None = None, revision: str | None = None, 
     """A local folder for `ref` with config.json, safetensors weights and tokenizer files.
 
     `revision` (hub only) overrides the ref's `@revision`; the build passes the commit sha
-    that validation resolved, so it uses exactly the files validation saw.
+    that validation resolved, so it uses exactly the files validation saw. A `+LORA` ref's
+    adapter is fetched and checked too, and rides along as the source's `adapter`.
     """
     parsed = parse_ref(ref, allow_local=allow_local)
     cancel = cancel or CancelToken()
     cancel.check()
+    source = _resolve_model(ref, parsed, token, revision, on_progress, cancel)
+    if parsed.adapter is None:
+        return source
+    lora, shown = parsed.adapter, split_ref(ref)[1].strip()
+    cancel.check()
+    on_progress(Progress("resolve", 0.9, f"reading LoRA {shown}"))
+    if lora.kind == "local":
+        adapter = open_adapter(shown, Path(lora.name).resolve())
+    else:
+        adapter = fetch_adapter(shown, lora.name, lora.revision, token)
+    return replace(source, adapter=adapter)
+
+
+def _resolve_model(ref: str, parsed: ModelRef, token: str | None, revision: str | None,
+                   on_progress: ProgressFn, cancel: CancelToken) -> ModelSource:
     if parsed.kind == "demo":
         try:
             path = demo_model_path(parsed.name, on_progress=on_progress, cancel=cancel)

@@ -38,7 +38,7 @@ TORCH_DTYPE_NAMES = {
     "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
 }
 # Recipe/config dtype names -> safetensors codes.
-DTYPE_NAMES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
+DTYPE_NAMES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32", "float64": "F64"}
 
 
 def torch_dtype(code: str) -> torch.dtype:
@@ -181,14 +181,18 @@ class WeightIndex:
 
     def load(self, name: str) -> torch.Tensor:
         """One tensor, read from its byte range only."""
-        info = self.info(name)
-        buffer = bytearray(info.nbytes)
-        with open(info.file, "rb") as f:
-            f.seek(info.start)
-            if f.readinto(buffer) != info.nbytes:
-                raise TensorFileError(f"{info.file}: tensor '{name}' is cut short; re-download it")
-        import torch
+        return load_tensor(self.info(name))
 
-        if not info.nbytes:
-            return torch.empty(info.shape, dtype=torch_dtype(info.dtype))
-        return torch.frombuffer(buffer, dtype=torch_dtype(info.dtype)).reshape(info.shape)
+
+def load_tensor(info: TensorInfo) -> torch.Tensor:
+    """The tensor `info` describes, read from its byte range only."""
+    buffer = bytearray(info.nbytes)
+    with open(info.file, "rb") as f:
+        f.seek(info.start)
+        if f.readinto(buffer) != info.nbytes:
+            raise TensorFileError(f"{info.file}: tensor '{info.name}' is cut short; re-download it")
+    import torch
+
+    if not info.nbytes:
+        return torch.empty(info.shape, dtype=torch_dtype(info.dtype))
+    return torch.frombuffer(buffer, dtype=torch_dtype(info.dtype)).reshape(info.shape)

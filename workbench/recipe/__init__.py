@@ -11,6 +11,8 @@ but the YAML.
     compat    experts against the base, from config.json
     safe_yaml YAML with nesting depth and alias expansion capped
     edit      an edit written into the user's YAML, comments and layout kept
+    refs      model references in mergekit's forms (dict, model+lora) as one string each
+    mergekit  what mergekit-moe 0.1.5 does with a recipe: builds it, needs a flag, or stops
 """
 
 from workbench.faces import face
@@ -23,5 +25,7 @@ EXPORTS = {
     "dump_recipe": "parse", "load_recipe": "parse", "parse_recipe": "parse", "read_recipe": "parse",
     "recipe_from_dict": "parse", "load_yaml": "safe_yaml", "patch_yaml": "edit",
     "validate": "checks", "forge_command_data": "compat",
+    "DEMO_PREFIX": "refs", "split_ref": "refs",
+    "MergekitReading": "mergekit", "mergekit_reading": "mergekit",
 }
 __getattr__, __dir__ = face(__name__, EXPORTS)

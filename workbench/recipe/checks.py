@@ -10,6 +10,7 @@ import math
 from collections.abc import Mapping
 
 from workbench.recipe.compat import check_compatibility
+from workbench.recipe.refs import DEMO_PREFIX, ref_problems, split_ref
 from workbench.recipe.schema import (
     MAX_EXPERTS,
     MAX_NAME_CHARS,
@@ -26,7 +27,7 @@ from workbench.recipe.schema import (
 def validate(recipe: Recipe, configs: Mapping[str, dict | ConfigUnavailable] | None = None) -> list[Problem]:
     """Every problem of a parsed recipe; with `configs` (ref -> config.json), compatibility too."""
     problems = (_check_counts(recipe) + _check_prompts(recipe) + _check_experts(recipe) + _check_names(recipe)
-                + _check_text(recipe))
+                + _check_text(recipe) + _check_refs(recipe))
     if configs is not None:
         problems += check_compatibility(recipe, configs)
     return problems
@@ -144,6 +145,29 @@ def _check_experts(recipe: Recipe) -> list[Problem]:
         out.append(Problem("warning", "experts", "every expert is the same model: outputs only differ "
                            "after training, but routing is still worth seeing",
                            "fine for demos; use different fine-tunes for a useful merge"))
+    return out
+
+
+def _check_refs(recipe: Recipe) -> list[Problem]:
+    """The reference syntax mergekit refuses, and LoRAs where the workbench cannot apply them."""
+    refs = [("base_model", recipe.base_model)] + [
+        (f"{group}[{i}].source_model", e.source_model)
+        for group in ("experts", "shared_experts") for i, e in enumerate(getattr(recipe, group) or [])]
+    out = []
+    for path, ref in refs:
+        found = ref_problems(ref, path)
+        out += found
+        lora = split_ref(ref)[1]
+        if found or lora is None:
+            continue
+        if path == "base_model":
+            out.append(Problem("error", path, f"'{ref}' applies a LoRA to the base, whose attention, "
+                               "embeddings and hidden states (the gates') the workbench reads unchanged",
+                               "merge the adapter into the base first (peft: merge_and_unload, then "
+                               "save_pretrained with safetensors) and name that folder"))
+        elif lora.strip().startswith(DEMO_PREFIX):
+            out.append(Problem("error", path, f"'{lora}' is a demo model, not a LoRA adapter",
+                               "name the adapter's Hub repo or folder after the '+'"))
     return out
 
 

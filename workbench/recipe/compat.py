@@ -44,9 +44,12 @@ def check_compatibility(recipe: Recipe, configs: Mapping[str, dict | ConfigUnava
                                f"forge it from {forged[ref]!r} with one command, python -m workbench forge "
                                f"{recipe.base_model} {forge_command_data(forged[ref])} {ref} (about 2 "
                                "minutes on a laptop), or press 'Forge missing experts' in the Design tab"))
-        elif isinstance(config, ConfigUnavailable):
+        elif isinstance(config, ConfigUnavailable) and config.level == "warning":
             out.append(Problem(config.level, where[0], f"config of '{ref}' not reachable: {config.reason}",
                                "check the name, the network or HF_TOKEN; compatibility is unchecked"))
+        elif isinstance(config, ConfigUnavailable):  # the reason says what is wrong and what to do
+            out.append(Problem(config.level, where[0], f"cannot use '{ref}': {config.reason}", config.fix or
+                               "fix what the message names; compatibility is checked once the model reads"))
     base = configs.get(recipe.base_model)
     if not isinstance(base, dict):
         return out

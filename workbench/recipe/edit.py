@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 from typing import Any
 
+from workbench.recipe.refs import canonical_ref
 from workbench.recipe.safe_yaml import load_yaml
 from workbench.recipe.schema import Recipe
 
@@ -66,10 +67,17 @@ def _merge_map(node: Any, data: dict[str, Any], defaults: dict[str, Any]) -> Non
             node.insert(max((i + 1 for i, k in enumerate(node) if k in before), default=0), key, value)
 
 
+def _same_ref(written: dict, ref: str) -> bool:
+    problems: list = []
+    return canonical_ref(dict(written), "", problems) == ref and not problems
+
+
 def _merged(old: Any, new: Any) -> Any:
     """`new`, reusing `old`'s node (its comments and style) wherever the two agree."""
     if old == new and isinstance(old, bool) == isinstance(new, bool):  # 1 == True, yet not the same
         return old
+    if isinstance(old, dict) and isinstance(new, str) and _same_ref(old, new):
+        return old  # a model reference the user wrote in mergekit's dict form, unchanged
     if isinstance(old, dict) and isinstance(new, dict):
         _merge_map(old, new, {})
         return old

@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from workbench.recipe.refs import canonical_ref
 from workbench.recipe.safe_yaml import YamlRefused, load_yaml
 from workbench.recipe.schema import (
     DTYPE_HINTS,
@@ -74,8 +75,11 @@ def parse_recipe(text: str) -> tuple[Recipe | None, list[Problem]]:
 
 
 def _normalise(data: dict, problems: list[Problem]) -> dict:
-    """Drop unknown keys (reporting them) and map accepted aliases to canonical values."""
+    """Drop unknown keys (reporting them) and map accepted aliases to canonical values; a
+    model reference in mergekit's dict form becomes its string form."""
     data = _known_keys(data, KNOWN_TOP_KEYS, "", problems)
+    if "base_model" in data:
+        data["base_model"] = canonical_ref(data["base_model"], "base_model", problems)
     for list_key in ("experts", "shared_experts"):
         items = data.get(list_key)
         if isinstance(items, list):
@@ -84,6 +88,10 @@ def _normalise(data: dict, problems: list[Problem]) -> dict:
                 if isinstance(item, dict) else item
                 for i, item in enumerate(items)
             ]
+            for i, item in enumerate(data[list_key]):
+                if isinstance(item, dict) and "source_model" in item:
+                    where = f"{list_key}[{i}].source_model"
+                    item["source_model"] = canonical_ref(item["source_model"], where, problems)
     mode = data.get("gate_mode")
     if isinstance(mode, str):
         data["gate_mode"] = GATE_MODE_ALIASES.get(mode, mode)

@@ -17,7 +17,7 @@ from workbench.errors import WorkbenchError
 
 GateMode = Literal["hidden", "hidden_avg", "cheap_embed", "random", "uniform_random", "router_input",
                    "fitted"]
-DType = Literal["bfloat16", "float16", "float32"]
+DType = Literal["bfloat16", "float16", "float32", "float64"]  # mergekit 0.1.5 takes float64
 Architecture = Literal["mixtral"]
 
 GATE_MODES: tuple[str, ...] = GateMode.__args__
@@ -30,7 +30,8 @@ PROMPT_MEAN_MODES = ("hidden", "hidden_avg", "cheap_embed", "router_input")
 GATE_MODE_ALIASES = {"hidden_last": "hidden"}
 DTYPE_HINTS = {
     "bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32",
-    "float": "float32", "f16": "float16", "f32": "float32",
+    "float": "float32", "f16": "float16", "f32": "float32", "fp64": "float64", "f64": "float64",
+    "double": "float64",
 }
 FUTURE_ARCHITECTURES = ("qwen", "deepseek")
 
@@ -138,6 +139,7 @@ class ConfigUnavailable:
 
     reason: str
     level: Level = "error"
+    fix: str = ""  # how to fix it, where the reason does not already say
 
 
 def errors(problems: list[Problem]) -> list[Problem]:

@@ -18,7 +18,7 @@ from workbench.recipe import GATE_MODES
 from workbench.ui import design_logic, form, shared
 
 DTYPE_CHOICES = [("from the base model", ""), ("bfloat16", "bfloat16"), ("float16", "float16"),
-                 ("float32", "float32")]
+                 ("float32", "float32"), ("float64", "float64")]
 GATE_INFO = "how router rows come from the prompts; fitted routes best (Preview: Compare gate modes)"
 MODEL_HELP = "a Hub id (org/name[@revision]), a local folder, or demo:smollm2-135m-instruct"
 

@@ -65,22 +65,23 @@ def check_model_ref(ref: str, where: str = "model") -> None:
     Demo models and Hub ids are fine. A folder is fine under `model_roots()`, never on a
     Space: a visitor must not make the server read its folders (or another visitor's builds),
     except an expert the visitor forged here, whose folder name holds a secret only they were
-    shown (`private_name`).
+    shown (`private_name`). A `+LORA` adapter folder is held to the same rule.
     """
     from workbench.models import parse_ref
 
     if on_space() and is_private_output(ref):
         return
     parsed = parse_ref(ref, allow_local=not on_space())  # a SourceError on a Space for any folder
-    if parsed.kind != "local":
-        return
-    path = Path(parsed.name).resolve()
     roots = model_roots()
-    if not any(path == root or root in path.parents for root in roots):
-        shown = ", ".join(str(r) for r in dict.fromkeys(roots))
-        raise WorkbenchError(f"{where} {ref!r} is a folder outside those this app loads models from "
-                             f"({shown}); move it under one of them, or add its parent folder to "
-                             "MOE_WORKBENCH_MODEL_ROOTS and restart the app")
+    for part in (parsed, parsed.adapter):
+        if part is None or part.kind != "local":
+            continue
+        path = Path(part.name).resolve()
+        if not any(path == root or root in path.parents for root in roots):
+            shown = ", ".join(str(r) for r in dict.fromkeys(roots))
+            raise WorkbenchError(f"{where} {ref!r} names a folder outside those this app loads models from "
+                                 f"({shown}); move it under one of them, or add its parent folder to "
+                                 "MOE_WORKBENCH_MODEL_ROOTS and restart the app")
 
 
 _PRIVATE = re.compile(r".+-[0-9a-f]{32}")
@@ -259,9 +260,10 @@ def _on_the_hub(ref: str) -> bool:
     from workbench.models import parse_ref
 
     try:
-        return parse_ref(ref).kind == "hub"
+        parsed = parse_ref(ref)
     except WorkbenchError:
         return False
+    return "hub" in (parsed.kind, parsed.adapter.kind if parsed.adapter else None)  # a Hub LoRA too
 
 
 configs = ConfigCache()

@@ -14,7 +14,7 @@ from workbench.build import Dims, ties_embeddings
 from workbench.errors import BuildError
 from workbench.recipe import Recipe
 
-BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
 
 
 @dataclass(frozen=True)

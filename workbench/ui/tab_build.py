@@ -14,7 +14,7 @@ from workbench.ui import build_logic, shared
 from workbench.ui.tab_design import DesignTab
 
 DTYPES = [("as the recipe says", ""), ("bfloat16", "bfloat16"), ("float16", "float16"),
-          ("float32", "float32")]
+          ("float32", "float32"), ("float64", "float64")]
 
 
 @dataclass
