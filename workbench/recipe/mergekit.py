@@ -13,7 +13,7 @@ Read from mergekit 0.1.5's source and checked by running it on pico models:
   model with `lazy_loader()` and never calls `merged()`, so it stops with "AssertionError:
   LoRA not merged";
 - pydantic models with the default `extra="ignore"`: keys it does not know (`center_gates`,
-  `name`, `probe_prompts`) are dropped without a word.
+  `name`, `probe_prompts`, `forge_data`) are dropped without a word.
 Pure: no I/O, no torch.
 """
 
@@ -28,7 +28,8 @@ MERGEKIT = "mergekit-moe 0.1.5"
 ALL_SAME_FLAG = "--i-understand-this-is-not-useful-without-training"
 # Gate modes only the workbench computes; mergekit-moe crashes on them.
 WORKBENCH_MODES = ("router_input", "fitted")
-LABEL_KEYS = ("name", "probe_prompts")  # only label and score: the weights are the same without them
+# Keys that only label, score or say how an expert was made: the weights are the same without them.
+LABEL_KEYS = ("name", "probe_prompts", "forge_data")
 
 
 @dataclass(frozen=True)
