@@ -74,7 +74,8 @@ def main() -> None:
     fixture: dict = {"mergekit": version, "pico": PICO, "experts": len(PROMPTS), "cases": {}}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        bases = {tie: make_pico_model(root / f"base-tied{tie}", seed=3, tie=tie, **PICO) for tie in (False, True)}
+        bases = {tie: make_pico_model(root / f"base-tied{tie}", seed=3, tie=tie, **PICO)
+                 for tie in (False, True)}
         for name, (arch, shared, tie) in CASES.items():
             data = recipe(bases[tie], arch, shared)
             path = root / f"{name}.yml"

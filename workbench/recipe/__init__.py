@@ -8,6 +8,7 @@ but the YAML.
     schema    Recipe, Expert, Problem, ConfigUnavailable, caps
     parse     YAML load / dump, structural checks
     checks    validate(): counts, prompts, expert settings
+    families  output families (Mixtral, Qwen2-MoE, DeepSeek-MoE) and their shared-expert rules
     compat    experts against the base, from config.json
     safe_yaml YAML with nesting depth and alias expansion capped
     edit      an edit written into the user's YAML, comments and layout kept
@@ -22,6 +23,6 @@ EXPORTS = {
     "errors": "schema",
     "dump_recipe": "parse", "load_recipe": "parse", "parse_recipe": "parse", "read_recipe": "parse",
     "recipe_from_dict": "parse", "load_yaml": "safe_yaml", "patch_yaml": "edit",
-    "validate": "checks",
+    "validate": "checks", "FAMILY_LABELS": "families", "ARCHITECTURES": "schema",
 }
 __getattr__, __dir__ = face(__name__, EXPORTS)

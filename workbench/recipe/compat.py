@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from workbench.recipe.families import INPUT_TYPES, LABELS
+from workbench.recipe.families import FAMILY_LABELS, INPUT_TYPES
 from workbench.recipe.schema import ConfigUnavailable, Problem, Recipe
 
 # Config fields an expert must share with the base: its MLPs plug into the base's residual
@@ -38,7 +38,7 @@ def check_compatibility(recipe: Recipe, configs: Mapping[str, dict | ConfigUnava
     base = configs.get(recipe.base_model)
     if not isinstance(base, dict):
         return out
-    family, label = INPUT_TYPES[recipe.family], LABELS[recipe.family]
+    family, label = INPUT_TYPES[recipe.family], FAMILY_LABELS[recipe.family]
     if base.get("model_type") not in family:
         out.append(Problem("error", "base_model",
                            f"model_type '{base.get('model_type')}' cannot become a {label} MoE",

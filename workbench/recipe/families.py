@@ -16,10 +16,10 @@ from __future__ import annotations
 
 from workbench.recipe.schema import PROMPTLESS_MODES, Problem, Recipe
 
-LABELS = {"mixtral": "Mixtral", "qwen": "Qwen2-MoE", "deepseek": "DeepSeek-MoE"}
+FAMILY_LABELS = {"mixtral": "Mixtral", "qwen": "Qwen2-MoE", "deepseek": "DeepSeek-MoE"}
 # Input model_types each family is built from (mergekit: llama or mistral; Qwen2-MoE also
 # takes qwen2 bases in mergekit, whose attention biases the workbench does not copy yet).
-INPUT_TYPES = {family: ("llama", "mistral") for family in LABELS}
+INPUT_TYPES = {family: ("llama", "mistral") for family in FAMILY_LABELS}
 
 
 def check_family(recipe: Recipe, *, allow_remote_code: bool = False) -> list[Problem]:
