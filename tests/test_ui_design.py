@@ -214,3 +214,24 @@ def test_a_form_edit_on_yaml_that_does_not_parse_writes_the_whole_recipe():
     checked, _ = design_logic.from_yaml(PRESETS[1].read_text(), None)
     assert checked.yaml_in("experts: [oops") == checked.yaml
     assert checked.yaml_in("") == checked.yaml
+
+
+@pytest.mark.parametrize("value, mixtral", [("", ""), ("mixtral", "mixtral"), ("qwen", "")])
+def test_output_family_offers_every_family_once(value, mixtral):
+    choices = design_logic.family_choices(value)
+    assert [v for _, v in choices] == [mixtral, "qwen", "deepseek"]
+    assert design_logic.family_choices("mixtrl")[-1] == ("mixtrl", "mixtrl")  # an unknown value stays shown
+
+
+def test_choosing_qwen_keeps_the_yaml_shared_expert_and_its_problems_show_in_settings():
+    text = HUB_RECIPE + "shared_experts:\n  - source_model: org/base\n    positive_prompts: [text]\n"
+    recipe, _ = parse_recipe(text)
+    data = form.recipe_data(recipe)
+    top, cards = form_values(data)
+    top[form.TOP_KEYS.index("architecture")] = "qwen"
+    again, problems = parse_recipe(form.data_yaml(form.form_data(data, top, cards), None))
+    assert problems == [] and again.family == "qwen" and len(again.shared_experts) == 1
+    top[form.TOP_KEYS.index("architecture")] = "deepseek"
+    checked = design_logic.from_form({"data": data}, top, cards, None)
+    assert form.slot_for("architecture", 4) == "settings"
+    assert any("trust_remote_code" in p.message for p in errors(checked.problems))

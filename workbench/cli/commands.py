@@ -23,6 +23,8 @@ from workbench.progress import Progress
 from workbench.recipe import Problem, RecipeError, errors, read_recipe, validate
 
 log = logging.getLogger("workbench")
+REMOTE_CODE_HELP = ("allow an output family that transformers loads only with trust_remote_code "
+                    "(architecture: deepseek); the workbench never runs that code")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,6 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     cmd = commands.add_parser("validate", help="check a recipe and its models' configs")
     cmd.add_argument("recipe", help="recipe YAML file")
     cmd.add_argument("--json", action="store_true", help="print the problem list as JSON")
+    cmd.add_argument("--allow-remote-code", action="store_true", help=REMOTE_CODE_HELP)
     cmd.set_defaults(run=cmd_validate)
 
     cmd = commands.add_parser("gates", help="compute router gates, their held-out score and diagnostics, "
@@ -70,6 +73,7 @@ def _parser() -> argparse.ArgumentParser:
     cmd.add_argument("--shard-size", default="5GB", help="largest shard, e.g. 5GB or 500MB")
     cmd.add_argument("--seed", type=seed, default=0, help="seed for random gates and noise")
     cmd.add_argument("--force", action="store_true", help="replace OUT once the new build is verified")
+    cmd.add_argument("--allow-remote-code", action="store_true", help=REMOTE_CODE_HELP)
     cmd.set_defaults(run=cmd_build)
 
     cmd = commands.add_parser("forge", help="train an expert's MLPs from examples, into a model folder OUT")
@@ -115,7 +119,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     try:
         recipe, problems = read_recipe(args.recipe)
-        problems = problems + validate(recipe, read_configs(recipe.model_refs(), token=env_token()))
+        problems = problems + validate(recipe, read_configs(recipe.model_refs(), token=env_token()),
+                                       allow_remote_code=args.allow_remote_code)
     except RecipeError as exc:
         problems = exc.problems
     failed = bool(errors(problems))
@@ -235,10 +240,11 @@ def cmd_build(args: argparse.Namespace) -> int:
     with ProgressBar() as bar:
         result = build(recipe, Path(args.out), device=args.device, dtype=args.dtype,
                        shard_size=shard_size, seed=args.seed, force=args.force,
-                       token=env_token(), on_progress=bar)
+                       token=env_token(), on_progress=bar, allow_remote_code=args.allow_remote_code)
     print_gate_warnings(result.diagnostics.warnings)
     size = result.total_bytes / 1e9
-    print(f"built {result.path}: {len(recipe.experts)} experts (top-{recipe.experts_per_token}), "
+    shared = f" + {len(recipe.shared_experts)} shared" if recipe.shared_experts else ""
+    print(f"built {result.path}: {len(recipe.experts)} experts{shared} (top-{recipe.experts_per_token}), "
           f"{len(result.files)} files, {size:.2f} GB in {result.seconds:.1f} s")
     return 0
 
