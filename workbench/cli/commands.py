@@ -1,4 +1,4 @@
-"""The CLI's parser and its recipe commands: `validate`, `gates` and `build`.
+"""The CLI's parser and its recipe commands: `validate`, `gates`, `build` and `export-gguf`.
 
 A thin layer over the same functions the UI calls. User errors print one readable message
 and exit 1 (no traceback); Ctrl-C exits 130 and leaves no half-written output. Hub tokens
@@ -75,6 +75,16 @@ def _parser() -> argparse.ArgumentParser:
     cmd.add_argument("--force", action="store_true", help="replace OUT once the new build is verified")
     cmd.add_argument("--allow-remote-code", action="store_true", help=REMOTE_CODE_HELP)
     cmd.set_defaults(run=cmd_build)
+
+    cmd = commands.add_parser("export-gguf", help="write a built MoE as one GGUF file, with llama.cpp's "
+                                                  "converter")
+    cmd.add_argument("model", help="a built MoE's folder")
+    cmd.add_argument("out", help="the .gguf file to write, or a folder for MODEL-TYPE.gguf")
+    cmd.add_argument("--type", default="f16", metavar="TYPE",
+                     help="f16 (default), bf16 or q8_0; for q4/q5 see the message it prints")
+    cmd.add_argument("--force", action="store_true", help="write over an existing file once the new one "
+                     "is checked")
+    cmd.set_defaults(run=cmd_export_gguf)
 
     cmd = commands.add_parser("forge", help="train an expert's MLPs from examples, into a model folder OUT")
     cmd.add_argument("base", help="base model: hub id, local folder or demo:NAME")
@@ -246,6 +256,19 @@ def cmd_build(args: argparse.Namespace) -> int:
     shared = f" + {len(recipe.shared_experts)} shared" if recipe.shared_experts else ""
     print(f"built {result.path}: {len(recipe.experts)} experts{shared} (top-{recipe.experts_per_token}), "
           f"{len(result.files)} files, {size:.2f} GB in {result.seconds:.1f} s")
+    return 0
+
+
+def cmd_export_gguf(args: argparse.Namespace) -> int:
+    from workbench.build import export_gguf
+
+    with ProgressBar() as bar:
+        result = export_gguf(Path(args.model), Path(args.out), args.type.lower(), force=args.force,
+                             on_progress=bar)
+    print(f"wrote {result.path}: {result.size / 1e9:.2f} GB {result.file_type}, {result.tensor_count} "
+          "tensors, "
+          f"{result.arch} with {result.expert_count} experts ({result.expert_used_count} per token), "
+          f"checked, in {result.seconds:.1f} s")
     return 0
 
 
