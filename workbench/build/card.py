@@ -28,7 +28,8 @@ FAMILY_TAGS = {"mixtral": "mixtral", "qwen": "qwen2_moe", "deepseek": "deepseek"
 READERS = {
     "mixtral": "in the classic Mixtral layout that transformers 4.x/5.x, vLLM and llama.cpp read",
     "qwen": "as a Qwen2-MoE (`Qwen2MoeForCausalLM`) with one shared expert behind a sigmoid gate, "
-            "which transformers 4.x/5.x, vLLM and llama.cpp's converter read",
+            "which transformers 4.x/5.x, vLLM and llama.cpp's converter read (llama.cpp, unlike transformers "
+            "and vLLM, does not renormalise the top-k router weights of this family)",
     "deepseek": "as a DeepSeek-MoE (`DeepseekForCausalLM`, v1): transformers loads it only with "
                 "`trust_remote_code=True` (deepseek-ai's modeling file); vLLM and llama.cpp's converter "
                 "read it natively",
