@@ -165,7 +165,11 @@ def test_compatibility_problem_lands_on_the_expert_card(pico_factory):
     assert "Parameters" in checked.summary()
 
 
-def test_size_estimate_counts_every_parameter_of_a_real_build(pico_factory, tmp_path):
+@pytest.mark.parametrize("family", [
+    "", "architecture: qwen\nshared_experts:\n  - source_model: {base}\n    positive_prompts: [s]\n",
+    "architecture: deepseek\nshared_experts:\n  - source_model: {base}\n"],
+    ids=["mixtral", "qwen", "deepseek"])
+def test_size_estimate_counts_every_parameter_of_a_real_build(pico_factory, tmp_path, family):
     from safetensors import safe_open
 
     from workbench.build import build
@@ -174,8 +178,9 @@ def test_size_estimate_counts_every_parameter_of_a_real_build(pico_factory, tmp_
     recipe, _ = parse_recipe(f"base_model: {base}\nexperts_per_token: 1\nexperts:\n"
                              f"  - source_model: {base}\n    positive_prompts: [a]\n"
                              f"  - source_model: {base}\n    positive_prompts: [b]\n"
-                             f"  - source_model: {base}\n    positive_prompts: [c]\n")
-    result = build(recipe, tmp_path / "moe", device="cpu")
+                             f"  - source_model: {base}\n    positive_prompts: [c]\n"
+                             + family.format(base=base))
+    result = build(recipe, tmp_path / "moe", device="cpu", allow_remote_code=True)
     config = json.loads((base / "config.json").read_text())
     estimate = sizes.estimate(recipe, config)
     with safe_open(str(result.path / "model.safetensors"), framework="pt") as f:
