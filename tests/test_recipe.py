@@ -182,9 +182,58 @@ def test_float64_as_in_mergekit():
                                                                "write 'float64'")]
 
 
-def test_future_architecture_named():
-    found = by_path(problems_of(GOOD + "architecture: qwen\n"))
-    assert "not supported yet" in found["architecture"].message
+QWEN = GOOD + ("architecture: qwen\nshared_experts:\n  - source_model: org/base\n"
+               "    positive_prompts: [text]\n")
+DEEPSEEK = GOOD + "architecture: deepseek\nshared_experts:\n  - source_model: org/base\n"
+
+
+def test_qwen_with_one_gated_shared_expert_is_valid():
+    recipe, problems = parse_recipe(QWEN.replace("qwen", "Qwen"))  # mergekit matches it in any case
+    assert problems == [] and recipe.family == "qwen" and validate(recipe) == []
+    assert recipe.model_refs() == ["org/base", "org/a", "org/b"]
+    gate = recipe.shared_gate_recipe()
+    assert [e.positive_prompts for e in gate.experts] == [["text"]] and gate.gate_mode == "hidden"
+    again, _ = parse_recipe(dump_recipe(recipe))
+    assert again == recipe
+
+
+@pytest.mark.parametrize("text, path, message", [
+    (GOOD + "architecture: qwen\n", "shared_experts", "exactly one shared expert"),
+    (QWEN.replace("    positive_prompts: [text]\n", ""), "shared_experts[0].positive_prompts",
+     "by its prompts"),
+    (DEEPSEEK + "    positive_prompts: [x]\n", "shared_experts[0]", "takes no prompts"),
+    (DEEPSEEK + "  - source_model: org/c\n", "shared_experts", "at most one"),
+    (GOOD + "architecture: mixtrl\n", "architecture", "unknown architecture"),
+])
+def test_family_rules_mergekit_enforces(text, path, message):
+    assert message in by_path(problems_of(text), "error")[path].message
+
+
+def test_qwen_shared_prompts_optional_in_random_modes_and_fitted_warns():
+    bare = QWEN.replace("    positive_prompts: [text]\n", "")
+    assert errors(problems_of(bare + "gate_mode: random\n")) == []
+    found = by_path(problems_of(QWEN + "gate_mode: fitted\n"), "warning")
+    assert "router_input" in found["shared_experts[0]"].message
+    assert parse_recipe(QWEN + "gate_mode: fitted\n")[0].shared_gate_recipe().gate_mode == "router_input"
+
+
+def test_deepseek_needs_remote_code_and_is_refused_unless_allowed():
+    recipe, _ = parse_recipe(DEEPSEEK)
+    refused = by_path(validate(recipe), "error")["architecture"]
+    assert "trust_remote_code" in refused.message and "--allow-remote-code" in refused.fix
+    assert errors(validate(recipe, allow_remote_code=True)) == []
+    alone, _ = parse_recipe(GOOD + "architecture: deepseek\n")
+    warned = by_path(validate(alone, allow_remote_code=True), "warning")
+    assert "llama.cpp" in warned["shared_experts"].message
+
+
+def test_shared_expert_models_are_checked_against_the_base():
+    recipe, _ = parse_recipe(QWEN.replace("org/base\n    positive", "org/s\n    positive"))
+    configs = {"org/base": llama(), "org/a": llama(), "org/b": llama(), "org/s": llama(hidden_size=32)}
+    found = by_path(validate(recipe, configs), "error")
+    assert "in 'org/s'" in found["shared_experts[0].source_model"].message
+    odd = {**configs, "org/s": llama(), "org/base": llama(head_dim=32)}
+    assert "head_dim" in by_path(validate(recipe, odd), "error")["base_model"].message
 
 
 @pytest.mark.parametrize("k, message", [(0, "at least 1"), (3, "only 2 experts")])

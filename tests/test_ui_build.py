@@ -151,3 +151,47 @@ def test_the_bar_never_goes_back_and_the_log_names_each_stage_once():
                                                                      "[gates] done in under a second"]
     assert len(log) < 12
 
+
+
+def test_gguf_export_views_progress_then_the_checked_file(outputs, monkeypatch):
+    from workbench.build import gguf
+    from workbench.progress import Progress
+
+    mine = make_build(outputs / "mine")
+    calls = []
+
+    def fake_export(model, out, out_type, *, force, on_progress, cancel):
+        calls.append((model, out, out_type, force))
+        on_progress(Progress("gguf", 0.5, "writing tensors"))
+        return gguf.GgufResult(out, 2 * 10**6, 1.0, "llama", 4, 2, 33, out_type)
+
+    monkeypatch.setattr(gguf, "export_gguf", fake_export)
+    views = list(build_logic.gguf_views(mine, [mine], "q8_0", True))
+    assert calls == [(Path(mine), outputs / "mine-q8_0.gguf", "q8_0", True)]
+    assert views[1].fraction == 0.5 and "Converting" in views[1].description
+    assert views[-1].finished and "4 experts (2 per token), checked" in views[-1].status
+    with pytest.raises(WorkbenchError, match="not one of your finished builds"):
+        next(build_logic.gguf_views(str(outputs / "other"), [mine], "f16", False))
+    assert "llama-quantize" in build_logic.gguf_note()
+
+
+def test_leaving_the_page_cancels_the_export(outputs, monkeypatch):
+    import threading
+
+    from workbench.build import gguf
+    from workbench.errors import Cancelled
+
+    mine = make_build(outputs / "mine")
+    stopped = threading.Event()
+
+    def slow_export(model, out, out_type, *, force, on_progress, cancel):
+        while not cancel.cancelled:
+            threading.Event().wait(0.01)
+        stopped.set()
+        raise Cancelled("stopped")
+
+    monkeypatch.setattr(gguf, "export_gguf", slow_export)
+    views = build_logic.gguf_views(mine, [mine], "f16", False)
+    next(views)
+    views.close()  # what Gradio does when the client goes away
+    assert stopped.wait(5)

@@ -166,7 +166,11 @@ def test_compatibility_problem_lands_on_the_expert_card(pico_factory):
     assert "Parameters" in checked.summary()
 
 
-def test_size_estimate_counts_every_parameter_of_a_real_build(pico_factory, tmp_path):
+@pytest.mark.parametrize("family", [
+    "", "architecture: qwen\nshared_experts:\n  - source_model: {base}\n    positive_prompts: [s]\n",
+    "architecture: deepseek\nshared_experts:\n  - source_model: {base}\n"],
+    ids=["mixtral", "qwen", "deepseek"])
+def test_size_estimate_counts_every_parameter_of_a_real_build(pico_factory, tmp_path, family):
     from safetensors import safe_open
 
     from workbench.build import build
@@ -175,8 +179,9 @@ def test_size_estimate_counts_every_parameter_of_a_real_build(pico_factory, tmp_
     recipe, _ = parse_recipe(f"base_model: {base}\nexperts_per_token: 1\nexperts:\n"
                              f"  - source_model: {base}\n    positive_prompts: [a]\n"
                              f"  - source_model: {base}\n    positive_prompts: [b]\n"
-                             f"  - source_model: {base}\n    positive_prompts: [c]\n")
-    result = build(recipe, tmp_path / "moe", device="cpu")
+                             f"  - source_model: {base}\n    positive_prompts: [c]\n"
+                             + family.format(base=base))
+    result = build(recipe, tmp_path / "moe", device="cpu", allow_remote_code=True)
     config = json.loads((base / "config.json").read_text())
     estimate = sizes.estimate(recipe, config)
     with safe_open(str(result.path / "model.safetensors"), framework="pt") as f:
@@ -215,3 +220,24 @@ def test_a_form_edit_on_yaml_that_does_not_parse_writes_the_whole_recipe():
     checked, _ = design_logic.from_yaml(DEMO_PRESET.read_text(), None)
     assert checked.yaml_in("experts: [oops") == checked.yaml
     assert checked.yaml_in("") == checked.yaml
+
+
+@pytest.mark.parametrize("value, mixtral", [("", ""), ("mixtral", "mixtral"), ("qwen", "")])
+def test_output_family_offers_every_family_once(value, mixtral):
+    choices = design_logic.family_choices(value)
+    assert [v for _, v in choices] == [mixtral, "qwen", "deepseek"]
+    assert design_logic.family_choices("mixtrl")[-1] == ("mixtrl", "mixtrl")  # an unknown value stays shown
+
+
+def test_choosing_qwen_keeps_the_yaml_shared_expert_and_its_problems_show_in_settings():
+    text = HUB_RECIPE + "shared_experts:\n  - source_model: org/base\n    positive_prompts: [text]\n"
+    recipe, _ = parse_recipe(text)
+    data = form.recipe_data(recipe)
+    top, cards = form_values(data)
+    top[form.TOP_KEYS.index("architecture")] = "qwen"
+    again, problems = parse_recipe(form.data_yaml(form.form_data(data, top, cards), None))
+    assert problems == [] and again.family == "qwen" and len(again.shared_experts) == 1
+    top[form.TOP_KEYS.index("architecture")] = "deepseek"
+    checked = design_logic.from_form({"data": data}, top, cards, None)
+    assert form.slot_for("architecture", 4) == "settings"
+    assert any("trust_remote_code" in p.message for p in errors(checked.problems))

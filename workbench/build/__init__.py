@@ -10,6 +10,9 @@ that is verified and renamed into place. Also pushes a finished build to the Hub
     writer    the streaming safetensors writer
     card      the model card (README.md)
     upload    push(): upload a build's manifest files in one checked commit
+    families  which layout and config each output family uses
+    shared_experts  the Qwen2-MoE and DeepSeek-MoE layouts and configs
+    gguf      export_gguf(): a build as GGUF through llama.cpp's packaged converter, checked
 """
 
 from workbench.faces import face
@@ -18,5 +21,7 @@ EXPORTS = {
     "BuildResult": "builder", "build": "builder", "output_path": "builder", "parse_size": "builder",
     "Dims": "layout", "ties_embeddings": "layout",
     "model_card": "upload", "push": "upload",
+    "GGUF_INSTALL": "gguf", "GGUF_TYPES": "gguf", "QUANTIZE_HELP": "gguf", "converter_available": "gguf",
+    "export_gguf": "gguf", "gguf_name": "gguf",
 }
 __getattr__, __dir__ = face(__name__, EXPORTS)

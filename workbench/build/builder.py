@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING
 from safetensors import safe_open
 
 from workbench.build.card import render_card
-from workbench.build.layout import TensorSpec, mixtral_config, mixtral_plan, plan_shards, shard_names
+from workbench.build.families import output_config, output_plan
+from workbench.build.layout import TensorSpec, plan_shards, shard_names
 from workbench.build.writer import header_bytes, write_safetensors
 from workbench.errors import BuildError
 from workbench.gates import (
@@ -50,7 +51,7 @@ from workbench.models import (
     torch_dtype,
 )
 from workbench.progress import CancelToken, Progress, ProgressFn, ignore_progress
-from workbench.recipe import PROMPTLESS_MODES, Problem, Recipe, dump_recipe, errors, validate
+from workbench.recipe import PROMPTLESS_MODES, Expert, Problem, Recipe, dump_recipe, errors, validate
 from workbench.staging import (
     WrittenFile,
     check_final,
@@ -146,8 +147,11 @@ def output_dtype(dtype: str | None, recipe: Recipe, base_cfg: dict) -> str:
 def build(recipe: Recipe, out: Path, *, device: str = "auto", dtype: str | None = None,
           shard_size: int = 5 * 10**9, seed: int = 0, force: bool = False, token: str | None = None,
           on_progress: ProgressFn = ignore_progress, cancel: CancelToken | None = None,
-          gates: Gates | None = None, sources: dict[str, ModelSource] | None = None) -> BuildResult:
-    """Build the recipe's Mixtral MoE into `out` (a folder), atomically; see the module doc."""
+          gates: Gates | None = None, sources: dict[str, ModelSource] | None = None,
+          allow_remote_code: bool = False) -> BuildResult:
+    """Build the recipe's MoE (its output family) into `out` (a folder), atomically; see the
+    module doc. `allow_remote_code` allows a family that loads only through remote code
+    (DeepSeek-MoE); nothing here ever runs such code."""
     started = time.monotonic()
     cancel = cancel or CancelToken()
     shard_bytes = parse_size(shard_size)
@@ -156,14 +160,16 @@ def build(recipe: Recipe, out: Path, *, device: str = "auto", dtype: str | None 
         clean_stale(out.parent)  # first: it may put back an output a dead build left aside
     check_final(out, force)
     # Errors only: the check with configs below reports these warnings again, logged once there.
-    _refuse_problems(errors(validate(recipe)), "recipe has errors")  # before downloading anything
+    # before downloading anything
+    _refuse_problems(errors(validate(recipe, allow_remote_code=allow_remote_code)), "recipe has errors")
     out.parent.mkdir(parents=True, exist_ok=True)
-    srcs = _resolve_all(recipe, sources or {}, token, on_progress, cancel)
+    srcs = _resolve_all(recipe, sources or {}, token, on_progress, cancel, allow_remote_code)
     job = _Job.plan(recipe, srcs, dtype, seed)
     if gates is not None:
         job.take_gates(from_gates(gates, job.code))  # a mismatch fails now, not after the copy
     elif recipe.gate_mode in PROMPTLESS_MODES:  # numpy noise: no model, no torch, no child
-        job.take_gates(noise_gates(recipe.gate_mode, job.gate_shape, seed, job.code))
+        job.take_gates(noise_gates(recipe.gate_mode, job.gate_shape, seed, job.code,
+                                   shared=job.has_shared_gate))
     shards = plan_shards([(s.out_name, job.nbytes(s)) for s in job.specs], shard_bytes)
     folder = new_staging(out, job.needed_bytes(len(shards)))
     worker = None
@@ -192,7 +198,8 @@ def build(recipe: Recipe, out: Path, *, device: str = "auto", dtype: str | None 
 
 
 def _resolve_all(recipe: Recipe, given: dict[str, ModelSource], token: str | None,
-                 on_progress: ProgressFn, cancel: CancelToken) -> dict[str, ModelSource]:
+                 on_progress: ProgressFn, cancel: CancelToken,
+                 allow_remote_code: bool) -> dict[str, ModelSource]:
     refs = recipe.model_refs()
     out: dict[str, ModelSource] = {}
     for i, ref in enumerate(refs):
@@ -201,8 +208,8 @@ def _resolve_all(recipe: Recipe, given: dict[str, ModelSource], token: str | Non
         out[ref] = given[ref] if ref in given else resolve(ref, token=token, on_progress=on_progress,
                                                            cancel=cancel)
     on_progress(Progress("resolve", 1.0, f"{len(refs)} model(s) ready"))
-    _refuse_problems(validate(recipe, {ref: src.config for ref, src in out.items()}),
-                     "recipe does not fit its models")
+    _refuse_problems(validate(recipe, {ref: src.config for ref, src in out.items()},
+                              allow_remote_code=allow_remote_code), "recipe does not fit its models")
     return out
 
 
@@ -230,9 +237,9 @@ class _Job:
     def plan(cls, recipe: Recipe, srcs: dict[str, ModelSource], dtype: str | None, seed: int) -> _Job:
         base_cfg = srcs[recipe.base_model].config
         indexes = {ref: WeightIndex(src.path) for ref, src in srcs.items()}
-        specs = mixtral_plan(base_cfg, len(recipe.experts), indexes[recipe.base_model].names)
+        specs = output_plan(recipe, base_cfg, indexes[recipe.base_model].names)
         # Routers last: they wait for the gates thread, and everything before them does not.
-        specs.sort(key=lambda spec: spec.role == "router")
+        specs.sort(key=lambda spec: spec.role in ("router", "shared_router"))
         job = cls(recipe, srcs, indexes, specs, output_dtype(dtype, recipe, base_cfg), seed)
         job.check_sources()
         return job
@@ -241,10 +248,19 @@ class _Job:
     def code(self) -> str:
         return DTYPE_NAMES[self.dtype]
 
+    def expert(self, spec: TensorSpec) -> Expert | None:
+        """The recipe entry a tensor comes from: a routed or the shared expert, else None."""
+        if spec.source == "shared":
+            return self.recipe.shared_experts[0]
+        return self.recipe.experts[spec.source] if isinstance(spec.source, int) else None
+
     def ref(self, spec: TensorSpec) -> str:
-        if spec.source == "base":
-            return self.recipe.base_model
-        return self.recipe.experts[spec.source].source_model
+        expert = self.expert(spec)
+        return expert.source_model if expert is not None else self.recipe.base_model
+
+    @property
+    def has_shared_gate(self) -> bool:
+        return any(s.role == "shared_router" for s in self.specs)
 
     def nbytes(self, spec: TensorSpec) -> int:
         return tensor_nbytes(self.code, spec.shape)
@@ -257,10 +273,10 @@ class _Job:
                 index = self.indexes[ref]
                 source.adapter.check_shapes({n: index.info(n).shape for n in source.adapter.pairs
                                              if n in index})
-        for ref in {e.source_model for e in self.recipe.experts}:
+        for ref in {e.source_model for e in self.recipe.experts + (self.recipe.shared_experts or [])}:
             biased = [n for n in self.indexes[ref].names if ".mlp." in n and n.endswith(".bias")]
             if biased:
-                raise BuildError(f"'{ref}' has MLP biases ({biased[0]}, ...) that Mixtral experts cannot "
+                raise BuildError(f"'{ref}' has MLP biases ({biased[0]}, ...) that MoE experts cannot "
                                  "hold; use experts without mlp_bias")
         for spec in self.specs:
             if spec.src_name is None:
@@ -284,6 +300,9 @@ class _Job:
                              f"{self.gate_shape}; recompute them for this recipe")
         if gates.dtype != self.code:
             raise BuildError(f"router rows are {gates.dtype}, the MoE is {self.code}")
+        if self.has_shared_gate and (gates.shared_rows is None or len(gates.shared_rows) != gates.shape[0]):
+            raise BuildError("the gates lack the shared expert's gate rows (Qwen2-MoE shared_expert_gate); "
+                             "compute them for this recipe")
         self.gates = gates
 
     def needed_bytes(self, shard_count: int) -> int:
@@ -296,11 +315,15 @@ class _Job:
     def fill(self, spec: TensorSpec) -> torch.Tensor | TensorInfo | bytes:
         """The bytes of one output tensor: a source byte range when unchanged, the router's
         bytes, else a tensor. Only the last imports torch (a plain build never does)."""
+        if spec.role == "shared_router":
+            return self.gates.shared_rows[spec.layer]  # (1, H), already in the output dtype
         if spec.source == "gate":
             return self.gates.rows[spec.layer]  # (E, H), already in the output dtype
+        if spec.source == "zeros":
+            return bytes(self.nbytes(spec))
         ref = self.ref(spec)
         index = self.indexes[ref]
-        expert = self.recipe.experts[spec.source] if isinstance(spec.source, int) else None
+        expert = self.expert(spec)
         noise = expert.noise_scale if expert is not None and expert.noise_scale else 0.0
         residual = expert.residual_scale if expert is not None and spec.role == "w2" else None
         adapter = self.sources[ref].adapter
@@ -348,7 +371,7 @@ class _Job:
 
         def fill(name: str) -> torch.Tensor | TensorInfo | bytes:
             spec = by_name[name]
-            if spec.role == "router" and self.gates is None:
+            if spec.role in ("router", "shared_router") and self.gates is None:
                 self.take_gates(worker.result(on_progress))
             return self.fill(spec)
 
@@ -369,7 +392,7 @@ class _Job:
 def _write_extras(folder: Path, job: _Job) -> list[WrittenFile]:
     """config.json, generation config, tokenizer, recipe copy and model card."""
     recipe, base = job.recipe, job.sources[job.recipe.base_model]
-    config = portable_config(mixtral_config(base.config, recipe, job.dtype))
+    config = portable_config(output_config(recipe, base.config, job.dtype))
     out = [write_text(folder / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")]
     copied = [n for n in ("generation_config.json", *TOKENIZER_FILES) if (base.path / n).is_file()]
     for name in copied:

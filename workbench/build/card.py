@@ -19,11 +19,30 @@ import yaml
 
 from workbench.gates import GateDiagnostics, HeldOutScore
 from workbench.models import DEMO_MODELS, DemoModel
-from workbench.recipe import PROMPTLESS_MODES, Recipe, dump_recipe, load_yaml, mergekit_reading, split_ref
+from workbench.recipe import (
+    FAMILY_LABELS,
+    PROMPTLESS_MODES,
+    Recipe,
+    dump_recipe,
+    load_yaml,
+    mergekit_reading,
+    split_ref,
+)
 
 log = logging.getLogger(__name__)
 
-TAGS = ["moe", "frankenmoe", "merge", "mergekit", "mixtral", "moe-workbench"]
+TAGS = ["moe", "frankenmoe", "merge", "mergekit", "moe-workbench"]
+FAMILY_TAGS = {"mixtral": "mixtral", "qwen": "qwen2_moe", "deepseek": "deepseek"}
+# What reads each family's layout, in the card's words.
+READERS = {
+    "mixtral": "in the classic Mixtral layout that transformers 4.x/5.x, vLLM and llama.cpp read",
+    "qwen": "as a Qwen2-MoE (`Qwen2MoeForCausalLM`) with one shared expert behind a sigmoid gate, "
+            "which transformers 4.x/5.x, vLLM and llama.cpp's converter read (llama.cpp, unlike transformers "
+            "and vLLM, does not renormalise the top-k router weights of this family)",
+    "deepseek": "as a DeepSeek-MoE (`DeepseekForCausalLM`, v1): transformers loads it only with "
+                "`trust_remote_code=True` (deepseek-ai's modeling file); vLLM and llama.cpp's converter "
+                "read it natively",
+}
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -98,19 +117,21 @@ def render_card(recipe: Recipe, diagnostics: GateDiagnostics, sources: dict[str,
     ids = hub_ids(recipe.model_refs())
     meta: dict[str, Any] = {"license": base_license(sources, recipe.base_model)}
     if ids:
-        meta["base_model"] = ids
-    meta.update(tags=TAGS, library_name="transformers", pipeline_tag="text-generation")
+        meta["base_model"] = list(dict.fromkeys(ids))
+    meta.update(tags=[*TAGS, FAMILY_TAGS[recipe.family]], library_name="transformers",
+                pipeline_tag="text-generation")
     base_name = display_name(recipe.base_model)
     experts = len(recipe.experts)
     k = recipe.experts_per_token
     parts = [
         "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n",
-        f"# {experts}-expert Mixtral MoE on {base_name}\n",
+        f"# {experts}-expert {FAMILY_LABELS[recipe.family]} MoE on {base_name}\n",
         f"A frankenMoE built with MoE Workbench: attention, embeddings and norms from "
         f"`{base_name}`, the MLP of each expert from the models below, and routers derived "
         f"from each expert's prompts (gate mode `{recipe.gate_mode}`, no training). "
-        f"Each token uses {k} of {experts} experts. Weights are `{config.get('dtype')}`, "
-        "in the classic Mixtral layout that transformers 4.x/5.x, vLLM and llama.cpp read.\n",
+        f"Each token uses {k} of {experts} experts"
+        + (" and the shared expert" if recipe.shared_experts else "")
+        + f". Weights are `{config.get('dtype')}`, {READERS[recipe.family]}.\n",
         _experts_table(recipe, sources) + _provenance(recipe, sources),
         _rebuild(recipe, seed) + "\n\n```yaml\n" + dump_recipe(recipe).rstrip() + "\n```\n",
         *([_routing_report(score, recipe.expert_labels())] if score is not None else []),

@@ -1,24 +1,29 @@
-"""Output-architecture tables for a Mixtral MoE: tensor names, shapes, shards and config.
+"""Output-architecture tables: what every family shares, the Mixtral layout, shards.
 
 Pure functions over config dicts and name lists; no I/O. The names are the classic
 per-expert Mixtral layout (`block_sparse_moe.experts.e.w1`), which transformers 4 and 5,
 vLLM and llama.cpp's converter all read; tests check the table against a freshly built
-tiny transformers MixtralForCausalLM.
+tiny transformers MixtralForCausalLM. `base_plan` holds what every family takes from the
+base (embeddings, attention, norms, head); the families with shared experts are in
+`workbench.build.shared_experts`.
 
 Dimensions: L layers, E experts, H hidden, I intermediate (MLP), V vocabulary.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 from workbench.errors import BuildError
 from workbench.recipe import Recipe
 
-Source = Literal["base", "gate"] | int  # int: the expert's index in recipe.experts
-Role = Literal["base", "w1", "w2", "w3", "router"]
+# int: the expert's index in recipe.experts; "shared": recipe.shared_experts[0]; "zeros": written as zeros
+Source = Literal["base", "gate", "shared", "zeros"] | int
+# w1/w2/w3: an expert's gate/down/up projection (w2 takes residual_scale); shared_router:
+# Qwen2-MoE's shared_expert_gate, a (1, H) row made like a router row
+Role = Literal["base", "w1", "w2", "w3", "router", "shared_router"]
 
 # Expert MLP (Llama/Mistral name) -> Mixtral expert matrix. w1 and w3 are (I, H), w2 is (H, I).
 EXPERT_MATRICES = (("gate_proj", "w1"), ("down_proj", "w2"), ("up_proj", "w3"))
@@ -62,28 +67,31 @@ def ties_embeddings(cfg: dict) -> bool:
     return bool(cfg.get("tie_word_embeddings", False))
 
 
-def mixtral_plan(base_cfg: dict, expert_count: int, tensor_names_of_base: Iterable[str]) -> list[TensorSpec]:
-    """Every output tensor in file order: embeddings, then layer by layer, then norm and head."""
+MoeBlock = Callable[[int, Dims], list["TensorSpec"]]  # (layer, dims) -> that layer's MoE tensors
+
+
+def base_plan(base_cfg: dict, tensor_names_of_base: Iterable[str], moe_block: MoeBlock, family: str,
+              *, zero_qkv_bias: bool = False) -> list[TensorSpec]:
+    """Every output tensor in file order: embeddings, then layer by layer (norms, attention,
+    `moe_block`), then norm and head. `zero_qkv_bias` adds zero q/k/v biases, which Qwen2-MoE's
+    attention has and a Llama base lacks (mergekit writes the same zeros)."""
     d = Dims.of(base_cfg)
     names = set(tensor_names_of_base)
     biases = sorted(n for n in names if ".self_attn." in n and n.endswith(".bias"))
     if biases:
-        raise BuildError(f"the base has attention biases ({biases[0]}, ...) that Mixtral cannot hold; "
-                         "use a base without attention_bias")
+        raise BuildError(f"the base has attention biases ({biases[0]}, ...) that a {family} build does not "
+                         "copy; use a base without attention_bias")
     specs = [TensorSpec("model.embed_tokens.weight", "base", "model.embed_tokens.weight", None, (d.V, d.H))]
     shapes = {"q_proj": (d.q, d.H), "k_proj": (d.kv, d.H), "v_proj": (d.kv, d.H), "o_proj": (d.H, d.q)}
     for layer in range(d.L):
         p = f"model.layers.{layer}"
         specs.append(_base(f"{p}.input_layernorm.weight", layer, (d.H,)))
         specs += [_base(f"{p}.self_attn.{m}.weight", layer, shapes[m]) for m in ATTENTION]
+        if zero_qkv_bias:
+            specs += [TensorSpec(f"{p}.self_attn.{m}.bias", "zeros", None, layer, shapes[m][:1])
+                      for m in ATTENTION[:3]]
         specs.append(_base(f"{p}.post_attention_layernorm.weight", layer, (d.H,)))
-        moe = f"{p}.block_sparse_moe"
-        specs.append(TensorSpec(f"{moe}.gate.weight", "gate", None, layer, (expert_count, d.H), "router"))
-        for e in range(expert_count):
-            for src, dst in EXPERT_MATRICES:
-                shape = (d.H, d.I) if dst == "w2" else (d.I, d.H)
-                specs.append(TensorSpec(f"{moe}.experts.{e}.{dst}.weight", e, f"{p}.mlp.{src}.weight",
-                                        layer, shape, dst))
+        specs += moe_block(layer, d)
     specs.append(_base("model.norm.weight", None, (d.H,)))
     if not ties_embeddings(base_cfg):
         specs.append(_base("lm_head.weight", None, (d.V, d.H)))
@@ -92,6 +100,34 @@ def mixtral_plan(base_cfg: dict, expert_count: int, tensor_names_of_base: Iterab
         raise BuildError(f"the base checkpoint lacks {len(missing)} tensors the MoE needs "
                          f"(first: {missing[0]}); is it a Llama/Mistral model with this config?")
     return specs
+
+
+ROLES = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}
+SAME_NAMES = tuple((name, name) for name in ROLES)  # the Llama MLP names kept as they are
+
+
+def mlp_specs(prefix: str, source: Source, layer: int, d: Dims,
+              names: Sequence[tuple[str, str]]) -> list[TensorSpec]:
+    """One dense MLP's three matrices under `prefix`, from the source's layer `layer`;
+    `names` pairs each Llama name (gate_proj, down_proj, up_proj) with its output name."""
+    out = []
+    for src, dst in names:
+        role = ROLES[src]
+        shape = (d.H, d.I) if role == "w2" else (d.I, d.H)
+        out.append(TensorSpec(f"{prefix}.{dst}.weight", source, f"model.layers.{layer}.mlp.{src}.weight",
+                              layer, shape, role))
+    return out
+
+
+def mixtral_plan(base_cfg: dict, expert_count: int, tensor_names_of_base: Iterable[str]) -> list[TensorSpec]:
+    """The Mixtral layout: per layer a router and E experts under `block_sparse_moe`."""
+    def block(layer: int, d: Dims) -> list[TensorSpec]:
+        moe = f"model.layers.{layer}.block_sparse_moe"
+        specs = [TensorSpec(f"{moe}.gate.weight", "gate", None, layer, (expert_count, d.H), "router")]
+        for e in range(expert_count):
+            specs += mlp_specs(f"{moe}.experts.{e}", e, layer, d, EXPERT_MATRICES)
+        return specs
+    return base_plan(base_cfg, tensor_names_of_base, block, "Mixtral")
 
 
 def _base(name: str, layer: int | None, shape: tuple[int, ...]) -> TensorSpec:

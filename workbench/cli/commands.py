@@ -1,4 +1,4 @@
-"""The CLI's parser and its recipe commands: `validate`, `gates` and `build`.
+"""The CLI's parser and its recipe commands: `validate`, `gates`, `build` and `export-gguf`.
 
 A thin layer over the same functions the UI calls. User errors print one readable message
 and exit 1 (no traceback); Ctrl-C exits 130 and leaves no half-written output. Hub tokens
@@ -23,6 +23,8 @@ from workbench.progress import Progress
 from workbench.recipe import Problem, RecipeError, errors, read_recipe, validate
 
 log = logging.getLogger("workbench")
+REMOTE_CODE_HELP = ("allow an output family that transformers loads only with trust_remote_code "
+                    "(architecture: deepseek); the workbench never runs that code")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,6 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     cmd = commands.add_parser("validate", help="check a recipe and its models' configs")
     cmd.add_argument("recipe", help="recipe YAML file")
     cmd.add_argument("--json", action="store_true", help="print the problem list as JSON")
+    cmd.add_argument("--allow-remote-code", action="store_true", help=REMOTE_CODE_HELP)
     cmd.set_defaults(run=cmd_validate)
 
     cmd = commands.add_parser("gates", help="compute router gates, their held-out score and diagnostics, "
@@ -71,7 +74,18 @@ def _parser() -> argparse.ArgumentParser:
     cmd.add_argument("--shard-size", default="5GB", help="largest shard, e.g. 5GB or 500MB")
     cmd.add_argument("--seed", type=seed, default=0, help="seed for random gates and noise")
     cmd.add_argument("--force", action="store_true", help="replace OUT once the new build is verified")
+    cmd.add_argument("--allow-remote-code", action="store_true", help=REMOTE_CODE_HELP)
     cmd.set_defaults(run=cmd_build)
+
+    cmd = commands.add_parser("export-gguf", help="write a built MoE as one GGUF file, with llama.cpp's "
+                                                  "converter")
+    cmd.add_argument("model", help="a built MoE's folder")
+    cmd.add_argument("out", help="the .gguf file to write, or a folder for MODEL-TYPE.gguf")
+    cmd.add_argument("--type", default="f16", metavar="TYPE",
+                     help="f16 (default), bf16 or q8_0; for q4/q5 see the message it prints")
+    cmd.add_argument("--force", action="store_true", help="write over an existing file once the new one "
+                     "is checked")
+    cmd.set_defaults(run=cmd_export_gguf)
 
     cmd = commands.add_parser("forge", help="train an expert's MLPs from examples, into a model folder OUT")
     cmd.add_argument("base", help="base model: hub id, local folder or demo:NAME")
@@ -116,7 +130,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     try:
         recipe, problems = read_recipe(args.recipe)
-        problems = problems + validate(recipe, read_configs(recipe.model_refs(), token=env_token()))
+        problems = problems + validate(recipe, read_configs(recipe.model_refs(), token=env_token()),
+                                       allow_remote_code=args.allow_remote_code)
     except RecipeError as exc:
         problems = exc.problems
     failed = bool(errors(problems))
@@ -240,11 +255,25 @@ def cmd_build(args: argparse.Namespace) -> int:
     with ProgressBar() as bar:
         result = build(recipe, Path(args.out), device=args.device, dtype=args.dtype,
                        shard_size=shard_size, seed=args.seed, force=args.force,
-                       token=env_token(), on_progress=bar)
+                       token=env_token(), on_progress=bar, allow_remote_code=args.allow_remote_code)
     print_gate_warnings(result.diagnostics.warnings)
     size = result.total_bytes / 1e9
-    print(f"built {result.path}: {len(recipe.experts)} experts (top-{recipe.experts_per_token}), "
+    shared = f" + {len(recipe.shared_experts)} shared" if recipe.shared_experts else ""
+    print(f"built {result.path}: {len(recipe.experts)} experts{shared} (top-{recipe.experts_per_token}), "
           f"{len(result.files)} files, {size:.2f} GB in {result.seconds:.1f} s")
+    return 0
+
+
+def cmd_export_gguf(args: argparse.Namespace) -> int:
+    from workbench.build import export_gguf
+
+    with ProgressBar() as bar:
+        result = export_gguf(Path(args.model), Path(args.out), args.type.lower(), force=args.force,
+                             on_progress=bar)
+    print(f"wrote {result.path}: {result.size / 1e9:.2f} GB {result.file_type}, {result.tensor_count} "
+          "tensors, "
+          f"{result.arch} with {result.expert_count} experts ({result.expert_used_count} per token), "
+          f"checked, in {result.seconds:.1f} s")
     return 0
 
 

@@ -235,6 +235,22 @@ def compute_gates(
     return _done(vectors, mode, shift_invariant=bool(recipe.center_gates))
 
 
+def shared_gate(recipe: Recipe, base_path: Path, *, device: str = "auto", seed: int = 0,
+                model: torch.nn.Module | None = None, tokenizer: Any = None,
+                cancel: CancelToken | None = None) -> Tensor | None:
+    """(L, H) rows of Qwen2-MoE's shared_expert_gate, or None where the recipe has none: the
+    gate row of a recipe holding only the shared expert (`Recipe.shared_gate_recipe`), as
+    mergekit computes it beside the routed rows; noise from its own stream in prompt-free modes."""
+    alone = recipe.shared_gate_recipe()
+    if alone is None:
+        return None
+    if alone.gate_mode in PROMPTLESS_MODES:
+        layers, hidden = _dimensions(model, base_path)
+        return torch.from_numpy(noise(alone.gate_mode, (layers, 1, hidden), seed, stream=1))[:, 0]
+    return compute_gates(alone, base_path, device=device, seed=seed, model=model, tokenizer=tokenizer,
+                         cancel=cancel).vectors[:, 0].contiguous()
+
+
 def _done(vectors: Tensor, mode: str, *, shift_invariant: bool) -> Gates:
     """Gates with their diagnostics; rows that sum to zero (fitted, centred) are judged as a
     softmax sees them."""

@@ -166,9 +166,17 @@ def _gates_of(meta: dict[str, Any], stream: IO[bytes]) -> RouterGates:
                          "rows; build again")
     size = len(payload) // layers
     rows = [payload[i * size:(i + 1) * size] for i in range(layers)]
+    shared_rows = None
+    if int(meta.get("shared_nbytes") or 0):  # Qwen2-MoE's shared_expert_gate rows follow the routers'
+        shared = stream.read(int(meta["shared_nbytes"]))
+        if len(shared) != int(meta["shared_nbytes"]) or len(shared) % layers:
+            raise BuildError(f"the gates process sent {len(shared)} of {meta['shared_nbytes']} bytes of "
+                             "shared-expert gate rows; build again")
+        step = len(shared) // layers
+        shared_rows = [shared[i * step:(i + 1) * step] for i in range(layers)]
     score = HeldOutScore.from_dict(meta["score"]) if meta.get("score") else None
     return RouterGates(meta["mode"], (layers, experts, hidden), meta["dtype"], rows,
-                       GateDiagnostics.from_dict(meta["diagnostics"]), score=score)
+                       GateDiagnostics.from_dict(meta["diagnostics"]), score=score, shared_rows=shared_rows)
 
 
 # ---- the child ---------------------------------------------------------------------------
@@ -219,10 +227,11 @@ def child_main() -> int:
                               on_progress=lambda e: channel.send({"progress": [e.fraction, e.message]}))
         found = from_gates(gates, request["dtype"])
         payload = b"".join(found.rows)
+        shared = b"".join(found.shared_rows or [])
         channel.send({"gates": {"mode": found.mode, "shape": list(found.shape), "dtype": found.dtype,
                                 "diagnostics": found.diagnostics.to_dict(),
                                 "score": found.score.to_dict() if found.score else None,
-                                "nbytes": len(payload)}}, payload)
+                                "nbytes": len(payload), "shared_nbytes": len(shared)}}, payload + shared)
     except Exception as exc:
         channel.send({"error": {"type": type(exc).__name__, "message": str(exc),
                                 "user_error": isinstance(exc, WorkbenchError),

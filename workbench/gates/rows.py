@@ -27,18 +27,22 @@ from workbench.gates.types import CONDITION_WARN, GateDiagnostics, Gates, HeldOu
 def from_gates(gates: Gates, dtype: str) -> RouterGates:
     """Cast each layer's gates to the safetensors dtype `dtype`; refuses NaN or infinity."""
     vectors = gates.vectors.detach().float().cpu().numpy()  # (L, E, H)
-    return from_array(vectors, gates.mode, dtype, gates.diagnostics, gates, gates.score)
+    shared = gates.shared.detach().float().cpu().numpy() if gates.shared is not None else None  # (L, H)
+    return from_array(vectors, gates.mode, dtype, gates.diagnostics, gates, gates.score, shared)
 
 
 def from_array(vectors: np.ndarray, mode: str, dtype: str, diagnostics: GateDiagnostics | None = None,
-               gates: Gates | None = None, score: HeldOutScore | None = None) -> RouterGates:
-    """RouterGates from float32 (L, E, H) gates; diagnosed here unless `diagnostics` is given."""
-    if not np.isfinite(vectors).all():
+               gates: Gates | None = None, score: HeldOutScore | None = None,
+               shared: np.ndarray | None = None) -> RouterGates:
+    """RouterGates from float32 (L, E, H) gates and, for Qwen2-MoE, the (L, H) shared-expert
+    gate rows; diagnosed here unless `diagnostics` is given."""
+    if not np.isfinite(vectors).all() or (shared is not None and not np.isfinite(shared).all()):
         raise BuildError("gates contain NaN or infinity; check the prompts and recompute them")
     rows = [cast(vectors[layer], dtype) for layer in range(vectors.shape[0])]
+    shared_rows = None if shared is None else [cast(row[None], dtype) for row in shared]
     layers, experts, hidden = (int(n) for n in vectors.shape)
-    return RouterGates(mode, (layers, experts, hidden), dtype, rows,
-                       diagnostics if diagnostics is not None else diagnose(vectors), gates, score)
+    diagnostics = diagnostics if diagnostics is not None else diagnose(vectors)
+    return RouterGates(mode, (layers, experts, hidden), dtype, rows, diagnostics, gates, score, shared_rows)
 
 
 def cast(matrix: np.ndarray, dtype: str) -> bytes:
@@ -59,12 +63,13 @@ def cast(matrix: np.ndarray, dtype: str) -> bytes:
     raise BuildError(f"cannot write router rows as {dtype}; use BF16, F16, F32 or F64")
 
 
-def noise(mode: str, shape: tuple[int, int, int], seed: int) -> np.ndarray:
+def noise(mode: str, shape: tuple[int, int, int], seed: int, stream: int = 0) -> np.ndarray:
     """(L, E, H) float32 seeded noise for a prompt-free mode: standard normal (`random`), or
-    uniform in +-1/sqrt(H) (`uniform_random`); not normalised, as RECIPE.md states them."""
+    uniform in +-1/sqrt(H) (`uniform_random`); not normalised, as RECIPE.md states them.
+    `stream` 1 draws the shared expert's gate rows, independent of the routers' (stream 0)."""
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
         raise GateError(f"seed {seed!r} is not a whole number from 0 to 2**63 - 1; pass e.g. --seed 0")
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng([seed, stream] if stream else seed)
     if mode == "random":
         return rng.standard_normal(shape, dtype=np.float32)
     if mode == "uniform_random":
@@ -73,9 +78,13 @@ def noise(mode: str, shape: tuple[int, int, int], seed: int) -> np.ndarray:
     raise GateError(f"gate mode {mode!r} needs the base model; only random and uniform_random are noise")
 
 
-def noise_gates(mode: str, shape: tuple[int, int, int], seed: int, dtype: str) -> RouterGates:
-    """A prompt-free mode's gates, ready to write, in microseconds and without torch."""
-    return from_array(noise(mode, shape, seed), mode, dtype)
+def noise_gates(mode: str, shape: tuple[int, int, int], seed: int, dtype: str, *,
+                shared: bool = False) -> RouterGates:
+    """A prompt-free mode's gates, ready to write, in microseconds and without torch; with
+    `shared`, a shared-expert gate row per layer too (Qwen2-MoE)."""
+    layers, _, hidden = shape
+    rows = noise(mode, (layers, 1, hidden), seed, stream=1)[:, 0] if shared else None
+    return from_array(noise(mode, shape, seed), mode, dtype, shared=rows)
 
 
 def diagnose(vectors: np.ndarray, *, shift_invariant: bool = False) -> GateDiagnostics:

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from workbench.gates.bank import PromptBank, PromptStates, collect
-from workbench.gates.compute import combine_rows, compute_gates, normalise
+from workbench.gates.compute import combine_rows, compute_gates, normalise, shared_gate
 from workbench.gates.fit import fit_bank
 from workbench.gates.forward import load_base, load_tokenizer
 from workbench.gates.rows import noise
@@ -207,8 +207,10 @@ def scored_gates(recipe: Recipe, base_path: Path, *, device: str = "auto", seed:
     loading the base; `compare_modes` scores random as the floor)."""
     cancel = cancel or CancelToken()
     if recipe.gate_mode in PROMPTLESS_MODES:
-        return compute_gates(recipe, base_path, device=device, seed=seed, on_progress=on_progress,
-                             cancel=cancel)
+        gates = compute_gates(recipe, base_path, device=device, seed=seed, on_progress=on_progress,
+                              cancel=cancel)
+        gates.shared = shared_gate(recipe, base_path, seed=seed)
+        return gates
     on_progress(Progress("gates", 0.0, "loading the base model"))
     model, tokenizer = load_base(base_path, device), load_tokenizer(base_path)
     try:
@@ -219,6 +221,8 @@ def scored_gates(recipe: Recipe, base_path: Path, *, device: str = "auto", seed:
                               model=model, tokenizer=tokenizer, bank=bank)
         gates.score = score_recipe(recipe, base_path, gates, model=model, tokenizer=tokenizer, bank=bank,
                                    seed=seed, cancel=cancel)
+        gates.shared = shared_gate(recipe, base_path, seed=seed, model=model, tokenizer=tokenizer,
+                                   cancel=cancel)
         return gates
     finally:
         del model

@@ -111,6 +111,8 @@ class RouterGates:
     diagnostics: GateDiagnostics
     gates: Gates | None = None  # the tensors, where this process computed or was given them
     score: HeldOutScore | None = None  # the held-out routing score, where it was computed
+    # shared_rows[l]: layer l's (1, H) Qwen2-MoE shared_expert_gate, as `rows`; None without one
+    shared_rows: list[bytes] | None = None
 
 
 @dataclass
@@ -119,3 +121,5 @@ class Gates:
     mode: str
     diagnostics: GateDiagnostics
     score: HeldOutScore | None = None  # set by workbench.gates.score.scored_gates
+    # (L, H) float32: the shared expert's gate row per layer (Recipe.shared_gate_recipe), or None
+    shared: Tensor | None = None

@@ -8,6 +8,7 @@ but the YAML.
     schema    Recipe, Expert, Problem, ConfigUnavailable, caps
     parse     YAML load / dump, structural checks
     checks    validate(): counts, prompts, expert settings
+    families  output families (Mixtral, Qwen2-MoE, DeepSeek-MoE) and their shared-expert rules
     compat    experts against the base, from config.json
     safe_yaml YAML with nesting depth and alias expansion capped
     edit      an edit written into the user's YAML, comments and layout kept
@@ -27,5 +28,6 @@ EXPORTS = {
     "validate": "checks", "forge_command_data": "compat",
     "DEMO_PREFIX": "refs", "split_ref": "refs",
     "MergekitReading": "mergekit", "mergekit_reading": "mergekit",
+    "FAMILY_LABELS": "families", "ARCHITECTURES": "schema",
 }
 __getattr__, __dir__ = face(__name__, EXPORTS)

@@ -10,6 +10,7 @@ import math
 from collections.abc import Mapping
 
 from workbench.recipe.compat import check_compatibility
+from workbench.recipe.families import check_family
 from workbench.recipe.refs import DEMO_PREFIX, ref_problems, split_ref
 from workbench.recipe.schema import (
     MAX_EXPERTS,
@@ -24,9 +25,13 @@ from workbench.recipe.schema import (
 )
 
 
-def validate(recipe: Recipe, configs: Mapping[str, dict | ConfigUnavailable] | None = None) -> list[Problem]:
-    """Every problem of a parsed recipe; with `configs` (ref -> config.json), compatibility too."""
-    problems = (_check_counts(recipe) + _check_prompts(recipe) + _check_experts(recipe) + _check_names(recipe)
+def validate(recipe: Recipe, configs: Mapping[str, dict | ConfigUnavailable] | None = None, *,
+             allow_remote_code: bool = False) -> list[Problem]:
+    """Every problem of a parsed recipe; with `configs` (ref -> config.json), compatibility too.
+    `allow_remote_code` turns the refusal of a family that loads only through remote code
+    (DeepSeek-MoE) into a warning."""
+    problems = (_check_counts(recipe) + check_family(recipe, allow_remote_code=allow_remote_code)
+                + _check_prompts(recipe) + _check_experts(recipe) + _check_names(recipe)
                 + _check_text(recipe) + _check_refs(recipe))
     if configs is not None:
         problems += check_compatibility(recipe, configs)
@@ -47,15 +52,15 @@ def _check_counts(recipe: Recipe) -> list[Problem]:
     elif n & (n - 1):
         out.append(Problem("warning", "experts", f"{n} experts is not a power of two",
                            "older llama.cpp builds refuse such models; 2, 4, 8 or 16 load everywhere"))
-    if recipe.shared_experts:
-        out.append(Problem("error", "shared_experts", "Mixtral has no shared experts",
-                           "remove shared_experts (they are for Qwen2-MoE / DeepSeek outputs)"))
     return out
 
 
 def _check_prompts(recipe: Recipe) -> list[Problem]:
     out: list[Problem] = []
     promptless = recipe.gate_mode in PROMPTLESS_MODES
+    for i, shared in enumerate(recipe.shared_experts or []):
+        for key in ("positive_prompts", "negative_prompts"):
+            out += _check_prompt_list(getattr(shared, key), f"shared_experts[{i}].{key}")
     for i, expert in enumerate(recipe.experts):
         for key in ("positive_prompts", "negative_prompts", "probe_prompts"):
             out += _check_prompt_list(getattr(expert, key), f"experts[{i}].{key}")
@@ -124,8 +129,9 @@ def _check_experts(recipe: Recipe) -> list[Problem]:
     out = []
     if not recipe.base_model.strip():
         out.append(Problem("error", "base_model", "is empty", "name a hub id, a local folder or demo:NAME"))
-    for i, expert in enumerate(recipe.experts):
-        path = f"experts[{i}]"
+    every = [(f"experts[{i}]", e) for i, e in enumerate(recipe.experts)]
+    every += [(f"shared_experts[{i}]", e) for i, e in enumerate(recipe.shared_experts or [])]
+    for path, expert in every:
         if not expert.source_model.strip():
             out.append(Problem("error", f"{path}.source_model", "is empty",
                                "name a hub id, a local folder or demo:NAME"))

@@ -10,13 +10,13 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from workbench.recipe.families import FAMILY_LABELS, INPUT_TYPES
 from workbench.recipe.schema import ConfigUnavailable, Problem, Recipe
 
 # Config fields an expert must share with the base: its MLPs plug into the base's residual
 # stream, layer by layer (mergekit drops extra layers silently and crashes on the rest).
 MATCH_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "num_key_value_heads", "head_dim", "hidden_act")
-FAMILIES = {"mixtral": ("llama", "mistral")}
 SET_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")  # a shipped example set: assets/forge/NAME.jsonl
 
 
@@ -30,6 +30,8 @@ def _model_paths(recipe: Recipe) -> dict[str, list[str]]:
     paths: dict[str, list[str]] = {recipe.base_model: ["base_model"]}
     for i, expert in enumerate(recipe.experts):
         paths.setdefault(expert.source_model, []).append(f"experts[{i}].source_model")
+    for i, expert in enumerate(recipe.shared_experts or []):
+        paths.setdefault(expert.source_model, []).append(f"shared_experts[{i}].source_model")
     return paths
 
 
@@ -53,27 +55,34 @@ def check_compatibility(recipe: Recipe, configs: Mapping[str, dict | ConfigUnava
     base = configs.get(recipe.base_model)
     if not isinstance(base, dict):
         return out
-    family = FAMILIES[recipe.architecture or "mixtral"]
+    family, label = INPUT_TYPES[recipe.family], FAMILY_LABELS[recipe.family]
     if base.get("model_type") not in family:
         out.append(Problem("error", "base_model",
-                           f"model_type '{base.get('model_type')}' cannot become a Mixtral MoE",
+                           f"model_type '{base.get('model_type')}' cannot become a {label} MoE",
                            f"use a {' or '.join(family)} model as the base"))
         return out
+    if recipe.family != "mixtral" and _fact(base, "head_dim") * (base.get("num_attention_heads") or 0) \
+            != base.get("hidden_size"):
+        # vLLM's Qwen2-MoE and DeepSeek attention take head_dim = hidden / heads, whatever the config says.
+        out.append(Problem("error", "base_model", f"head_dim {_fact(base, 'head_dim')} x "
+                           f"{base.get('num_attention_heads')} heads is not hidden_size "
+                           f"{base.get('hidden_size')}, which {label} readers assume",
+                           "use architecture: mixtral for this base"))
     for ref, where in paths.items():
         config = configs.get(ref)
         if ref == recipe.base_model or not isinstance(config, dict):
             continue
-        for found in _compare(base, config, ref, family):
+        for found in _compare(base, config, ref, family, label):
             out += [Problem(found.level, w, found.message, found.fix) for w in where]
     return out
 
 
-def _compare(base: dict, other: dict, ref: str, family: tuple[str, ...]) -> list[Problem]:
+def _compare(base: dict, other: dict, ref: str, family: tuple[str, ...], label: str) -> list[Problem]:
     out = []
     kind = other.get("model_type")
     if kind not in family:
         need = " or ".join(family)
-        return [Problem("error", "", f"'{ref}' is a {kind} model; a Mixtral merge needs {need}",
+        return [Problem("error", "", f"'{ref}' is a {kind} model; a {label} merge needs {need}",
                         "pick an expert fine-tuned from the same base family")]
     for key in MATCH_FIELDS:
         want, got = _fact(base, key), _fact(other, key)

@@ -20,9 +20,9 @@ from pydantic import ValidationError
 from workbench.recipe.refs import canonical_ref
 from workbench.recipe.safe_yaml import YamlRefused, load_yaml
 from workbench.recipe.schema import (
+    ARCHITECTURES,
     DTYPE_HINTS,
     DTYPES,
-    FUTURE_ARCHITECTURES,
     GATE_MODE_ALIASES,
     GATE_MODES,
     MAX_YAML_BYTES,
@@ -95,6 +95,9 @@ def _normalise(data: dict, problems: list[Problem]) -> dict:
     mode = data.get("gate_mode")
     if isinstance(mode, str):
         data["gate_mode"] = GATE_MODE_ALIASES.get(mode, mode)
+    architecture = data.get("architecture")
+    if isinstance(architecture, str):  # mergekit matches it case-insensitively
+        data["architecture"] = architecture.lower()
     dtype = data.get("dtype")
     if isinstance(dtype, str) and dtype.startswith("torch."):
         data["dtype"] = dtype[len("torch."):]
@@ -143,10 +146,10 @@ def _from_pydantic(err: dict) -> Problem:
         fix = f"write '{hint}'" if hint else f"use one of: {', '.join(DTYPES)}"
         return Problem("error", path, f"unknown dtype '{value}'", fix)
     if field == "architecture" and isinstance(value, str):
-        if value.lower() in FUTURE_ARCHITECTURES:
-            return Problem("error", path, f"architecture '{value}' is not supported yet",
-                           "use 'mixtral' or leave it out")
-        return Problem("error", path, f"unknown architecture '{value}'", "use 'mixtral' or leave it out")
+        guess = _closest(value, ARCHITECTURES)
+        names = ", ".join(ARCHITECTURES)
+        fix = f"did you mean '{guess}'?" if guess else f"use one of {names}, or leave it out"
+        return Problem("error", path, f"unknown architecture '{value}'", fix)
     if kind == "too_short" and field == "experts":
         return Problem("error", path, "has no experts", "add at least one expert with a source_model")
     return Problem("error", path, f"{err['msg']} (got {value!r})"[:300], _type_fix(kind))

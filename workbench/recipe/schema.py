@@ -18,10 +18,11 @@ from workbench.errors import WorkbenchError
 GateMode = Literal["hidden", "hidden_avg", "cheap_embed", "random", "uniform_random", "router_input",
                    "fitted"]
 DType = Literal["bfloat16", "float16", "float32", "float64"]  # mergekit 0.1.5 takes float64
-Architecture = Literal["mixtral"]
+Architecture = Literal["mixtral", "qwen", "deepseek"]
 
 GATE_MODES: tuple[str, ...] = GateMode.__args__
 DTYPES: tuple[str, ...] = DType.__args__
+ARCHITECTURES: tuple[str, ...] = Architecture.__args__
 # Modes whose gates do not come from prompts: prompts are optional there.
 PROMPTLESS_MODES = ("random", "uniform_random")
 # Modes whose rows are unit vectors of mean prompt states (mergekit's, and router_input):
@@ -33,7 +34,6 @@ DTYPE_HINTS = {
     "float": "float32", "f16": "float16", "f32": "float32", "fp64": "float64", "f64": "float64",
     "double": "float64",
 }
-FUTURE_ARCHITECTURES = ("qwen", "deepseek")
 
 # Caps that keep one recipe from exhausting the machine (RELIABILITY.md).
 MAX_YAML_BYTES = 256 * 1024
@@ -71,6 +71,24 @@ class Recipe(BaseModel):
     architecture: Architecture | None = None
     shared_experts: list[Expert] | None = None
 
+    @property
+    def family(self) -> str:
+        """The output family: `architecture`, else Mixtral (mergekit's default for these inputs)."""
+        return self.architecture or "mixtral"
+
+    def shared_gate_recipe(self) -> Recipe | None:
+        """The one-expert recipe whose gate row is Qwen2-MoE's `shared_expert_gate`, or None.
+
+        mergekit computes that row as one more expert's (`gates[:, E:]`), so for its modes it is
+        the row of a recipe holding only the shared expert. A fitted router has no row for an
+        always-on expert, so `fitted` makes it as `router_input` does; centring one row would
+        leave zero, so it is never centred."""
+        if self.family != "qwen" or not self.shared_experts:
+            return None
+        mode = "router_input" if self.gate_mode == "fitted" else self.gate_mode
+        return Recipe(base_model=self.base_model, experts=[self.shared_experts[0]], gate_mode=mode,
+                      experts_per_token=1, dtype=self.dtype, architecture="mixtral")
+
     def experts_copy_the_base(self) -> bool:
         """Every expert is the base model unchanged (no noise, no residual scale): the MoE then
         computes as the base at every layer, so a preview from the base's states is exact."""
@@ -98,8 +116,8 @@ class Recipe(BaseModel):
         return used
 
     def model_refs(self) -> list[str]:
-        """Every distinct model reference, base first, in recipe order."""
-        refs = [self.base_model] + [e.source_model for e in self.experts]
+        """Every distinct model reference, base first, in recipe order (shared experts last)."""
+        refs = [self.base_model] + [e.source_model for e in self.experts + (self.shared_experts or [])]
         return list(dict.fromkeys(refs))
 
 

@@ -192,3 +192,73 @@ def check_build(folder: str | None, session_builds: list[str]) -> str:
 def build_choices(session_builds: list[str]) -> list[tuple[str, str]]:
     """(folder name, path) pairs for a dropdown."""
     return [(Path(p).name, p) for p in visible_builds(session_builds)]
+
+
+# ---- GGUF export of a finished build -------------------------------------------------------
+
+GGUF_STAGES = {"gguf": "Converting", "verify": "Checking", "done": "Done"}
+
+
+@dataclass
+class GgufView:
+    status: str
+    fraction: float | None = None
+    description: str = ""
+    finished: bool = False
+
+
+def gguf_note() -> str:
+    """What the export panel says before anything runs: what it needs, and q4/q5."""
+    from workbench.build import GGUF_INSTALL, QUANTIZE_HELP, converter_available
+
+    head = ("Writes the build as one GGUF file beside it, with llama.cpp's own converter, and checks "
+            "what it wrote (experts, experts per token, every tensor)." if converter_available() else
+            f"GGUF export needs llama.cpp's converter on the server: `{GGUF_INSTALL}`.")
+    return f"{head}\n\n{html.escape(QUANTIZE_HELP)}."
+
+
+def gguf_views(folder: str | None, session_builds: list[str], out_type: str,
+               replace: bool) -> Iterator[GgufView]:
+    """Export one of this session's builds to OUTPUTS/NAME-TYPE.gguf, as views of its progress.
+    The conversion runs in a thread (the converter itself in a child process); closing this
+    generator (the page went away) cancels it, and a cancelled export leaves nothing."""
+    import queue
+    import threading
+
+    from workbench.build import export_gguf, gguf_name
+    from workbench.errors import Cancelled
+    from workbench.progress import CancelToken
+
+    folder = check_build(folder, session_builds)
+    out = Path(folder).parent / gguf_name(Path(folder), out_type)
+    events: queue.Queue = queue.Queue()
+    cancel = CancelToken()
+
+    def work() -> None:
+        try:
+            result = export_gguf(Path(folder), out, out_type, force=replace, cancel=cancel,
+                                 on_progress=lambda e: events.put(("progress", e)))
+            events.put(("done", result))
+        except BaseException as exc:  # handed to the page below
+            events.put(("error", exc))
+
+    threading.Thread(target=work, name="gguf-export", daemon=True).start()
+    try:
+        yield GgufView(f"Exporting {out.name}…", 0.0, "Starting llama.cpp's converter")
+        while True:
+            kind, item = events.get()
+            if kind == "progress":
+                stage = GGUF_STAGES.get(item.stage, item.stage)
+                yield GgufView("", item.fraction, f"{stage}: {item.message}"[:120])
+            elif kind == "done":
+                yield GgufView(f"✔ Wrote `{item.path}`: {human(item.size, 'B')} {item.file_type}, "
+                               f"{item.tensor_count} tensors, {item.expert_count} experts "
+                               f"({item.expert_used_count} per token), checked.", finished=True)
+                return
+            else:
+                if isinstance(item, Cancelled):
+                    yield GgufView("■ Export cancelled; nothing was written.", finished=True)
+                    return
+                raise item
+    finally:
+        cancel.cancel()

@@ -68,11 +68,10 @@ def render_form(out: DesignOutputs, demo: gr.Blocks) -> None:
                           scale=1, info="top-k", interactive=True, **_kept("experts_per_token"))
             dtype = gr.Dropdown(DTYPE_CHOICES, value=data.get("dtype", ""), label="Output dtype", scale=1,
                                 info="of the weights", interactive=True, **_kept("dtype"))
-            # One Mixtral entry, whether the recipe spells `architecture: mixtral` out or not.
             family_value = data.get("architecture", "")
-            family = gr.Dropdown([("Mixtral", family_value)], value=family_value, label="Output family",
-                                 scale=1, info="Qwen/DeepSeek later", interactive=True,
-                                 **_kept("architecture"))
+            family = gr.Dropdown(design_logic.family_choices(family_value), value=family_value,
+                                 label="Output family", scale=1, info="shared experts: in the YAML",
+                                 interactive=True, **_kept("architecture"))
         slot("settings")
         top = [base, gate, dtype, k, family]  # form.TOP_KEYS order
         labels = design_logic.expert_labels(data)

@@ -95,6 +95,21 @@ def check(data: dict[str, Any], token: str | None, earlier: list[Problem] | None
     return Checked(data, recipe, problems, base_config, pending)
 
 
+FAMILY_CHOICES = (("Qwen2-MoE (+ gated shared expert)", "qwen"),
+                  ("DeepSeek-MoE (remote code, CLI only)", "deepseek"))
+
+
+def family_choices(value: Any) -> list[tuple[str, Any]]:
+    """The Output family dropdown: one Mixtral entry, whether the recipe spells
+    `architecture: mixtral` out or leaves it out; any other value keeps its own entry, so the
+    field never shows what the recipe does not say (validation names an unknown one)."""
+    mixtral = value if value in ("", None, "mixtral") else ""
+    choices = [("Mixtral", mixtral), *FAMILY_CHOICES]
+    if value not in [v for _, v in choices]:
+        choices.append((str(value), value))
+    return choices
+
+
 def expert_labels(data: dict[str, Any]) -> list[str]:
     """What each expert of recipe data is called when it has no name (the form's placeholder)."""
     recipe, _ = recipe_from_dict(data)

@@ -29,7 +29,8 @@ class Estimate:
 
 
 def estimate(recipe: Recipe, base_config: dict) -> Estimate:
-    """Sizes of the Mixtral MoE this recipe builds from a base with `base_config`.
+    """Sizes of the MoE this recipe builds (its output family) from a base with `base_config`.
+    A shared expert (Qwen2-MoE, DeepSeek-MoE) runs on every token, so it counts as active.
 
     Raises BuildError when the config lacks a dimension.
     """
@@ -38,7 +39,12 @@ def estimate(recipe: Recipe, base_config: dict) -> Estimate:
     attention = d.q * d.H + 2 * d.kv * d.H + d.H * d.q  # q, k, v, o
     per_layer = attention + 2 * d.H + experts * d.H  # + two norms + the router (E, H)
     mlp = 3 * d.H * d.I  # w1, w2, w3 of one expert in one layer
-    shared = d.V * d.H * (1 if ties_embeddings(base_config) else 2) + d.H  # embed (+ head) + final norm
+    qwen = recipe.family == "qwen"
+    if qwen:  # the shared expert's gate row and the zero q/k/v biases
+        per_layer += d.H + d.q + 2 * d.kv
+    per_layer += mlp * (len(recipe.shared_experts or []) if recipe.family != "mixtral" else 0)
+    tied = ties_embeddings(base_config) and not qwen  # a Qwen2-MoE writes its head out
+    shared = d.V * d.H * (1 if tied else 2) + d.H  # embed (+ head) + final norm
     dense = shared + d.L * per_layer
     total = dense + d.L * experts * mlp
     active = dense + d.L * k * mlp

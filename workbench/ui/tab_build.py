@@ -1,4 +1,5 @@
-"""Build tab: output settings, build with progress / cancel / log / summary, download, push to the Hub."""
+"""Build tab: output settings, build with progress / cancel / log / summary, download, GGUF export,
+push to the Hub."""
 
 from __future__ import annotations
 
@@ -45,17 +46,19 @@ def render(design: DesignTab, tab: gr.Tab) -> BuildTab:
             ui = _controls(builds)
         with gr.Column(scale=2):
             download = gr.Button("Download recipe YAML", elem_id="wb-download", variant="secondary")
+            exported = _gguf_panel(builds)
             model = _push_panel(builds)
     _wire_build(design, ui)
 
-    def refresh(mine: list[str]) -> gr.Dropdown:
+    def refresh(mine: list[str]) -> tuple[gr.Dropdown, gr.Dropdown]:
         found = build_logic.build_choices(mine)
-        return gr.Dropdown(choices=found, value=found[-1][1] if found else None)
+        latest = found[-1][1] if found else None
+        return gr.Dropdown(choices=found, value=latest), gr.Dropdown(choices=found, value=latest)
 
     # The browser saves the editor's text itself: no server file to cap, clean up or serve.
     download.click(None, [design.yaml], None, js=SAVE_RECIPE)
     for event in (tab.select, builds.change):
-        event(refresh, [builds], [model], show_progress="hidden")
+        event(refresh, [builds], [model, exported], show_progress="hidden")
     return BuildTab(builds)
 
 
@@ -134,6 +137,31 @@ def _wire_build(design: DesignTab, ui: _Controls) -> None:
     # Many sessions may wait here at once (each shows its queue place); jobs.py runs one build at a time.
     ui.start.click(run, inputs, outputs, show_progress_on=[ui.status], concurrency_limit=8)
     ui.stop.click(cancel, [ui.job_id], [ui.status], show_progress="hidden")
+
+
+def _gguf_panel(builds: gr.State) -> gr.Dropdown:
+    with gr.Accordion("Export as GGUF (llama.cpp)", open=False, elem_id="wb-gguf"):
+        gr.Markdown(build_logic.gguf_note(), elem_classes="wb-muted")
+        model = gr.Dropdown([], label="Build to export")
+        with gr.Row():
+            kind = gr.Dropdown(list(build.GGUF_TYPES), value="f16", label="Type", info="q8_0: half the size")
+            replace = gr.Checkbox(False, label="Replace an existing file")
+        start = gr.Button("Export GGUF", variant="secondary", elem_id="wb-gguf-export",
+                          interactive=build.converter_available())
+        status = gr.Markdown(elem_id="wb-gguf-status", min_height=48)
+
+    @shared.user_errors
+    def export(folder: str, mine: list, out_type: str, overwrite: bool,
+               progress: gr.Progress = shared.PROGRESS):
+        for view in build_logic.gguf_views(folder, mine, out_type, overwrite):
+            if view.fraction is not None:
+                progress(view.fraction, desc=view.description)
+            yield view.status if view.status or view.finished else gr.skip()
+
+    # One conversion at a time (it reads the whole build); other sessions' events go on meanwhile.
+    start.click(export, [model, builds, kind, replace], [status], show_progress_on=[status],
+                concurrency_limit=1, concurrency_id="gguf-export")
+    return model
 
 
 def _push_panel(builds: gr.State) -> gr.Dropdown:
