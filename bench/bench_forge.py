@@ -16,6 +16,7 @@ Prints markdown.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import re
 import subprocess
@@ -28,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 BASE = "demo:smollm2-135m-instruct"
 SETS = ROOT / "assets" / "forge"
+log = logging.getLogger("bench_forge")
 UNSEEN = ["What is the tallest mountain in the world?", "How do I make a cup of tea?",
           "Why do leaves change colour in autumn?", "What is a rainbow?", "How do I tie my shoes?",
           "What is the best way to save money?", "Tell me about elephants.", "How do magnets work?",
@@ -90,6 +92,7 @@ def main() -> None:
     parser.add_argument("--set", dest="sets", action="append", choices=sorted(MARKERS),
                         help="a set in assets/forge/ (repeatable; default: every shipped set)")
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     names = args.sets or shipped_sets()
     base = replies(BASE)
     rows, forged = [], {}
@@ -100,6 +103,7 @@ def main() -> None:
             forged[name] = replies(str(Path(tmp) / name))
             share = f"{shown(name, base)}/{len(UNSEEN)} | **{shown(name, forged[name])}/{len(UNSEEN)}**"
             rows.append(f"| `{name}.jsonl` | {load:.1f} | {seconds:.1f} s | {rss:.0f} MB | {share} |")
+            log.info("%s: load %.1f, %.1f s, %.0f MB, base / forged %s", name, load, seconds, rss, share)
     print(f"Forges with the defaults, whole command; style shown in greedy replies to {len(UNSEEN)} "
           "unseen prompts (`MARKERS` in bench/bench_forge.py):\n")
     print("| set | load at start | forge | peak RSS | base | forged |\n|---|---|---|---|---|---|")
