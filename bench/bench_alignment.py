@@ -51,15 +51,17 @@ def run_timed(args: list[str]) -> float:
     return time.monotonic() - started
 
 
-def forge_and_build(folder: Path) -> dict[str, float]:
+def forge_and_build(folder: Path, recipe_file: Path | None) -> dict[str, float]:
     seconds = {}
     for name in ("hero", "villain"):
         out = folder / f"{name}-expert"
         if not (out / "config.json").is_file():
             seconds[f"forge {name}"] = run_timed(["forge", BASE, f"assets/forge/{name}.jsonl", str(out)])
-    recipe = (ROOT / "presets" / "alignment-demo.yaml").read_text()
-    recipe = recipe.replace("./outputs/", f"{folder}/")
-    (folder / "alignment.yaml").write_text(recipe)
+    if recipe_file is None:
+        recipe = (ROOT / "presets" / "alignment-demo.yaml").read_text()
+        (folder / "alignment.yaml").write_text(recipe.replace("./outputs/", f"{folder}/"))
+    else:
+        (folder / "alignment.yaml").write_text(recipe_file.read_text())
     moe = folder / "alignment-moe"
     if not (moe / "config.json").is_file():
         seconds["build"] = run_timed(["build", str(folder / "alignment.yaml"), str(moe)])
@@ -76,11 +78,13 @@ def top_expert(trace, names: list[str]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--keep", type=Path, help="folder for the experts and the MoE (reused when there)")
+    parser.add_argument("--recipe", type=Path, help="build this recipe instead of the preset (its experts "
+                        "named by absolute path)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
         folder = (args.keep or Path(scratch)).resolve()
         folder.mkdir(parents=True, exist_ok=True)
-        seconds = forge_and_build(folder)
+        seconds = forge_and_build(folder, args.recipe)
         from workbench.chat import SamplingSettings, chat_streams, registry
 
         moe = registry().get(str(folder / "alignment-moe"), device="cpu")
