@@ -15,7 +15,8 @@ that is verified and renamed into place. Also pushes a finished build to the Hub
 from workbench.faces import face
 
 EXPORTS = {
-    "BuildResult": "builder", "build": "builder", "output_path": "builder", "parse_size": "builder",
+    "BuildResult": "builder", "build": "builder", "output_dtype": "builder", "output_path": "builder",
+    "parse_size": "builder",
     "Dims": "layout", "ties_embeddings": "layout",
     "model_card": "upload", "push": "upload",
 }

@@ -87,19 +87,22 @@ def _decode_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_
                             top_k_weights: torch.Tensor) -> torch.Tensor:
     """MixtralExperts.forward for (T, H) states; T == 1 runs only the token's k experts.
 
-    Experts are summed in ascending id order, the order of transformers' eager loop.
+    Experts are summed in ascending id order, the order of transformers' eager loop. A slot
+    of weight 0 (an intervention's forced or ablated expert) adds nothing and is skipped.
     """
     if hidden_states.shape[0] != 1:
         return type(self).forward(self, hidden_states, top_k_index, top_k_weights)
-    ids = top_k_index[0].tolist()
+    ids, weights = top_k_index[0].tolist(), top_k_weights[0].tolist()
     out = None
     for slot in sorted(range(len(ids)), key=ids.__getitem__):
         e = ids[slot]
+        if weights[slot] == 0.0:
+            continue
         gate, up = nn.functional.linear(hidden_states, self.gate_up_proj[e]).chunk(2, dim=-1)  # (1, I) x2
         y = nn.functional.linear(self.act_fn(gate) * up, self.down_proj[e])  # (1, H)
         y = y * top_k_weights[0, slot]
         out = y if out is None else out + y
-    return out.to(hidden_states.dtype)
+    return torch.zeros_like(hidden_states) if out is None else out.to(hidden_states.dtype)
 
 
 def install_decode_path(model: nn.Module) -> int:
