@@ -14,7 +14,7 @@ nothing of Gradio.
 from workbench.faces import face
 
 EXPORTS = {
-    "registry": "engine",
+    "registry": "engine", "saved_recipe": "engine",
     "SamplingSettings": "request", "prepare": "request",
     "ReplyStream": "generate", "chat_streams": "generate", "reply_logits": "generate",
 }

@@ -36,7 +36,7 @@ from torch import nn
 from workbench.chat.share import share_between, unique_bytes
 from workbench.device import pick_device
 from workbench.errors import SourceError
-from workbench.recipe import parse_recipe
+from workbench.recipe import Recipe, parse_recipe
 
 log = logging.getLogger(__name__)
 
@@ -128,14 +128,21 @@ def materialise(model: nn.Module) -> None:
             param.data = param.data.clone()
 
 
+def saved_recipe(folder: Path | None) -> Recipe | None:
+    """The recipe a built MoE was made from (its recipe copy), or None without a readable one."""
+    if folder is None:
+        return None
+    try:
+        text = (Path(folder) / RECIPE_COPY).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+    return parse_recipe(text)[0]
+
+
 def _recipe_facts(folder: Path, experts: int) -> tuple[list[str], str | None]:
     """(expert labels, base model) from a built MoE's recipe copy; generic names without one."""
     generic = [f"expert {e}" for e in range(experts)]
-    try:
-        text = (folder / RECIPE_COPY).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError):
-        return generic, None
-    recipe, _ = parse_recipe(text)
+    recipe = saved_recipe(folder)
     if recipe is None:
         return generic, None
     names = recipe.expert_labels()
@@ -306,4 +313,4 @@ def registry() -> Registry:
 
 
 __all__ = ["COMPUTE_LOCK", "LoadedModel", "Registry", "install_decode_path", "load_model", "materialise",
-           "registry", "wrap_model"]
+           "registry", "saved_recipe", "wrap_model"]
