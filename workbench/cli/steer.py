@@ -77,8 +77,9 @@ def intervention_from(args: argparse.Namespace, entry: Any) -> tuple[Any, list[s
         base = registry().get(recipe.base_model, device=args.device, token=env_token())
         gates = compute_gates(recipe, base.path, model=base.model, tokenizer=base.tokenizer)
         routers = recipe_routers(recipe, gates, entry, base_path=base.path)
+        k = recipe.experts_per_token  # a build of the recipe routes its own top-k
         intervention = intervention.with_routers(routers, f"{args.gates_from} (not built)",
-                                                 k=recipe.experts_per_token)
+                                                 k=k if k != entry.top_k else None)
         notes = swap_notes(recipe, saved_recipe(entry.path))
         for note in notes:
             print(f"note: {note}", file=sys.stderr)
