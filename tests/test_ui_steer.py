@@ -75,7 +75,8 @@ def test_the_panels_values_become_an_intervention_and_words(pico):
     assert "Build the recipe" in steer_logic.panel_note(recipe, pico["moe"])
     bad = steer_logic.spec(force=2, layers="1-7", ban=[2])
     note = steer_logic.panel_note(bad, pico["moe"])
-    assert note.startswith("**Cannot apply:**") and "layers 0 to 2" in note and "both forced and banned" in note
+    assert note.startswith("**Cannot apply:**") and "layers 0 to 2" in note
+    assert "both forced and banned" in note
     assert "not a layer range" in steer_logic.panel_note(steer_logic.spec(force=1, layers="x"), pico["moe"])
     assert steer_logic.moe_facts(pico["base"]) == ([], None)  # a dense model has no experts to steer
     with pytest.raises(InterventionError):

@@ -77,7 +77,7 @@ def render(built: BuildTab, tab: gr.Tab, design: DesignTab) -> ChatTab:
         panes = [_pane("base", "Base model"), _pane("moe", "MoE", "saved routers"),
                  _pane("steered", "MoE, steered", "under the Interventions panel", visible=False)]
     with gr.Row(equal_height=True):
-        message = gr.Textbox(placeholder="Message both models…", show_label=False, scale=5, lines=1,
+        message = gr.Textbox(placeholder="Message the models…", show_label=False, scale=5, lines=1,
                              max_lines=6, elem_id="wb-chat-input", submit_btn=False)
         send = gr.Button("Send", variant="primary", scale=1, elem_id="wb-send")
     with gr.Row():
@@ -99,13 +99,14 @@ def render(built: BuildTab, tab: gr.Tab, design: DesignTab) -> ChatTab:
 
 def _pane(side: str, title: str, subtitle: str = "", *, visible: bool = True) -> _Pane:
     stops = {"base": "Stop base", "moe": "Stop MoE", "steered": "Stop steered"}
+    whose = {"base": "The base model's", "moe": "The MoE's", "steered": "The steered MoE's"}
     with gr.Column(visible=visible, elem_id=f"wb-pane-{side}") as column:
         with gr.Row(equal_height=True):
             words = f"### {title}" + (f" <span class='wb-muted'>· {subtitle}</span>" if subtitle else "")
             gr.Markdown(words, elem_classes="wb-pane-title")
             stop = gr.Button(stops[side], size="sm", scale=0, min_width=110)
         chat = gr.Chatbot(label=title, show_label=False, height=420, elem_id=f"wb-chat-{side}",
-                          placeholder=f"The {title.lower()}'s replies appear here.")
+                          placeholder=f"{whose[side]} replies appear here.")
         stats = gr.Markdown(elem_classes="wb-stats-line", elem_id=f"wb-stats-{side}")
     return _Pane(side, chat, stats, stop, column)
 
