@@ -359,3 +359,29 @@ def test_an_override_from_another_thread_routes_that_threads_forward_as_saved(pi
         mine = trace_ids(moe, ids_of(moe)[0].tolist(), intervention=None)
     assert torch.equal(seen[0], want)
     assert bool((mine.topk_ids[..., 0] == 3).all())  # this thread's forward inside the block is steered
+
+
+@pytest.mark.demo
+def test_the_demo_presets_swapped_routers_are_the_bytes_its_build_writes(demo_model_path):
+    """The UI computes a recipe's gates on the loaded base (the Preview tab's cache); a build
+    computes them in its own process from a fresh load. For the demo preset (gate_mode fitted)
+    they must be the same routers, bit for bit, or a swapped-in MoE would not be the built one."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from workbench.gates import from_gates, scored_gates
+    from workbench.recipe import read_recipe
+    from workbench.ui import preview_logic
+
+    recipe, _ = read_recipe(str(Path(__file__).resolve().parents[1] / "presets" / "demo.yaml"))
+    assert recipe.gate_mode == "fitted"
+    registry = Registry()
+    base = registry.get(recipe.base_model, device="cpu")
+    config = SimpleNamespace(num_hidden_layers=base.layers, num_local_experts=len(recipe.experts),
+                             hidden_size=base.model.config.hidden_size)
+    moe = SimpleNamespace(ref="demo MoE", model=SimpleNamespace(config=config))
+    swapped = recipe_routers(recipe, preview_logic.gates_for(recipe, base), moe, base_path=base.path)
+    written = from_gates(scored_gates(recipe, base.path, device="cpu"), "F32")  # what the build writes
+    rows = np.stack([np.frombuffer(row, dtype="<f4").reshape(swapped.shape[1:]) for row in written.rows])
+    assert swapped.dtype == torch.float32 and np.array_equal(swapped.numpy(), rows)
