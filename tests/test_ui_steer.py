@@ -72,7 +72,7 @@ def test_the_panels_values_become_an_intervention_and_words(pico):
     assert not steer_logic.active(steer_logic.spec(force=-1)) and steer_logic.active(values)
     recipe = steer_logic.spec(routers="recipe", revision=3)
     assert steer_logic.describe(recipe) == "routers from the unsaved recipe (revision 3)"
-    assert "Build the recipe" in steer_logic.panel_note(recipe, pico["moe"])
+    assert "build the recipe on the Build tab" in steer_logic.panel_note(recipe, pico["moe"])
     bad = steer_logic.spec(force=2, layers="1-7", ban=[2])
     note = steer_logic.panel_note(bad, pico["moe"])
     assert note.startswith("**Cannot apply:**") and "layers 0 to 2" in note
@@ -162,3 +162,54 @@ def test_two_sessions_on_one_moe_keep_their_own_routers(pico):
     for t in threads:
         t.join()
     assert got == {"A": [steered] * 3, "B": [saved] * 3}
+
+
+def test_the_recipes_routers_are_computed_ahead_once_the_typing_pauses(pico, monkeypatch):
+    from workbench.recipe import parse_recipe
+    from workbench.ui import preview_logic
+
+    made: list[str] = []
+    real = preview_logic.gates_for
+
+    def counting(recipe, entry, cancel=None):
+        made.append(recipe.experts[0].positive_prompts[0])
+        return real(recipe, entry, cancel)
+
+    monkeypatch.setattr(preview_logic, "gates_for", counting)
+    texts = [pico["other_text"].replace("Hello! How are you doing today?", f"Hello {n}") for n in range(3)]
+    timers = [steer_logic.prefetch("typist", text, device="cpu", delay=0.3) for text in texts]
+    timers[-1].join(timeout=60)
+    for timer in timers[:-1]:
+        timer.join(timeout=5)
+    assert made == ["Hello 2"]  # the edits before the pause were never computed
+    recipe = parse_recipe(texts[-1])[0]
+    base = preview_logic.base_entry(recipe, token=None, device="cpu")
+    assert preview_logic._gates.has(preview_logic.cache_key(recipe, base))
+    steer_logic.prefetch("typist", "experts: [", device="cpu", delay=0.01).join(timeout=5)  # no error
+
+
+def test_a_result_being_made_is_made_once_for_every_caller():
+    from workbench.ui.preview_logic import _Cache
+
+    cache, calls, started = _Cache(), [], threading.Event()
+
+    def slow() -> str:
+        calls.append(1)
+        started.set()
+        threading.Event().wait(0.3)
+        return "gates"
+
+    got: list[str] = []
+    first = threading.Thread(target=lambda: got.append(cache.get("k", slow)))
+    first.start()
+    started.wait(5)
+    got.append(cache.get("k", slow))  # arrives while the first is making it
+    first.join()
+    assert got == ["gates", "gates"] and calls == [1]
+
+    def broken() -> str:
+        raise RuntimeError("no")
+
+    with pytest.raises(RuntimeError):
+        cache.get("bad", broken)
+    assert cache.get("bad", lambda: "then fine") == "then fine"

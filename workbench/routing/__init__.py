@@ -21,6 +21,7 @@ from workbench.faces import face
 
 EXPORTS = {
     "RouterRecorder": "trace", "RouterTrace": "trace", "find_routers": "trace", "router_hooks": "trace",
+    "router_weights": "trace",
     "trace_ids": "tracing", "trace_text": "tracing",
     "Force": "steer", "Intervention": "steer", "InterventionError": "steer", "NO_INTERVENTION": "steer",
     "parse_force": "steer", "parse_layers": "steer",

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -123,8 +124,8 @@ def panel_note(values: dict[str, Any], folder: str | None) -> str:
         return "**Cannot apply:** " + "; ".join(found)
     names, _ = moe_facts(folder)
     words = describe(values, names)
-    tail = (" Build the recipe on the Build tab to save these routers for real."
-            if values.get("routers") == RECIPE else "")
+    tail = (" They are computed as you edit the Design tab (once the typing pauses); build the recipe "
+            "on the Build tab to save them for real." if values.get("routers") == RECIPE else "")
     return f"The third pane answers under: **{words}**.{tail}"
 
 
@@ -157,6 +158,43 @@ def steer_of(controls: tuple | list, yaml_text: str, seen: list[str] | None) -> 
     routers = controls[6] if len(controls) > 6 else SAVED
     number = revision(yaml_text, seen)[0] if routers == RECIPE else 0
     return {"spec": spec(*controls, revision=number), "yaml": yaml_text}
+
+
+# ---- the recipe's routers, ahead of the reply -----------------------------------------------
+
+PREFETCH_AFTER = 1.5  # seconds without an edit before a recipe's routers are computed ahead
+_timers: dict[str, threading.Timer] = {}
+_timers_lock = threading.Lock()
+
+
+def prefetch(session: str, yaml_text: str, *, token: str | None = None, device: str = "auto",
+             delay: float = PREFETCH_AFTER) -> threading.Timer:
+    """Compute the recipe's routers ahead, `delay` seconds after this session's last edit, so
+    that a reply sent later finds them ready (and one sent meanwhile waits for them rather
+    than computing them again); another edit first restarts the wait. A recipe that does not
+    check out is left for the reply to report."""
+    def run() -> None:
+        with _timers_lock:
+            if _timers.get(session) is not timer:
+                return  # a newer edit took over
+            del _timers[session]
+        try:
+            from workbench.ui import preview_logic
+
+            recipe = preview_logic.recipe_for_preview(yaml_text)
+            preview_logic.gates_for(recipe, preview_logic.base_entry(recipe, token=token, device=device))
+        except Exception as exc:  # noqa: BLE001 (the reply reports it, with what to fix)
+            log.debug("routers not computed ahead: %s", exc)
+
+    timer = threading.Timer(delay, run)
+    timer.daemon = True
+    with _timers_lock:
+        old = _timers.pop(session, None)
+        if old is not None:
+            old.cancel()
+        _timers[session] = timer
+    timer.start()
+    return timer
 
 
 # ---- on the engine side --------------------------------------------------------------------

@@ -93,7 +93,7 @@ def render(built: BuildTab, tab: gr.Tab, design: DesignTab) -> ChatTab:
     _wire(panes, message, send, stop_both, regenerate, clear, moe, base, settings, last, last_steered,
           built.builds, steer)
     _wire_models(built, tab, moe, base)
-    _wire_steer(steer, moe, panes[2], show_steered)
+    _wire_steer(steer, moe, panes[2], show_steered, device)
     return ChatTab(last, last_steered, show_routing, show_steered, moe, built.builds, steer)
 
 
@@ -242,7 +242,8 @@ def _wire(panes: list[_Pane], message: gr.Textbox, send: gr.Button, stop_both: g
     clear.click(lambda: ([], [], [], "", "", "", None, None), None, cleared, show_progress="hidden")
 
 
-def _wire_steer(steer: Steer, moe: gr.Dropdown, steered_pane: _Pane, show_steered: gr.Button) -> None:
+def _wire_steer(steer: Steer, moe: gr.Dropdown, steered_pane: _Pane, show_steered: gr.Button,
+                device: gr.Dropdown) -> None:
     """The panel follows the chosen MoE (its experts by name) and says, as it changes, what the
     third pane will run under; changing an intervention opens the third pane."""
     force, layers, ban, ablate, *rest = steer.controls
@@ -268,6 +269,18 @@ def _wire_steer(steer: Steer, moe: gr.Dropdown, steered_pane: _Pane, show_steere
 
     for control in steer.controls:
         control.input(changed, [moe, *steer.controls], [steer.note, steer.compare], show_progress="hidden")
+
+    def ahead(yaml_text: str, routers: str, where: str, request: gr.Request,
+              oauth_token: gr.OAuthToken | None = None) -> None:
+        """With the recipe's routers chosen, an edit on the Design tab starts computing them (once
+        the typing pauses), so the next reply does not wait for them."""
+        if routers == steer_logic.RECIPE:
+            steer_logic.prefetch(request.session_hash or "", yaml_text, token=shared.user_token(oauth_token),
+                                 device=where)
+
+    routers = steer.controls[6]
+    for event in (steer.yaml.change, routers.change):
+        event(ahead, [steer.yaml, routers, device], None, show_progress="hidden", concurrency_limit=None)
     steer.compare.change(lambda on: (gr.Column(visible=bool(on)), gr.Button(visible=bool(on))),
                          [steer.compare], [steered_pane.column, show_steered], show_progress="hidden")
 
