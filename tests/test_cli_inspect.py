@@ -84,7 +84,8 @@ def test_trace_json_matches_the_preview_for_an_identity_moe(models, capsys):
     text = "The knight rode through the forest"
     traced = run_json(capsys, "trace", str(models["moe"]), "--text", text, "--device", "cpu", "--json")
     preview = run_json(capsys, "preview", str(models["recipe"]), "--text", text, "--device", "cpu", "--json")
-    assert set(traced) == {"command", "model", "trace", "summary"} and traced["trace"]["source"] == "model"
+    assert set(traced) == {"command", "model", "intervention", "trace", "summary"}
+    assert traced["trace"]["source"] == "model" and traced["intervention"] is None
     assert traced["trace"]["topk_ids"] == preview["trace"]["topk_ids"]
     labels = ["def add(a, b): return…", "Solve 2x + 3…", "Once upon a time…", "Hello! How are you…"]
     assert traced["trace"]["expert_names"] == preview["trace"]["expert_names"] == labels
@@ -161,6 +162,69 @@ def test_build_prints_the_gate_warnings_the_ui_shows(pico_factory, tmp_path, cap
     assert main(["build", str(recipe), str(tmp_path / "moe"), "--device", "cpu"]) == 0
     err = capsys.readouterr().err
     assert "warning: layer 0: condition number" in err
+
+
+def test_trace_and_chat_take_interventions_and_json_records_them(models, capsys):
+    text = "The knight rode through the forest"
+    saved = run_json(capsys, "trace", str(models["moe"]), "--text", text, "--device", "cpu", "--json")
+    out = run_json(capsys, "trace", str(models["moe"]), "--text", text, "--device", "cpu", "--json",
+                   "--force-expert", "3@1-2", "--ban-expert", "0", "--top-k", "1",
+                   "--router-temperature", "2")
+    assert out["intervention"] == {"force": [{"expert": 3, "layers": [1, 2]}], "ban": [0], "ablate": [],
+                                   "top_k": 1, "temperature": 2.0, "routers": "saved"}
+    assert set(out["trace"]) == TRACE_KEYS | {"intervention"} and out["trace"]["k"] == 1
+    assert out["trace"]["intervention"] == out["intervention"]
+    tops = [[row[0] for row in token] for token in out["trace"]["topk_ids"]]  # (T, L) first choices
+    assert all(t[1] == 3 and t[2] == 3 and t[0] != 0 for t in tops)
+    assert [t[0] for t in tops] != [0] * len(tops) and saved["intervention"] is None
+    chat = run_json(capsys, "chat", str(models["moe"]), "--base", str(models["base"]), "--prompt", "Hi there",
+                    "--max-new-tokens", "5", "--device", "cpu", "--trace", "--json", "--ablate-expert", "2",
+                    "--router-top-k", "3")
+    assert chat["intervention"]["ablate"] == [2] and chat["intervention"]["top_k"] == 3
+    assert chat["trace"]["k"] == 3 and chat["trace"]["intervention"] == chat["intervention"]
+    assert chat["settings"]["top_k"] == 50  # chat's --top-k stays the sampler's
+    assert main(["chat", str(models["moe"]), "--prompt", "Hi", "--max-new-tokens", "3", "--device", "cpu",
+                 "--ban-expert", "1"]) == 0
+    assert "(under: e1 (Solve 2x + 3…) banned)" in capsys.readouterr().out
+
+
+def test_gates_from_routes_like_the_model_built_from_that_recipe_and_writes_nothing(models, capsys, tmp_path):
+    other = Recipe(base_model=str(models["base"]), dtype="float32", experts_per_token=1, experts=[
+        Expert(source_model=str(models["base"]), positive_prompts=p) for p in PROMPTS[::-1]])
+    recipe = tmp_path / "other.yml"
+    recipe.write_text(yaml.safe_dump(other.model_dump(exclude_none=True)))
+    built = build(other, tmp_path / "other-moe", device="cpu").path
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in models["moe"].iterdir())
+    text = "Once upon a time def add(a, b)"
+    swapped = run_json(capsys, "trace", str(models["moe"]), "--text", text, "--device", "cpu", "--json",
+                       "--gates-from", str(recipe))
+    want = run_json(capsys, "trace", str(built), "--text", text, "--device", "cpu", "--json")
+    assert swapped["trace"]["topk_ids"] == want["trace"]["topk_ids"] and swapped["trace"]["k"] == 1
+    assert swapped["intervention"]["routers"] == f"{recipe} (not built)" and swapped["routers_notes"] == []
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in models["moe"].iterdir()) == before
+    assert main(["trace", str(models["moe"]), "--text", text, "--device", "cpu", "--gates-from",
+                 str(recipe)]) == 0
+    assert f"under: top-1 · routers from {recipe} (not built)" in capsys.readouterr().out  # the recipe's k
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["trace", "{moe}", "--text", "hi", "--ban-expert", "7"], "does not exist"),
+    (["trace", "{moe}", "--text", "hi", "--force-expert", "1", "--ban-expert", "1"],
+     "both forced and banned"),
+    (["chat", "{base}", "--prompt", "hi", "--force-expert", "1"], "no routers to steer"),
+    (["trace", "{moe}", "--text", "hi", "--router-temperature", "0"], "temperature"),
+])
+def test_bad_interventions_exit_1_with_a_message(models, capsys, argv, message):
+    names = {"moe": str(models["moe"]), "base": str(models["base"])}
+    assert main([a.format(**names) for a in argv] + ["--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and "Traceback" not in err
+
+
+def test_a_bad_force_argument_is_an_argparse_error(models, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["trace", str(models["moe"]), "--text", "hi", "--force-expert", "2@9-3"])
+    assert exit_.value.code == 2 and "layer" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, message", [

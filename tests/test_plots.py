@@ -122,6 +122,31 @@ def test_routing_heatmap_colours_cells_by_top_expert_and_hovers_the_top_k():
     assert isinstance(data["layout"]["template"], dict) and "layout" in data["layout"]["template"]
 
 
+def test_routing_heatmap_marks_the_cells_an_intervention_changed():
+    import dataclasses
+
+    from workbench.routing import intervention_changes
+
+    saved = make_trace()
+    ids = saved.topk_ids.clone()
+    ids[3, 1] = ids[3, 1].flip(-1)  # the same experts in another order: not a change of who ran
+    ids[5, 2, 0], ids[5, 2, 1] = 3, 2  # other experts ran
+    ids[6, 0] = torch.tensor([1, 0]) if set(ids[6, 0].tolist()) != {0, 1} else torch.tensor([2, 3])
+    steered = dataclasses.replace(saved, topk_ids=ids, intervention={"ban": [0]})
+    changes = intervention_changes(steered, saved)
+    before = set(saved.topk_ids[5, 2].tolist()) != {2, 3}
+    assert changes.count == before + 1 and bool(changes.changed[6, 0]) and not bool(changes.changed[3, 1])
+    data = check_renderable(plots.routing_heatmap(steered, changes=changes))
+    marks = data["data"][1]
+    assert [t["type"] for t in data["data"]] == ["heatmap", "scatter"]
+    assert 6 in values(marks["x"]) and "saved routers chose" in marks["hovertemplate"]
+    first = values(marks["x"]).index(6)
+    assert marks["text"][first] == ", ".join(f"e{e} {NAMES[e]}" for e in saved.topk_ids[6, 0].tolist())
+    assert "under an intervention" in data["layout"]["title"]["text"]
+    unchanged = plots.routing_heatmap(saved, changes=intervention_changes(saved, saved))
+    assert [t.type for t in unchanged.data] == ["heatmap"]
+
+
 def test_token_labels_are_readable_and_escaped():
     assert plots.token_label("<s>") == "&lt;s&gt;"
     assert plots.token_label("\n") == "↵" and plots.token_label(" the") == "·the"

@@ -43,8 +43,9 @@ class FakeBackend:
     def __init__(self, delay: float = 0.0, length: int = 5):
         self.delay, self.length, self.opened = delay, length, []
 
-    def open(self, ref, base_ref, messages, settings, *, trace, cancel, token, device):
-        self.opened.append({"ref": ref, "base": base_ref, "messages": messages, "trace": trace})
+    def open(self, ref, base_ref, messages, settings, *, trace, cancel, token, device, steer=None):
+        self.opened.append({"ref": ref, "base": base_ref, "messages": messages, "trace": trace}
+                           | ({"steer": steer} if steer is not None else {}))
         words = [f"{ref.split('/')[-1]} "] + [f"w{i} " for i in range(self.length)]
         return FakeStream(words, cancel, trace, self.delay)
 
@@ -191,3 +192,66 @@ def test_a_reply_that_waited_says_so_apart_from_its_first_token_time(fake):
     prompt = list(chat_logic.reply("base", "s", history, "", "org/base", "", SETTINGS,
                                    sent_at=time.time()))[-1]
     assert not prompt.stats.startswith("queued")
+
+
+# ---- the steered pane ------------------------------------------------------------------------
+
+
+def test_the_steered_pane_labels_every_reply_and_the_model_never_reads_the_label(fake):
+    from workbench.ui import steer_logic
+
+    spec = steer_logic.spec(force=2, layers="1-2", ban=[3], top_k=1)
+    steer = {"spec": spec, "yaml": "base_model: x"}
+    base_h, moe_h, steered_h = chat_logic.add_user("Hello", [], [], [])
+    updates = list(chat_logic.reply("steered", "s1", steered_h, "out/my-moe", "org/base", "", SETTINGS,
+                                    steer=steer))
+    answer = updates[-1].history[-1]["content"]
+    assert answer.startswith("⚙ *under: e2 forced on layers 1-2 · e3 banned · top-1*\n\n")
+    assert answer.endswith("my-moe w0 w1 w2 w3 w4 ")
+    assert all(u.history[-1]["content"].startswith("⚙ *under:") for u in updates[1:])  # from the first token
+    assert fake.opened[-1]["ref"] == "out/my-moe" and fake.opened[-1]["steer"] == steer
+    assert fake.opened[-1]["trace"] and updates[-1].last["steer"] == steer
+    assert updates[-1].last["label"] == "e2 forced on layers 1-2 · e3 banned · top-1"
+    # The next turn: the model reads its own words, not the label; the MoE pane gets no steer at all.
+    history = updates[-1].history + [{"role": "user", "content": "more"}]
+    list(chat_logic.reply("steered", "s1", history, "out/my-moe", "org/base", "", SETTINGS, steer=steer))
+    assert fake.opened[-1]["messages"][1] == {"role": "assistant", "content": "my-moe w0 w1 w2 w3 w4 "}
+    run("moe", moe_h)
+    assert "steer" not in fake.opened[-1]
+
+
+def test_the_steered_pane_stops_alone_and_says_it_needs_a_moe(fake):
+    fake.delay, fake.length = 0.05, 200
+    out = {}
+    history = [{"role": "user", "content": "hi"}]
+
+    def go(side):
+        out[side] = list(chat_logic.reply(side, "S", history, "out/m", "org/base", "", SETTINGS))
+
+    threads = [threading.Thread(target=go, args=(side,)) for side in ("moe", "steered")]
+    for t in threads:
+        t.start()
+    time.sleep(0.4)
+    assert chat_logic.stop("S", ("steered",)) == 1
+    threads[1].join(timeout=5)
+    assert out["steered"][-1].history[-1]["content"].endswith("(stopped)") and threads[0].is_alive()
+    chat_logic.stop("S")
+    threads[0].join(timeout=5)
+    (note,) = list(chat_logic.reply("steered", "S", history, "", "org/base", "", SETTINGS))
+    assert "build one on the Build tab" in note.stats
+
+
+def test_the_gradio_handlers_of_the_third_pane(fake, tmp_path):
+    from workbench.ui.tab_chat import _steered_stream
+
+    moe = tmp_path / "my-moe"
+    moe.mkdir()
+    (moe / "workbench_manifest.json").write_text("{}")
+    request = SimpleNamespace(session_hash="handler")
+    history = [{"role": "user", "content": "hi"}]
+    common = [history, str(moe), "org/base", "", 0.0, 1.0, 0, 16, 1.0, 0, "cpu", [str(moe)], None]
+    steer = [-1, "", [1], [], 0, 2.0, "saved", "", 0]
+    assert list(_steered_stream(*common, False, *steer, request)) == []  # the third pane is closed
+    *_, (final, stats, last) = _steered_stream(*common, True, *steer, request)
+    assert final[-1]["content"].startswith("⚙ *under: e1 banned · router temperature 2*")
+    assert "tokens/s" in stats and last["steer"]["spec"]["ban"] == [1]

@@ -127,8 +127,10 @@ def test_demo_preset_preview_build_chat_and_routing(demo_model_path, tmp_path, m
 
 def test_routing_with_nothing_to_show_says_what_to_do_first():
     """Routing before any reply showed a bare "Error" pill."""
-    assert "No chat reply yet" in routing_logic.nothing_to_route(True, None, None)
-    assert "No chat reply yet" in routing_logic.nothing_to_route(True, {"trace": None}, "out/moe")
-    assert "No MoE chosen" in routing_logic.nothing_to_route(False, None, "")
-    assert routing_logic.nothing_to_route(True, {"trace": object()}, None) == ""
-    assert routing_logic.nothing_to_route(False, None, "out/moe") == ""
+    assert "No chat reply yet" in routing_logic.nothing_to_route("reply", None, None)
+    assert "No chat reply yet" in routing_logic.nothing_to_route("reply", {"trace": None}, "out/moe")
+    assert "No steered reply yet" in routing_logic.nothing_to_route("steered", None, "out/moe")
+    assert "No MoE chosen" in routing_logic.nothing_to_route("text", None, "")
+    assert routing_logic.nothing_to_route("reply", {"trace": object()}, None) == ""
+    assert routing_logic.nothing_to_route("steered", {"trace": object()}, None) == ""
+    assert routing_logic.nothing_to_route("text", None, "out/moe") == ""

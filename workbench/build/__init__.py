@@ -18,7 +18,8 @@ that is verified and renamed into place. Also pushes a finished build to the Hub
 from workbench.faces import face
 
 EXPORTS = {
-    "BuildResult": "builder", "build": "builder", "output_path": "builder", "parse_size": "builder",
+    "BuildResult": "builder", "build": "builder", "output_dtype": "builder", "output_path": "builder",
+    "parse_size": "builder",
     "Dims": "layout", "ties_embeddings": "layout",
     "model_card": "upload", "push": "upload",
     "GGUF_INSTALL": "gguf", "GGUF_TYPES": "gguf", "QUANTIZE_HELP": "gguf", "converter_available": "gguf",

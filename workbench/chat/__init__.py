@@ -14,7 +14,7 @@ nothing of Gradio.
 from workbench.faces import face
 
 EXPORTS = {
-    "registry": "engine", "load_model": "engine",
+    "registry": "engine", "load_model": "engine", "saved_recipe": "engine",
     "SamplingSettings": "request", "prepare": "request",
     "ReplyStream": "generate", "chat_streams": "generate", "reply_logits": "generate",
     "interleave": "generate",

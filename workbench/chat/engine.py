@@ -36,7 +36,7 @@ from torch import nn
 from workbench.chat.share import share_between, unique_bytes
 from workbench.device import pick_device
 from workbench.errors import SourceError
-from workbench.recipe import parse_recipe
+from workbench.recipe import Recipe, parse_recipe
 
 log = logging.getLogger(__name__)
 
@@ -87,19 +87,22 @@ def _decode_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_
                             top_k_weights: torch.Tensor) -> torch.Tensor:
     """MixtralExperts.forward for (T, H) states; T == 1 runs only the token's k experts.
 
-    Experts are summed in ascending id order, the order of transformers' eager loop.
+    Experts are summed in ascending id order, the order of transformers' eager loop. A slot
+    of weight 0 (an intervention's forced or ablated expert) adds nothing and is skipped.
     """
     if hidden_states.shape[0] != 1:
         return type(self).forward(self, hidden_states, top_k_index, top_k_weights)
-    ids = top_k_index[0].tolist()
+    ids, weights = top_k_index[0].tolist(), top_k_weights[0].tolist()
     out = None
     for slot in sorted(range(len(ids)), key=ids.__getitem__):
         e = ids[slot]
+        if weights[slot] == 0.0:
+            continue
         gate, up = nn.functional.linear(hidden_states, self.gate_up_proj[e]).chunk(2, dim=-1)  # (1, I) x2
         y = nn.functional.linear(self.act_fn(gate) * up, self.down_proj[e])  # (1, H)
         y = y * top_k_weights[0, slot]
         out = y if out is None else out + y
-    return out.to(hidden_states.dtype)
+    return torch.zeros_like(hidden_states) if out is None else out.to(hidden_states.dtype)
 
 
 def install_decode_path(model: nn.Module) -> int:
@@ -125,14 +128,21 @@ def materialise(model: nn.Module) -> None:
             param.data = param.data.clone()
 
 
+def saved_recipe(folder: Path | None) -> Recipe | None:
+    """The recipe a built MoE was made from (its recipe copy), or None without a readable one."""
+    if folder is None:
+        return None
+    try:
+        text = (Path(folder) / RECIPE_COPY).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+    return parse_recipe(text)[0]
+
+
 def _recipe_facts(folder: Path, experts: int) -> tuple[list[str], str | None]:
     """(expert labels, base model) from a built MoE's recipe copy; generic names without one."""
     generic = [f"expert {e}" for e in range(experts)]
-    try:
-        text = (folder / RECIPE_COPY).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError):
-        return generic, None
-    recipe, _ = parse_recipe(text)
+    recipe = saved_recipe(folder)
     if recipe is None:
         return generic, None
     names = recipe.expert_labels()
@@ -313,4 +323,4 @@ def registry() -> Registry:
 
 
 __all__ = ["COMPUTE_LOCK", "LoadedModel", "Registry", "install_decode_path", "load_model", "materialise",
-           "registry", "wrap_model"]
+           "registry", "saved_recipe", "wrap_model"]

@@ -25,7 +25,15 @@ from torch import Tensor, nn
 from workbench.chat.request import ChatError, ChatPrompt, SamplingSettings, prepare
 from workbench.errors import Cancelled
 from workbench.progress import CancelToken
-from workbench.routing import RouterRecorder, RouterTrace, find_routers, router_hooks
+from workbench.routing import (
+    Intervention,
+    RouterRecorder,
+    RouterTrace,
+    Steering,
+    find_routers,
+    router_hooks,
+    steering_for,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +58,7 @@ class Reply:
     token_ids: list[int]  # generated ids, the end-of-turn token left out
     stats: ReplyStats
     trace: RouterTrace | None = None  # prompt + reply routing, when traced on a MoE
+    intervention: Intervention | None = None  # what its routers ran under; None: the saved routers
 
 
 def stop_ids(entry: Any) -> set[int]:
@@ -77,10 +86,15 @@ def cancel_hooks(model: nn.Module, cancel: CancelToken) -> Iterator[None]:
 
 
 def forward_step(entry: Any, ids: Tensor, cache: Any, *, prefill: bool, cancel: CancelToken,
-                 recorder: RouterRecorder | None = None) -> Tensor:
-    """One forward of (1, T) new ids over the KV cache -> next-token logits (V,) float32."""
+                 recorder: RouterRecorder | None = None, steering: Steering | None = None) -> Tensor:
+    """One forward of (1, T) new ids over the KV cache -> next-token logits (V,) float32.
+
+    `steering` (this request's intervention) applies inside the compute lock, to this forward
+    only: the forwards of other requests, interleaved token by token, route as saved."""
     with entry.lock, ExitStack() as stack:
         cancel.check()
+        if steering is not None:
+            stack.enter_context(steering.applied())
         if prefill:
             stack.enter_context(cancel_hooks(entry.model, cancel))
         if recorder is not None:
@@ -136,13 +150,21 @@ class ReplyStream:
     """Iterate for text deltas of one reply; `result` holds the Reply once iteration ends.
 
     Raises Cancelled (after setting `result`, finish_reason "cancelled") when `cancel` is set.
+    With `intervention`, every forward of this reply routes under it (checked here, before any
+    token); the model stays as it is for every other request.
     """
 
     def __init__(self, entry: Any, prompt: ChatPrompt, settings: SamplingSettings, *,
-                 cancel: CancelToken | None = None, trace: bool = False) -> None:
+                 cancel: CancelToken | None = None, trace: bool = False,
+                 intervention: Intervention | None = None) -> None:
         settings.check()
         if trace and not find_routers(entry.model):
             raise ChatError(f"{entry.ref} is not a MoE: there are no routers to trace")
+        active = intervention is not None and intervention.active
+        if active and not find_routers(entry.model):
+            raise ChatError(f"{entry.ref} is not a MoE: there are no routers to steer")
+        self.steering = steering_for(entry.model, intervention)
+        self.intervention = intervention if active else None
         self.entry, self.prompt, self.settings = entry, prompt, settings
         self.cancel = cancel or CancelToken()
         self.recorder = RouterRecorder(len(find_routers(entry.model))) if trace else None
@@ -158,7 +180,7 @@ class ReplyStream:
         step_ids = seen.unsqueeze(0)  # (1, T) the prompt, then (1, 1) the last token
         for step in range(self.prompt.max_new_tokens):
             logits = forward_step(entry, step_ids, cache, prefill=step == 0, cancel=self.cancel,
-                                  recorder=self.recorder)
+                                  recorder=self.recorder, steering=self.steering)
             token = sample(penalise(logits, seen, settings.repetition_penalty), settings, generator)
             yield token
             if token in self._stops:
@@ -206,7 +228,8 @@ class ReplyStream:
                            reason)
         kept = new[:-1] if reason == "stop" else new
         text = self.entry.tokenizer.decode(kept, skip_special_tokens=True)
-        self.result = Reply(self.entry.ref, text, kept, stats, self._trace(kept, reason, cache))
+        self.result = Reply(self.entry.ref, text, kept, stats, self._trace(kept, reason, cache),
+                            self.intervention)
 
     def _trace(self, kept: list[int], reason: str, cache: Any) -> RouterTrace | None:
         recorder = self.recorder
@@ -215,25 +238,29 @@ class ReplyStream:
         if reason == "length" and kept:
             # The last sampled token was never read back; one more step routes it for the trace.
             last = torch.tensor([[kept[-1]]], device=self.entry.device)
-            forward_step(self.entry, last, cache, prefill=False, cancel=CancelToken(), recorder=recorder)
+            forward_step(self.entry, last, cache, prefill=False, cancel=CancelToken(), recorder=recorder,
+                         steering=self.steering)
         read = (self.prompt.token_ids + kept)[: len(recorder.prefill)]
-        return recorder.finish(read, self.entry.tokenizer, self.entry.expert_names, model=self.entry.ref)
+        described = self.intervention.to_dict() if self.intervention is not None else None
+        return recorder.finish(read, self.entry.tokenizer, self.entry.expert_names, model=self.entry.ref,
+                               intervention=described)
 
 
 def chat_streams(model: Any, messages: str | Sequence[dict[str, str]], settings: SamplingSettings, *,
-                 base: Any = None, cancel: CancelToken | None = None,
-                 trace: bool = False) -> list[ReplyStream]:
+                 base: Any = None, cancel: CancelToken | None = None, trace: bool = False,
+                 intervention: Intervention | None = None) -> list[ReplyStream]:
     """Streams for `model` and, when given, `base`, on one rendered prompt (the base's template).
 
-    Every check runs here, before any token: a bad request raises ChatError. `trace` applies
-    to `model`; one `cancel` token stops both.
+    Every check runs here, before any token: a bad request raises ChatError. `trace` and
+    `intervention` apply to `model`; one `cancel` token stops both.
     """
     entries = [model] + ([base] if base is not None else [])
     order = entries[::-1]  # the template comes from the base when there is one
     prompts = prepare(messages, settings, [e.tokenizer for e in order], [e.context_length for e in order])
     prompts = prompts[::-1]
     cancel = cancel or CancelToken()
-    return [ReplyStream(entry, prompt, settings, cancel=cancel, trace=trace and i == 0)
+    return [ReplyStream(entry, prompt, settings, cancel=cancel, trace=trace and i == 0,
+                        intervention=intervention if i == 0 else None)
             for i, (entry, prompt) in enumerate(zip(entries, prompts, strict=True))]
 
 
@@ -248,12 +275,17 @@ def interleave(streams: Sequence[ReplyStream]) -> Iterator[tuple[int, str]]:
                 del active[i]
 
 
-def reply_logits(entry: Any, prompt_ids: list[int], reply_ids: list[int]) -> Tensor:
+def reply_logits(entry: Any, prompt_ids: list[int], reply_ids: list[int], *,
+                 intervention: Intervention | None = None) -> Tensor:
     """Teacher-forced next-token logits (R, V) float32 on the CPU: row j is the model's
-    distribution for reply token j given everything before it."""
+    distribution for reply token j given everything before it (under `intervention`, if any)."""
     if not reply_ids:
         return torch.zeros(0, 0)
+    steering = steering_for(entry.model, intervention)
     ids = torch.tensor([prompt_ids + reply_ids], device=entry.device)
-    with entry.lock, torch.inference_mode():
+    with entry.lock, ExitStack() as stack:
+        if steering is not None:
+            stack.enter_context(steering.applied())
+        stack.enter_context(torch.inference_mode())
         out = entry.model(input_ids=ids, use_cache=False, logits_to_keep=len(reply_ids) + 1)
     return out.logits[0, :-1].float().cpu()

@@ -6,6 +6,7 @@ error.
 
     commands  the parser and validate / gates / build
     inspect   preview / trace / chat
+    steer     the router interventions trace and chat take
 """
 
 from workbench.faces import face

@@ -1,8 +1,12 @@
 """CLI commands that look inside models: `preview`, `trace` and `chat` (`add_commands` registers them).
 
     python -m workbench preview RECIPE (--text T | --texts-file FILE) [--json]
-    python -m workbench trace MODEL --text T [--json] [--html FILE]
+    python -m workbench trace MODEL --text T [--json] [--html FILE] [INTERVENTION]
     python -m workbench chat MODEL [--base BASE] --prompt P [--seed N] [--max-new-tokens N] [--json]
+        [INTERVENTION]
+    INTERVENTION (on MODEL's routers, for this run only; nothing is written):
+        [--force-expert E[@A-B]]... [--ban-expert E]... [--ablate-expert E]... [--router-top-k K]
+        [--router-temperature T] [--gates-from RECIPE]
 
 With `--json`, one JSON object is printed to stdout; these keys are stable:
 
@@ -16,6 +20,10 @@ With `--json`, one JSON object is printed to stdout; these keys are stable:
       probs         [T][L][E] router probabilities over all experts
       topk_ids      [T][L][k] chosen experts, best first
       topk_weights  [T][L][k] their weights, renormalised to sum to 1
+      intervention  (only in a trace routed under one) the intervention object below
+    intervention object: {"force": [{"expert": E, "layers": [A, B] | null (every layer)}],
+                          "ban": [E], "ablate": [E], "top_k": K | null (the model's),
+                          "temperature": T, "routers": "saved" | where the swapped routers came from}
     summary object: {"load": {"prefill", "decode", "overall": [L][E] share of top-k choices,
                       "prefill_tokens", "decode_tokens"},
                      "entropy": {"prefill", "decode", "overall": [L] routing entropy / log E,
@@ -35,14 +43,16 @@ With `--json`, one JSON object is printed to stdout; these keys are stable:
                "top1_per_layer", "topk_per_layer": [L], "per_expert_top1", "per_expert_topk": [E]
                (null: nothing of that expert held out), "matrix": [E][E] row i: share of expert i's
                held-out tokens routed first to each expert, "tokens": [E] held-out tokens scored}
-    trace:   {"command": "trace", "model", "trace", "summary"}
+    trace:   {"command": "trace", "model", "intervention": object | null, "trace", "summary"}
+             (with --gates-from also "routers_notes": [str], what a build would change besides)
     chat:    {"command": "chat", "prompt": rendered prompt text, "settings": {temperature, top_p, top_k,
               max_new_tokens, repetition_penalty, seed},
               "replies": [{"role": "model" | "base", "model", "text", "token_ids",
                            "stats": {prompt_tokens, new_tokens, time_to_first_token_s, tokens_per_s,
                                      total_s, finish_reason: "stop" | "length" | "cancelled"}}],
               with --trace also "trace" (the model's prompt + reply) and, with --base, "divergence":
-              {"kl": [R] nats, "top_expert": [R], "tokens": [R], "expert_names": [E]}}
+              {"kl": [R] nats, "top_expert": [R], "tokens": [R], "expert_names": [E]},
+              "intervention": object | null (the model's; the base is never steered)}
 
 Errors print one line to stderr and exit 1, as for every command.
 """
@@ -55,6 +65,7 @@ import string
 import sys
 from typing import Any
 
+from workbench.cli.steer import add_intervention_args, intervention_from
 from workbench.models import env_token
 
 DEVICES = ["auto", "cpu", "cuda"]
@@ -92,6 +103,7 @@ def add_commands(subparsers: Any) -> None:
     cmd.add_argument("--device", default="auto", choices=DEVICES)
     cmd.add_argument("--json", action="store_true", help="print the trace as JSON")
     cmd.add_argument("--html", metavar="FILE", help="also write the token-by-layer heatmap to FILE (HTML)")
+    add_intervention_args(cmd, top_k_alias=True)
     cmd.set_defaults(run=cmd_trace)
 
     cmd = subparsers.add_parser("chat", help="one reply from MODEL (and from BASE to compare), with stats")
@@ -103,11 +115,13 @@ def add_commands(subparsers: Any) -> None:
     cmd.add_argument("--max-new-tokens", type=int, default=128)
     cmd.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
     cmd.add_argument("--top-p", type=float, default=0.95)
-    cmd.add_argument("--top-k", type=int, default=50, help="0 = off")
+    cmd.add_argument("--top-k", type=int, default=50, help="sampling's top-k, 0 = off (the router's: "
+                     "--router-top-k)")
     cmd.add_argument("--repetition-penalty", type=float, default=1.0)
     cmd.add_argument("--device", default="auto", choices=DEVICES)
     cmd.add_argument("--trace", action="store_true", help="also trace the model's routing (a MoE only)")
     cmd.add_argument("--json", action="store_true", help="print replies and stats as JSON")
+    add_intervention_args(cmd, top_k_alias=False)
     cmd.set_defaults(run=cmd_chat)
 
 
@@ -253,15 +267,21 @@ def cmd_trace(args: argparse.Namespace) -> int:
     from workbench.routing import routing_summary, trace_text
 
     entry = registry().get(args.model, device=args.device, token=env_token())
-    trace = trace_text(entry, args.text)
+    intervention, notes = intervention_from(args, entry)
+    trace = trace_text(entry, args.text, intervention=intervention)
     summary = routing_summary(trace)
     if args.html:
         from workbench.routing import routing_heatmap
 
         routing_heatmap(trace).write_html(args.html, include_plotlyjs=True, full_html=True)
     if args.json:
-        _emit({"command": "trace", "model": args.model, "trace": trace.to_dict(), "summary": summary})
+        extra = {"routers_notes": notes} if args.gates_from else {}
+        _emit({"command": "trace", "model": args.model,
+               "intervention": intervention.to_dict() if intervention else None, "trace": trace.to_dict(),
+               "summary": summary, **extra})
         return 0
+    if intervention is not None:
+        print(f"under: {intervention.describe(trace.expert_names)}")
     _print_grid(trace)
     _print_summary(summary, trace.expert_names)
     if args.html:
@@ -289,19 +309,22 @@ def cmd_chat(args: argparse.Namespace) -> int:
     entries = [registry().get(args.model, device=args.device, token=env_token())]
     if args.base:
         entries.append(registry().get(args.base, device=args.device, token=env_token()))
+    intervention, notes = intervention_from(args, entries[0])
     streams = chat_streams(entries[0], _messages(args), settings, base=entries[1] if args.base else None,
-                           trace=args.trace)
+                           trace=args.trace, intervention=intervention)
     for i, (entry, stream) in enumerate(zip(entries, streams, strict=True)):
         if args.json:
             "".join(stream)  # run the reply to its end; the JSON below carries its text
             continue
-        print(f"== {'model' if i == 0 else 'base'}: {entry.ref}")
+        under = f" (under: {intervention.describe(entry.expert_names)})" if i == 0 and intervention else ""
+        print(f"== {'model' if i == 0 else 'base'}: {entry.ref}{under}")
         for delta in stream:
             print(delta, end="", flush=True)
         print(f"\n{_stats_line(stream.result.stats)}")
     replies = [stream.result for stream in streams]
     if args.json:
-        _emit(_chat_json(settings, streams[0].prompt.text, entries, replies))
+        out = _chat_json(settings, streams[0].prompt.text, entries, replies, intervention)
+        _emit(out | ({"routers_notes": notes} if args.gates_from else {}))
     elif replies[0].trace is not None:  # --trace: what the routers did over prompt and reply
         from workbench.routing import routing_summary
 
@@ -310,9 +333,11 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
-def _chat_json(settings: Any, prompt: str, entries: list[Any], replies: list[Any]) -> dict[str, Any]:
+def _chat_json(settings: Any, prompt: str, entries: list[Any], replies: list[Any],
+               intervention: Any = None) -> dict[str, Any]:
     out: dict[str, Any] = {
         "command": "chat", "prompt": prompt, "settings": settings.to_dict(),
+        "intervention": intervention.to_dict() if intervention is not None else None,
         "replies": [{"role": "model" if i == 0 else "base", "model": r.model, "text": r.text,
                      "token_ids": r.token_ids, "stats": r.stats.to_dict()} for i, r in enumerate(replies)],
     }
@@ -326,6 +351,7 @@ def _chat_json(settings: Any, prompt: str, entries: list[Any], replies: list[Any
             from workbench.routing import divergence
 
             prompt_ids = trace.token_ids[: int(trace.is_prefill.sum())]
-            logits = [reply_logits(e, prompt_ids, replies[0].token_ids) for e in entries]
+            logits = [reply_logits(e, prompt_ids, replies[0].token_ids, intervention=intervention if i == 0
+                                   else None) for i, e in enumerate(entries)]
             out["divergence"] = divergence(trace, logits[0], logits[1]).to_dict()
     return out

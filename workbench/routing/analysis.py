@@ -142,6 +142,53 @@ def divergence(trace: RouterTrace, moe_logits: Tensor, base_logits: Tensor) -> D
                       trace.tokens[prompt: prompt + replies], list(trace.expert_names))
 
 
+def expert_weights(trace: RouterTrace) -> Tensor:
+    """(T, L, E) the weight each expert got per token and layer (0 where it did not run)."""
+    weights = torch.zeros(trace.num_tokens, trace.layers, trace.experts)
+    return weights.scatter_add_(2, trace.topk_ids, trace.topk_weights)
+
+
+@dataclass
+class InterventionChanges:
+    changed: Tensor  # (T, L) bool: the experts that ran there differ from the saved routers'
+    shift: Tensor  # (T, L) largest change of any expert's weight there, in [0, 1]
+    saved_ids: Tensor  # (T, L, k) the saved routers' choice, best first
+
+    @property
+    def count(self) -> int:
+        return int(self.changed.sum())
+
+    @property
+    def cells(self) -> int:
+        return self.changed.numel()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"changed_cells": self.count, "cells": self.cells, "changed": self.changed.tolist(),
+                "max_weight_shift": float(self.shift.max()) if self.cells else 0.0}
+
+    def summary(self) -> str:
+        """One line: how many cells changed experts, and how far weights moved."""
+        if not self.cells:
+            return "nothing routed"
+        moved = float(self.shift.max())
+        if self.count == 0:
+            return (f"no token changed experts at any layer; weights moved by up to {moved:.2f}"
+                    if moved > 1e-6 else "routing identical to the saved routers")
+        return (f"{self.count} of {self.cells} cells ({self.count / self.cells:.0%}) ran other experts "
+                f"than the saved routers chose; weights moved by up to {moved:.2f}")
+
+
+def intervention_changes(steered: RouterTrace, saved: RouterTrace) -> InterventionChanges:
+    """Which cells (token, layer) an intervention changed: `steered` and `saved` are traces of
+    the same ids, with and without it (teacher-forced, so each sees the same tokens)."""
+    if steered.token_ids != saved.token_ids or steered.probs.shape != saved.probs.shape:
+        raise ValueError(f"traces of different texts: {steered.num_tokens} and {saved.num_tokens} tokens, "
+                         f"{steered.layers} and {saved.layers} layers")
+    a, b = expert_weights(steered), expert_weights(saved)  # (T, L, E)
+    changed = ((a > 0) != (b > 0)).any(dim=-1)
+    return InterventionChanges(changed, (a - b).abs().amax(dim=-1), saved.topk_ids)
+
+
 def routing_summary(trace: RouterTrace) -> dict[str, Any]:
     """Load and entropy of one trace, as JSON-ready values (the CLI's `summary` key)."""
     return {"load": expert_load(trace).to_dict(), "entropy": routing_entropy(trace).to_dict()}

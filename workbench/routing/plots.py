@@ -20,7 +20,7 @@ import plotly.io as pio
 from plotly.subplots import make_subplots
 
 from workbench.gates import CONDITION_WARN, GateDiagnostics, HeldOutScore
-from workbench.routing.analysis import Divergence, Entropy, ExpertLoad
+from workbench.routing.analysis import Divergence, Entropy, ExpertLoad, InterventionChanges
 from workbench.routing.trace import RouterTrace
 
 # Plotly's qualitative palette, then evenly spread hues for recipes with more experts.
@@ -78,8 +78,12 @@ def _prompt_boundary(fig: go.Figure, trace: RouterTrace) -> None:
         fig.add_vline(x=prompt - 0.5, line_width=2, line_dash="dash", line_color="#333")
 
 
-def routing_heatmap(trace: RouterTrace, *, title: str | None = None) -> go.Figure:
-    """Tokens (x) by layers (y), each cell coloured by its top expert; hover lists the top-k."""
+def routing_heatmap(trace: RouterTrace, *, title: str | None = None,
+                    changes: InterventionChanges | None = None) -> go.Figure:
+    """Tokens (x) by layers (y), each cell coloured by its top expert; hover lists the top-k.
+
+    With `changes` (the trace was routed under an intervention), each cell whose experts
+    differ from the saved routers' carries a mark, and its hover names the saved choice."""
     top = trace.topk_ids.numpy()  # (T, L, k)
     percent = np.rint(trace.topk_weights.numpy() * 100).astype(np.int64)  # (T, L, k)
     labels = [expert_label(e, trace.expert_names) for e in range(trace.experts)]
@@ -105,13 +109,30 @@ def routing_heatmap(trace: RouterTrace, *, title: str | None = None) -> go.Figur
     # A template name is resolved only by validation, so the template goes in as its JSON.
     fig = go.Figure({"data": [heatmap], "layout": {"template": pio.templates[TEMPLATE].to_plotly_json()}},
                     _validate=False)
+    if changes is not None and changes.count:
+        fig.add_trace(_changed_marks(trace, changes, names))
     _token_axis(fig, trace.tokens)
     _prompt_boundary(fig, trace)
     kind = "preview (no build)" if trace.source == "preview" else "built model"
+    if trace.intervention is not None:
+        kind += ", under an intervention"
     fig.update_layout(title={"text": title or f"Top expert per token and layer: {kind}"},
                       yaxis={"title": {"text": "layer"}, "autorange": "reversed"},
                       xaxis={"title": {"text": "token"}}, margin={"b": 120})
     return fig
+
+
+def _changed_marks(trace: RouterTrace, changes: InterventionChanges, names: np.ndarray) -> go.Scatter:
+    """An x over every (token, layer) cell the intervention changed; hover: the saved choice."""
+    t, layer = np.nonzero(changes.changed.numpy())  # (N,) each
+    saved = changes.saved_ids.numpy()[t, layer]  # (N, k)
+    text = names[saved[:, 0]]
+    for slot in range(1, saved.shape[1]):
+        text = np.strings.add(np.strings.add(text, ", "), names[saved[:, slot]])
+    return go.Scatter(x=t, y=layer, mode="markers", name="changed by the intervention", showlegend=False,
+                      marker={"symbol": "x", "size": 7, "color": "rgba(20, 20, 20, 0.75)"},
+                      text=text, hovertemplate="token %{x}, layer %{y}: changed by the intervention<br>"
+                                                "saved routers chose %{text}<extra></extra>")
 
 
 def layer_probs_heatmap(trace: RouterTrace, layer: int) -> go.Figure:

@@ -47,6 +47,7 @@ class RouterTrace:
     expert_names: list[str]  # (E,) each expert's source model
     source: str = "model"  # "model": a built MoE's routers; "preview": gates on the base, no build
     model: str = ""  # reference of the model that produced it
+    intervention: dict[str, Any] | None = None  # Intervention.to_dict() it was routed under; None: none
 
     def __post_init__(self) -> None:
         t, layers, e = self.probs.shape
@@ -72,7 +73,7 @@ class RouterTrace:
                    [i for trace in traces for i in trace.token_ids],
                    torch.cat([t.probs for t in traces]), torch.cat([t.topk_ids for t in traces]),
                    torch.cat([t.topk_weights for t in traces]), torch.cat([t.is_prefill for t in traces]),
-                   first.expert_names, first.source, first.model)
+                   first.expert_names, first.source, first.model, first.intervention)
 
     @property
     def num_tokens(self) -> int:
@@ -98,7 +99,7 @@ class RouterTrace:
             "token_ids": list(self.token_ids), "is_prefill": self.is_prefill.tolist(),
             "probs": self.probs.tolist(), "topk_ids": self.topk_ids.tolist(),
             "topk_weights": self.topk_weights.tolist(),
-        }
+        } | ({"intervention": self.intervention} if self.intervention is not None else {})
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RouterTrace:
@@ -111,7 +112,7 @@ class RouterTrace:
             topk_weights=torch.tensor(data["topk_weights"], dtype=torch.float32).reshape(t, layers, k),
             is_prefill=torch.tensor(data["is_prefill"], dtype=torch.bool).reshape(t),
             expert_names=list(data["expert_names"]), source=str(data.get("source", "model")),
-            model=str(data.get("model", "")),
+            model=str(data.get("model", "")), intervention=data.get("intervention"),
         )
 
 
@@ -188,7 +189,8 @@ class RouterRecorder:
             sum(p.shape[0] for p, _, _ in rows) == len(self.prefill) for rows in self._rows)
 
     def finish(self, token_ids: list[int], tokenizer: Any, expert_names: list[str], *,
-               source: str = "model", model: str = "") -> RouterTrace:
+               source: str = "model", model: str = "",
+               intervention: dict[str, Any] | None = None) -> RouterTrace:
         """The RouterTrace of everything recorded; `token_ids` are the tokens read, in order."""
         counts = {sum(p.shape[0] for p, _, _ in rows) for rows in self._rows}
         if counts != {len(self.prefill)} or len(token_ids) != len(self.prefill):
@@ -197,7 +199,8 @@ class RouterRecorder:
         per_layer = [[torch.cat([row[j] for row in rows]).cpu() for j in range(3)] for rows in self._rows]
         probs, weights, ids = (torch.stack([layer[j] for layer in per_layer], dim=1) for j in range(3))
         return RouterTrace(token_strings(tokenizer, token_ids), list(token_ids), probs, ids.long(), weights,
-                           torch.tensor(self.prefill, dtype=torch.bool), list(expert_names), source, model)
+                           torch.tensor(self.prefill, dtype=torch.bool), list(expert_names), source, model,
+                           intervention)
 
 
 @contextmanager
@@ -232,15 +235,3 @@ def encode_text(tokenizer: Any, text: str, *, add_special_tokens: bool, limit: i
     if not ids or len(ids) > cap:
         raise TraceError(f"the text is {len(ids)} tokens; routing takes 1 to {cap} tokens: shorten it")
     return ids
-
-
-def trace_text(entry: Any, text: str, *, add_special_tokens: bool = True) -> RouterTrace:
-    """Route `text` through a built MoE (a `LoadedModel`) in one forward and record every layer."""
-    ids = encode_text(entry.tokenizer, text, add_special_tokens=add_special_tokens,
-                      limit=entry.context_length)
-    recorder = RouterRecorder(len(find_routers(entry.model)) or entry.layers)
-    input_ids = torch.tensor([ids], device=entry.device)
-    with entry.lock, router_hooks(entry.model, recorder), torch.inference_mode():
-        recorder.begin_step(len(ids), prefill=True)
-        entry.model(input_ids=input_ids, use_cache=False, logits_to_keep=1)
-    return recorder.finish(ids, entry.tokenizer, entry.expert_names, model=entry.ref)

@@ -47,7 +47,7 @@ def create_app() -> gr.Blocks:
             with gr.Tab("3 · Build", id="build", elem_id="wb-tab-build") as build_tab:
                 built = tab_build.render(design, build_tab)
             with gr.Tab("4 · Chat", id="chat", elem_id="wb-tab-chat") as chat_tab:
-                chat = tab_chat.render(built, chat_tab)
+                chat = tab_chat.render(built, chat_tab, design)
             with gr.Tab("5 · Routing", id="routing", elem_id="wb-tab-routing") as routing_tab:
                 tab_routing.render(chat, routing_tab, tabs)
             with gr.Tab("Forge an expert", id="forge", elem_id="wb-tab-forge"):

@@ -1,12 +1,16 @@
 """The Chat tab's handlers as plain functions, over a backend that tests replace with canned replies.
 
-Each pane (base, MoE) streams in its own event, so either can be stopped alone; a stop sets
-the pane's CancelToken, which the generation loop checks between tokens (and between layers
-of a long prefill). Tokens are kept per (session, pane) in a small table, never models.
+Each pane (base, MoE, and the MoE steered by the Interventions panel) streams in its own
+event, so any can be stopped alone; a stop sets the pane's CancelToken, which the generation
+loop checks between tokens (and between layers of a long prefill). Tokens are kept per
+(session, pane) in a small table, never models. The steered pane answers the same message
+with the same seed as the MoE pane, and each of its replies starts with the line saying what
+it ran under; that line is left out of what the model reads next.
 """
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -18,10 +22,12 @@ from workbench.chat import SamplingSettings
 from workbench.errors import Cancelled, WorkbenchError
 from workbench.progress import CancelToken
 from workbench.recipe import parse_recipe
-from workbench.ui import build_logic, shared
+from workbench.ui import build_logic, shared, steer_logic
 
-SIDES = ("base", "moe")
+SIDES = ("base", "moe", "steered")
 RECIPE_COPY = "mergekit_moe_config.yml"
+LABEL = "⚙ *under: {}*\n\n"  # the first line of every steered reply
+_LABEL_LINE = re.compile(r"^⚙ \*under: [^\n]*\*\n\n")
 
 
 class Stream(Protocol):
@@ -34,7 +40,8 @@ class Stream(Protocol):
 
 class Backend(Protocol):
     def open(self, ref: str, base_ref: str, messages: list[dict[str, str]], settings: SamplingSettings, *,
-             trace: bool, cancel: CancelToken, token: str | None, device: str) -> Stream: ...
+             trace: bool, cancel: CancelToken, token: str | None, device: str,
+             steer: dict[str, Any] | None = None) -> Stream: ...
 
     def prompt_ids(self, stream: Stream) -> list[int]: ...
 
@@ -43,7 +50,10 @@ class EngineBackend:
     """The real thing: the engine's registry, the shared chat template, streaming generation."""
 
     def open(self, ref: str, base_ref: str, messages: list[dict[str, str]], settings: SamplingSettings, *,
-             trace: bool, cancel: CancelToken, token: str | None, device: str) -> Stream:
+             trace: bool, cancel: CancelToken, token: str | None, device: str,
+             steer: dict[str, Any] | None = None) -> Stream:
+        """`steer` ({"spec", "yaml"}): the reply runs under the spec's intervention, its routers
+        computed from the YAML when the spec asks for the recipe's."""
         from workbench.chat import ReplyStream, prepare, registry
 
         models = registry()
@@ -52,7 +62,14 @@ class EngineBackend:
         # The base's template renders the prompt for both sides: the comparison is like for like.
         prompts = prepare(messages, settings, [base.tokenizer, entry.tokenizer],
                           [base.context_length, entry.context_length])
-        return ReplyStream(entry, prompts[1], settings, cancel=cancel, trace=trace)
+        intervention, notes, seconds = None, [], 0.0
+        if steer is not None:
+            intervention, notes, seconds = steer_logic.resolve(steer["spec"], steer.get("yaml", ""), entry,
+                                                               token=token, device=device, cancel=cancel)
+        stream = ReplyStream(entry, prompts[1], settings, cancel=cancel, trace=trace,
+                             intervention=intervention)
+        stream.notes, stream.setup_s = notes, seconds
+        return stream
 
     def prompt_ids(self, stream: Stream) -> list[int]:
         return list(stream.prompt.token_ids)
@@ -115,7 +132,7 @@ def _release(session: str, side: str, token: CancelToken) -> None:
 class PaneUpdate:
     history: list[dict[str, str]]
     stats: str
-    last: dict[str, Any] | None = None  # MoE pane, at the end: what the Routing tab needs
+    last: dict[str, Any] | None = None  # MoE and steered panes, at the end: what the Routing tab needs
 
 
 def base_of(moe_folder: str) -> str:
@@ -128,24 +145,64 @@ def base_of(moe_folder: str) -> str:
 
 
 def conversation(system: str, history: list[Any]) -> list[dict[str, str]]:
-    """What the model reads: the system prompt, then the pane's own turns."""
-    turns = shared.chat_messages(history)
+    """What the model reads: the system prompt, then the pane's own turns (a steered reply's
+    label line left out: the model never wrote it)."""
+    turns = [{"role": t["role"], "content": _LABEL_LINE.sub("", t["content"]) if t["role"] == "assistant"
+              else t["content"]} for t in shared.chat_messages(history)]
     return ([{"role": "system", "content": system.strip()}] if system and system.strip() else []) + turns
 
 
 def reply(side: str, session: str, history: list[Any], moe: str, base: str, system: str,
           settings: SamplingSettings, *, token: str | None = None, device: str = "auto",
-          session_builds: list[str] | None = None, sent_at: float | None = None) -> Iterator[PaneUpdate]:
+          session_builds: list[str] | None = None, sent_at: float | None = None,
+          steer: dict[str, Any] | None = None) -> Iterator[PaneUpdate]:
     """Stream one pane's answer to the last user message in `history`.
 
     With `session_builds` (the handler passes them) the MoE folder, which arrives from the
     browser, must be one this session may use. `sent_at` (time.time() when the user sent the
-    message) lets the stats say how long the reply waited before it started.
+    message) lets the stats say how long the reply waited before it started. The steered
+    side takes `steer` ({"spec": the Interventions panel's values, "yaml": the Design tab's
+    recipe}) and labels its reply with it.
     """
     waited = max(0.0, time.time() - sent_at) if sent_at else 0.0
-    if not moe and side == "moe":
+    if not moe and side in ("moe", "steered"):
         yield PaneUpdate(shared.chat_messages(history)[-MAX_SHOWN:], NO_MOE)
         return
+    base = _checked_base(moe, base, session_builds)
+    history = shared.chat_messages(history)[-MAX_SHOWN:]
+    if not history or history[-1]["role"] != "user":
+        return
+    extra, words = {}, ""
+    if side == "steered":
+        given = steer or {}
+        steer = {"spec": given.get("spec") or steer_logic.spec(), "yaml": given.get("yaml", "")}
+        extra = {"steer": steer}
+        words = steer_logic.describe(steer["spec"], steer_logic.moe_facts(moe)[0])
+    cancel = start_token(session, side)
+    try:
+        stream = backend().open(base if side == "base" else moe, base, conversation(system, history),
+                                settings, trace=side != "base", cancel=cancel, token=token, device=device,
+                                **extra)
+        resolved = getattr(stream, "intervention", None)  # with the recipe's top-k, if it has its own
+        if words and resolved is not None:
+            words = resolved.describe(steer_logic.moe_facts(moe)[0])
+        history = [*history, {"role": "assistant", "content": LABEL.format(words) if words else ""}]
+        try:
+            for delta in stream:
+                history[-1]["content"] += delta
+                yield PaneUpdate(history, "streaming…")
+        except Cancelled:
+            history[-1]["content"] += " …(stopped)"
+        last = _last(side, stream, moe, base)
+        if last is not None and words:
+            last |= {"steer": steer, "label": words}
+        yield PaneUpdate(history, _stats(stream, waited), last)
+    finally:
+        _release(session, side, cancel)
+
+
+def _checked_base(moe: str, base: str, session_builds: list[str] | None) -> str:
+    """The base model to compare with, once the MoE and the base are ones this session may use."""
     if moe and session_builds is not None:
         build_logic.check_build(moe, session_builds)
     base = (base or "").strip() or base_of(moe)
@@ -153,31 +210,27 @@ def reply(side: str, session: str, history: list[Any], moe: str, base: str, syst
         raise WorkbenchError("this MoE names no base model; type the base model to compare with")
     if base != base_of(moe):  # typed in the Base box (the MoE's own base came with the build)
         shared.check_model_ref(base, "the base model")
-    history = shared.chat_messages(history)[-MAX_SHOWN:]
-    if not history or history[-1]["role"] != "user":
-        return
-    cancel = start_token(session, side)
-    try:
-        stream = backend().open(moe if side == "moe" else base, base, conversation(system, history), settings,
-                                trace=side == "moe", cancel=cancel, token=token, device=device)
-        history = [*history, {"role": "assistant", "content": ""}]
-        try:
-            for delta in stream:
-                history[-1]["content"] += delta
-                yield PaneUpdate(history, "streaming…")
-        except Cancelled:
-            history[-1]["content"] += " …(stopped)"
-        result = stream.result
-        last = None
-        if side == "moe" and getattr(result, "trace", None) is not None:
-            last = {"trace": result.trace, "moe": moe, "base": base,
-                    "prompt_ids": backend().prompt_ids(stream), "reply_ids": list(result.token_ids)}
-        dropped = getattr(stream.prompt, "dropped_messages", 0)
-        left_out = f" · the {dropped} oldest messages were left out to fit the context" if dropped else ""
-        queued = f"queued {waited:.1f} s · " if waited >= MIN_SHOWN_WAIT else ""
-        yield PaneUpdate(history, queued + stats_line(result.stats) + left_out, last)
-    finally:
-        _release(session, side, cancel)
+    return base
+
+
+def _last(side: str, stream: Stream, moe: str, base: str) -> dict[str, Any] | None:
+    """What the Routing tab needs of a MoE reply (None for the base's, or without a trace)."""
+    result = stream.result
+    if side == "base" or getattr(result, "trace", None) is None:
+        return None
+    return {"trace": result.trace, "moe": moe, "base": base,
+            "prompt_ids": backend().prompt_ids(stream), "reply_ids": list(result.token_ids)}
+
+
+def _stats(stream: Stream, waited: float) -> str:
+    """The line under a reply: queueing, time to compute swapped routers, speed, notes."""
+    dropped = getattr(stream.prompt, "dropped_messages", 0)
+    left_out = f" · the {dropped} oldest messages were left out to fit the context" if dropped else ""
+    queued = f"queued {waited:.1f} s · " if waited >= MIN_SHOWN_WAIT else ""
+    setup = getattr(stream, "setup_s", 0.0) or 0.0
+    routers = f"routers from the recipe in {setup:.2f} s · " if setup >= 0.01 else ""
+    notes = "".join(f" · note: {n}" for n in getattr(stream, "notes", None) or [])
+    return queued + routers + stats_line(stream.result.stats) + left_out + notes
 
 
 def stats_line(stats: Any) -> str:
@@ -186,14 +239,13 @@ def stats_line(stats: Any) -> str:
             f"{data['new_tokens']} tokens · {data['finish_reason']}")
 
 
-def add_user(message: Any, base_history: list[Any], moe_history: list[Any]) -> tuple[list, list]:
-    """Append the user's message to both panes (one input, two conversations)."""
+def add_user(message: Any, *histories: list[Any]) -> tuple[list, ...]:
+    """Append the user's message to every pane (one input, a conversation per pane)."""
     text = shared.message_text(message).strip()
     if not text:
         raise WorkbenchError("the message is empty: type something to send")
     turn = {"role": "user", "content": text}
-    return ([*shared.chat_messages(base_history)[-MAX_SHOWN + 1:], turn],
-            [*shared.chat_messages(moe_history)[-MAX_SHOWN + 1:], turn])
+    return tuple([*shared.chat_messages(history)[-MAX_SHOWN + 1:], turn] for history in histories)
 
 
 def drop_last_reply(history: list[Any]) -> list[dict[str, str]]:

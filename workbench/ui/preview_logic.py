@@ -104,22 +104,41 @@ def with_mode(yaml_text: str, mode: str, center: bool) -> str:
 
 
 class _Cache:
-    """A few recent results keyed by what they depend on (least recently used goes first)."""
+    """A few recent results keyed by what they depend on (least recently used goes first).
+
+    A key being made is made once: a second caller (a reply sent while the Chat tab computes
+    a recipe's routers ahead) waits for it instead of making it again; if the first one
+    fails, the waiter makes it itself (and meets its own error)."""
 
     def __init__(self, size: int = CACHE_SIZE) -> None:
         self.size, self._items, self._lock = size, OrderedDict(), threading.Lock()
+        self._making: dict[str, threading.Event] = {}
 
     def get(self, key: str, make: Any) -> Any:
+        while True:
+            with self._lock:
+                if key in self._items:
+                    self._items.move_to_end(key)
+                    return self._items[key]
+                making = self._making.get(key)
+                if making is None:
+                    making = self._making[key] = threading.Event()
+                    break
+            making.wait()
+        try:
+            value = make()
+            with self._lock:
+                self._items[key] = value
+                while len(self._items) > self.size:
+                    self._items.popitem(last=False)
+            return value
+        finally:
+            with self._lock:
+                self._making.pop(key).set()
+
+    def has(self, key: str) -> bool:
         with self._lock:
-            if key in self._items:
-                self._items.move_to_end(key)
-                return self._items[key]
-        value = make()
-        with self._lock:
-            self._items[key] = value
-            while len(self._items) > self.size:
-                self._items.popitem(last=False)
-        return value
+            return key in self._items
 
 
 _gates, _scores, _comparisons = _Cache(), _Cache(), _Cache(2)

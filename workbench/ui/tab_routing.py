@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import gradio as gr
 
 from workbench.spaces_compat import gpu
-from workbench.ui import build_logic, routing_logic, shared
+from workbench.ui import build_logic, routing_logic, shared, steer_logic
 from workbench.ui.tab_chat import ChatTab
 
-SOURCES = ["Last chat reply", "This text"]
+SOURCES = ["Last chat reply", "Last steered reply", "This text"]
+KINDS = {SOURCES[0]: "reply", SOURCES[1]: "steered", SOURCES[2]: "text"}
 INTRO = ("Each cell is one token at one layer, coloured by the expert its router ranked first; hover for "
          "the top-k experts and their weights. The dashed line separates the prompt from the generated "
-         "tokens. The divergence strip shows where the MoE's next-token distribution left the base model's.")
+         "tokens. The divergence strip shows where the MoE's next-token distribution left the base model's. "
+         "Under an intervention (the Chat tab's third pane), × marks each cell where other experts ran "
+         "than the saved routers chose.")
 
 
 def render(chat: ChatTab, tab: gr.Tab, tabs: gr.Tabs) -> None:
@@ -22,6 +27,8 @@ def render(chat: ChatTab, tab: gr.Tab, tabs: gr.Tabs) -> None:
         text = gr.Textbox(label="Text (for 'This text')", lines=2, scale=4,
                           placeholder="any text, routed through the MoE chosen on the Chat tab")
         with gr.Column(scale=1, min_width=160):
+            steered = gr.Checkbox(False, label="under the Chat tab's interventions",
+                                  elem_id="wb-routing-steered")
             show = gr.Button("Show routing", variant="primary", elem_id="wb-routing-run")
     summary = gr.Markdown(elem_id="wb-routing-summary")
     heatmap = gr.Plot(label="Top expert per token and layer", elem_id="wb-routing-heatmap")
@@ -36,18 +43,25 @@ def render(chat: ChatTab, tab: gr.Tab, tabs: gr.Tabs) -> None:
 
     @gpu(duration=60)
     @shared.user_errors
-    def route(kind: str, typed: str, last: dict | None, moe: str | None, mine: list, at: float,
+    def route(kind: str, typed: str, last: dict | None, last_steered: dict | None, moe: str | None,
+              mine: list, at: float, under: bool, yaml_text: str, seen: list, force: Any, layers: str,
+              ban: list, ablate: list, top_k: float, temperature: float, routers: str,
               oauth_token: gr.OAuthToken | None = None, progress: gr.Progress = shared.PROGRESS) -> dict:
         token = shared.user_token(oauth_token)
-        first = routing_logic.nothing_to_route(kind == SOURCES[0], last, moe)
+        source = KINDS.get(kind, "reply")
+        reply = last_steered if source == "steered" else last
+        first = routing_logic.nothing_to_route(source, reply, moe)
         if first:  # an empty state says what to do, not "Error"
             return {summary: first, heatmap: None, per_layer: None, load: None, entropy: None,
                     divergence: gr.Plot(None, visible=False), view: None, layer: gr.skip()}
         progress(0.2, desc="Tracing")
-        if kind == SOURCES[1]:
-            shown = routing_logic.from_text(build_logic.check_build(moe, mine), typed, token=token)
+        if source == "text":
+            controls = (force, layers, ban, ablate, top_k, temperature, routers)
+            steer = steer_logic.steer_of(controls, yaml_text, seen) if under else None
+            shown = routing_logic.from_text(build_logic.check_build(moe, mine), typed, token=token,
+                                            steer=steer)
         else:
-            shown = routing_logic.from_reply(last, token=token)
+            shown = routing_logic.from_reply(reply, token=token)
         return _show(shown, at) | {view: shown}
 
     def _show(shown: routing_logic.RoutingView, at: float) -> dict:
@@ -65,8 +79,12 @@ def render(chat: ChatTab, tab: gr.Tab, tabs: gr.Tabs) -> None:
         return {per_layer: shown.layer_figure(at)}
 
     outputs = {view, summary, heatmap, per_layer, load, entropy, layer, divergence}
-    inputs = [source, text, chat.last, chat.moe, chat.builds, layer]
+    steer = chat.steer
+    inputs = [source, text, chat.last, chat.last_steered, chat.moe, chat.builds, layer, steered, steer.yaml,
+              steer.revisions, *steer.controls]
     show.click(route, inputs, outputs, show_progress_on=[heatmap], concurrency_id="gpu")
     layer.release(relayer, [view, layer], {per_layer}, show_progress="hidden")
     chat.show_routing.click(lambda: (gr.Tabs(selected="routing"), SOURCES[0]), None, [tabs, source]).then(
+        route, inputs, outputs, show_progress_on=[heatmap], concurrency_id="gpu")
+    chat.show_steered.click(lambda: (gr.Tabs(selected="routing"), SOURCES[1]), None, [tabs, source]).then(
         route, inputs, outputs, show_progress_on=[heatmap], concurrency_id="gpu")
