@@ -52,21 +52,27 @@ def render(demo: gr.Blocks) -> DesignTab:
             out.summary.render()
             out.yaml.render()
             out.yaml_problems.render()
-    adopt = _wire(demo, out, preset, about)
+    notes = _Missing(missing, forge)
+    adopt = _wire(demo, out, preset, about, notes)
+    return DesignTab(out.yaml, out.draft, adopt,
+                     {out.draft, out.revision, out.yaml_problems, out.summary, missing, forge}, forge)
 
-    def missing_changed(text: str) -> dict:
+
+@dataclass
+class _Missing:
+    """The line and button offering to forge a recipe's missing experts; updated when a preset
+    is chosen or a recipe adopted, never per keystroke."""
+
+    note: gr.Markdown
+    button: gr.Button
+
+    def update(self, text: str) -> dict:
         note = forge_logic.missing_note(text)
-        return {missing: note, forge: gr.Button(visible=bool(note))}
-
-    # Every change of the text (typed, a form edit, a preset, a forge that moved an expert).
-    out.yaml.change(missing_changed, [out.yaml], [missing, forge], show_progress="hidden",
-                    concurrency_limit=None)
-    return DesignTab(out.yaml, out.draft, adopt, {out.draft, out.revision, out.yaml_problems, out.summary},
-                     forge)
+        return {self.note: note, self.button: gr.Button(visible=bool(note))}
 
 
-def _wire(demo: gr.Blocks, out: DesignOutputs, preset: gr.Dropdown,
-          about: gr.Markdown) -> Callable[..., dict]:
+def _wire(demo: gr.Blocks, out: DesignOutputs, preset: gr.Dropdown, about: gr.Markdown,
+          notes: _Missing) -> Callable[..., dict]:
     @shared.user_errors
     def yaml_edited(text: str, draft: dict, oauth_token: gr.OAuthToken | None = None) -> dict:
         checked, problems = design_logic.from_yaml(text, shared.user_token(oauth_token))
@@ -92,9 +98,11 @@ def _wire(demo: gr.Blocks, out: DesignOutputs, preset: gr.Dropdown,
         checked, problems = design_logic.from_yaml(text, shared.user_token(oauth_token))
         return {out.yaml: text, out.draft: checked.draft, out.revision: design_logic.next_revision(),
                 out.yaml_problems: checked.problems_html, out.summary: checked.summary(),
-                about: design_logic.preset_description(text), out.timer: gr.Timer(active=checked.pending)}
+                about: design_logic.preset_description(text), out.timer: gr.Timer(active=checked.pending),
+                **notes.update(text)}
 
-    preset.input(preset_chosen, [preset], everything | {out.yaml, about}, concurrency_limit=None)
+    preset.input(preset_chosen, [preset], everything | {out.yaml, about, notes.note, notes.button},
+                 concurrency_limit=None)
 
     # The form renders at once on load; the models' configs (the demo model may first need
     # dequantising) are read after, and may add compatibility problems.
@@ -124,6 +132,7 @@ def _wire(demo: gr.Blocks, out: DesignOutputs, preset: gr.Dropdown,
             return {out.yaml_problems: form.problems_html(problems, show_path=True),
                     out.summary: design_logic.status_line(None, problems)}
         return {out.draft: checked.draft, out.revision: design_logic.next_revision(),
-                out.yaml_problems: checked.problems_html, out.summary: checked.summary()}
+                out.yaml_problems: checked.problems_html, out.summary: checked.summary(),
+                **notes.update(text)}
 
     return adopt
