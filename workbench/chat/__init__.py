@@ -17,6 +17,5 @@ EXPORTS = {
     "registry": "engine", "load_model": "engine", "saved_recipe": "engine",
     "SamplingSettings": "request", "prepare": "request",
     "ReplyStream": "generate", "chat_streams": "generate", "reply_logits": "generate",
-    "interleave": "generate",
 }
 __getattr__, __dir__ = face(__name__, EXPORTS)

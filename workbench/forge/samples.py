@@ -18,7 +18,7 @@ MAX_SAMPLES = 5
 def sample_replies(base_ref: str, forged: Path, prompts: Sequence[str], *, device: str = "auto",
                    token: str | None = None, cancel: CancelToken | None = None) -> list[dict[str, str]]:
     """[{"prompt", "base", "forged"}] for each of `prompts` (at most MAX_SAMPLES)."""
-    from workbench.chat import SamplingSettings, chat_streams, interleave, load_model
+    from workbench.chat import SamplingSettings, chat_streams, load_model
 
     prompts = [p.strip() for p in prompts if p.strip()][:MAX_SAMPLES]
     if not prompts:
@@ -32,8 +32,6 @@ def sample_replies(base_ref: str, forged: Path, prompts: Sequence[str], *, devic
         cancel.check()
         streams = chat_streams(expert, [{"role": "user", "content": prompt}], settings, base=base,
                                cancel=cancel)
-        for _ in interleave(streams):
-            pass
-        forged_reply, base_reply = (s.result.text.strip() for s in streams)
+        forged_reply, base_reply = ("".join(stream).strip() for stream in streams)
         found.append({"prompt": prompt, "base": base_reply, "forged": forged_reply})
     return found
