@@ -106,6 +106,7 @@ def test_the_design_recipes_routers_answer_like_its_build_for_this_session_only(
     assert answer(steered) == label + answer(built)[:]  # same seed, same tokens as the built model
     assert answer(saved) != answer(built)
     assert "routers from the recipe in" in steered[-1].stats and "tokens/s" in steered[-1].stats
+    assert "routers from the recipe" not in saved[-1].stats  # the saved routers took no time to set up
     last = steered[-1].last
     assert last["steer"] == steer and last["trace"].k == 1 and last["trace"].intervention["top_k"] == 1
     assert not is_steered(registry().get(pico["moe"], device="cpu").model)

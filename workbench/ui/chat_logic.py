@@ -62,7 +62,7 @@ class EngineBackend:
         # The base's template renders the prompt for both sides: the comparison is like for like.
         prompts = prepare(messages, settings, [base.tokenizer, entry.tokenizer],
                           [base.context_length, entry.context_length])
-        intervention, notes, seconds = None, [], 0.0
+        intervention, notes, seconds = None, [], None
         if steer is not None:
             intervention, notes, seconds = steer_logic.resolve(steer["spec"], steer.get("yaml", ""), entry,
                                                                token=token, device=device, cancel=cancel)
@@ -227,8 +227,8 @@ def _stats(stream: Stream, waited: float) -> str:
     dropped = getattr(stream.prompt, "dropped_messages", 0)
     left_out = f" · the {dropped} oldest messages were left out to fit the context" if dropped else ""
     queued = f"queued {waited:.1f} s · " if waited >= MIN_SHOWN_WAIT else ""
-    setup = getattr(stream, "setup_s", 0.0) or 0.0
-    routers = f"routers from the recipe in {setup:.2f} s · " if setup >= 0.01 else ""
+    setup = getattr(stream, "setup_s", None)  # None: the saved routers ran
+    routers = f"routers from the recipe in {setup:.2f} s · " if setup is not None else ""
     notes = "".join(f" · note: {n}" for n in getattr(stream, "notes", None) or [])
     return queued + routers + stats_line(stream.result.stats) + left_out + notes
 

@@ -201,21 +201,21 @@ def prefetch(session: str, yaml_text: str, *, token: str | None = None, device: 
 
 
 def resolve(values: dict[str, Any], yaml_text: str, moe: Any, *, token: str | None = None,
-            device: str = "auto", cancel: Any = None) -> tuple[Intervention, list[str], float]:
-    """(the Intervention for the loaded MoE `moe`, notes on swapped routers, seconds it took)."""
+            device: str = "auto", cancel: Any = None) -> tuple[Intervention, list[str], float | None]:
+    """(the Intervention for the loaded MoE `moe`, notes on swapped routers, seconds the routers took:
+    None when the saved routers stay)."""
     from workbench.chat import saved_recipe
     from workbench.routing import recipe_routers, swap_notes
     from workbench.ui import preview_logic
 
     started = time.perf_counter()
-    intervention, notes = intervention_of(values), []
-    if values.get("routers") == RECIPE:
-        recipe = preview_logic.recipe_for_preview(yaml_text)
-        base = preview_logic.base_entry(recipe, token=token, device=device)
-        gates = preview_logic.gates_for(recipe, base, cancel)
-        routers = recipe_routers(recipe, gates, moe, base_path=base.path)
-        k = recipe.experts_per_token  # a build of the recipe routes its own top-k
-        intervention = intervention.with_routers(routers, routers_words(values),
-                                                 k=k if k != moe.top_k else None)
-        notes = swap_notes(recipe, saved_recipe(moe.path))
-    return intervention, notes, time.perf_counter() - started
+    intervention = intervention_of(values)
+    if values.get("routers") != RECIPE:
+        return intervention, [], None
+    recipe = preview_logic.recipe_for_preview(yaml_text)
+    base = preview_logic.base_entry(recipe, token=token, device=device)
+    gates = preview_logic.gates_for(recipe, base, cancel)  # cached when the preview already ran them
+    routers = recipe_routers(recipe, gates, moe, base_path=base.path)
+    k = recipe.experts_per_token  # a build of the recipe routes its own top-k
+    intervention = intervention.with_routers(routers, routers_words(values), k=k if k != moe.top_k else None)
+    return intervention, swap_notes(recipe, saved_recipe(moe.path)), time.perf_counter() - started
