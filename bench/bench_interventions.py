@@ -26,6 +26,7 @@ import argparse
 import logging
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -70,28 +71,30 @@ def build_cli(recipe: Path, out: Path) -> None:
 
 
 def swap_round(text: str, moe, settings: SamplingSettings) -> dict[str, float]:
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     intervention, _, routers_s = steer_logic.resolve(steer_logic.spec(routers=steer_logic.RECIPE, revision=1),
                                                      text, moe, device="cpu")
+    routers_cpu = time.process_time() - cpu
     stream = reply(moe, settings, intervention)
     total = time.perf_counter() - started
     return {"total": total, "reply": stream.result.stats.total_s, "routers": routers_s,
-            "tokens": stream.result.stats.new_tokens}
+            "routers_cpu": routers_cpu, "tokens": stream.result.stats.new_tokens}
 
 
 def rebuild_round(text: str, work: Path, settings: SamplingSettings) -> dict[str, float]:
     recipe, out = work / "edited.yaml", work / "rebuilt"
     recipe.write_text(text, encoding="utf-8")
-    started = time.perf_counter()
+    started, children = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
     build_cli(recipe, out)
-    built = time.perf_counter()
+    built, after = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
+    build_cpu = (after.ru_utime + after.ru_stime) - (children.ru_utime + children.ru_stime)
     registry().unload(str(out))
     moe = registry().get(str(out), device="cpu")
     loaded = time.perf_counter()
     stream = reply(moe, settings)
     total = time.perf_counter() - started
     return {"total": total, "reply": stream.result.stats.total_s, "build": built - started,
-            "load": loaded - built, "tokens": stream.result.stats.new_tokens}
+            "build_cpu": build_cpu, "load": loaded - built, "tokens": stream.result.stats.new_tokens}
 
 
 def median(rows: list[dict[str, float]], key: str) -> float:
@@ -116,9 +119,10 @@ def edit_to_reply(args: argparse.Namespace, moe) -> None:
     for name, rows in (("swap", swaps), ("rebuild", rebuilds)):
         beyond = statistics.median(r["total"] - r["reply"] for r in rows)
         if name == "swap":
-            parts = f"routers {median(rows, 'routers'):.2f} s"
+            parts = f"routers {median(rows, 'routers'):.2f} s, {median(rows, 'routers_cpu'):.2f} CPU s"
         else:
-            parts = f"build {median(rows, 'build'):.2f} s, load {median(rows, 'load'):.2f} s"
+            parts = (f"build {median(rows, 'build'):.2f} s, {median(rows, 'build_cpu'):.2f} CPU s; "
+                     f"load {median(rows, 'load'):.2f} s")
         print(f"  {name:8s} total {median(rows, 'total'):6.2f} s = reply {median(rows, 'reply'):5.2f} s + "
               f"beyond the reply {beyond:5.2f} s ({parts})")
     ratios = [(b["total"] - b["reply"]) / (s["total"] - s["reply"])
