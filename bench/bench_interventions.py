@@ -16,6 +16,9 @@
     unchanged" swaps in the MoE's own routers (routing identical, only the override runs);
     "ban + temperature" bans an expert and warms the router; "force e0" sends every token to
     one expert (the other top-k slot has weight 0 and is skipped).
+(c) The override alone, where a loaded machine's noise cannot hide it: the MoE's routers
+    called on one token, saved and overridden (installed and removed each time, as a decode
+    step does), in alternating blocks; the difference per token against (b)'s median step.
 
     .venv/bin/python bench/bench_interventions.py --rounds 3 --tokens 32 --decode-rounds 5
 """
@@ -26,6 +29,7 @@ import argparse
 import logging
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -39,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.bench_chat import interleaved_steps  # noqa: E402
 from workbench.chat import ReplyStream, SamplingSettings, prepare, registry  # noqa: E402
-from workbench.routing import Force, Intervention, router_weights  # noqa: E402
+from workbench.routing import Force, Intervention, Steering, find_routers, router_weights  # noqa: E402
 from workbench.ui import steer_logic  # noqa: E402
 
 PRESET = ROOT / "presets" / "demo.yaml"
@@ -70,28 +74,30 @@ def build_cli(recipe: Path, out: Path) -> None:
 
 
 def swap_round(text: str, moe, settings: SamplingSettings) -> dict[str, float]:
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     intervention, _, routers_s = steer_logic.resolve(steer_logic.spec(routers=steer_logic.RECIPE, revision=1),
                                                      text, moe, device="cpu")
+    routers_cpu = time.process_time() - cpu
     stream = reply(moe, settings, intervention)
     total = time.perf_counter() - started
     return {"total": total, "reply": stream.result.stats.total_s, "routers": routers_s,
-            "tokens": stream.result.stats.new_tokens}
+            "routers_cpu": routers_cpu, "tokens": stream.result.stats.new_tokens}
 
 
 def rebuild_round(text: str, work: Path, settings: SamplingSettings) -> dict[str, float]:
     recipe, out = work / "edited.yaml", work / "rebuilt"
     recipe.write_text(text, encoding="utf-8")
-    started = time.perf_counter()
+    started, children = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
     build_cli(recipe, out)
-    built = time.perf_counter()
+    built, after = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
+    build_cpu = (after.ru_utime + after.ru_stime) - (children.ru_utime + children.ru_stime)
     registry().unload(str(out))
     moe = registry().get(str(out), device="cpu")
     loaded = time.perf_counter()
     stream = reply(moe, settings)
     total = time.perf_counter() - started
     return {"total": total, "reply": stream.result.stats.total_s, "build": built - started,
-            "load": loaded - built, "tokens": stream.result.stats.new_tokens}
+            "build_cpu": build_cpu, "load": loaded - built, "tokens": stream.result.stats.new_tokens}
 
 
 def median(rows: list[dict[str, float]], key: str) -> float:
@@ -116,9 +122,10 @@ def edit_to_reply(args: argparse.Namespace, moe) -> None:
     for name, rows in (("swap", swaps), ("rebuild", rebuilds)):
         beyond = statistics.median(r["total"] - r["reply"] for r in rows)
         if name == "swap":
-            parts = f"routers {median(rows, 'routers'):.2f} s"
+            parts = f"routers {median(rows, 'routers'):.2f} s, {median(rows, 'routers_cpu'):.2f} CPU s"
         else:
-            parts = f"build {median(rows, 'build'):.2f} s, load {median(rows, 'load'):.2f} s"
+            parts = (f"build {median(rows, 'build'):.2f} s, {median(rows, 'build_cpu'):.2f} CPU s; "
+                     f"load {median(rows, 'load'):.2f} s")
         print(f"  {name:8s} total {median(rows, 'total'):6.2f} s = reply {median(rows, 'reply'):5.2f} s + "
               f"beyond the reply {beyond:5.2f} s ({parts})")
     ratios = [(b["total"] - b["reply"]) / (s["total"] - s["reply"])
@@ -159,6 +166,41 @@ def decode_cost(args: argparse.Namespace, moe) -> None:
         rounds = ", ".join(f"{x:.3f}" for x in per_round[name])
         print(f"  {name:20s} median step {1000 * step:7.2f} ms  x{step / none:.3f} of none  "
               f"(per round: {rounds}; {len(times)} steps)")
+    router_cost(moe, none)
+
+
+def router_cost(moe, decode_step: float, blocks: int = 20, calls: int = 50) -> None:
+    """(c) What the override itself costs per token: every router of the MoE called on one
+    token's state, saved against overridden, in alternating blocks, plus installing and
+    removing the override once (what each decode step does)."""
+    routers = [module for _, module in find_routers(moe.model)]
+    x = torch.randn(1, moe.model.config.hidden_size)
+    steering = Steering(moe.model, Intervention(ban=(3,), temperature=2.0))
+
+    def token() -> None:
+        for router in routers:
+            router(x)
+
+    def timed(fn) -> float:
+        started = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        return (time.perf_counter() - started) / calls
+
+    def steered_token() -> None:
+        with steering.applied():
+            token()
+
+    plain, steered = [], []
+    with torch.inference_mode():
+        for _ in range(blocks):
+            plain.append(timed(token))
+            steered.append(timed(steered_token))
+    saved, overridden = statistics.median(plain), statistics.median(steered)
+    extra = overridden - saved
+    print(f"(c) the routers of one decode step ({len(routers)}): saved {1000 * saved:.3f} ms, overridden "
+          f"(installed and removed) {1000 * overridden:.3f} ms: +{1000 * extra:.3f} ms per token = "
+          f"{100 * extra / decode_step:.2f}% of the median decode step")
 
 
 def main() -> int:

@@ -117,6 +117,25 @@ def test_fit_is_deterministic_and_confident_where_the_data_separate():
     assert float(probs[..., 0].mean()) > 0.9  # not the flat softmax of unit rows
 
 
+def test_fit_is_the_same_whatever_threads_the_process_has():
+    """Two threads against one moved the demo's fitted weights by ~1e-3: a recipe's routers
+    swapped in on the server would then not be the ones its build (another process) wrote."""
+    generator = torch.Generator().manual_seed(3)
+    # The demo's shapes (30 layers, hidden 576): big enough for torch to split the sums.
+    pos = [torch.randn(30, 50, 576, generator=generator) + shift for shift in (0.3, -0.2, 0.1, 0.0)]
+    neg = [torch.randn(30, 10, 576, generator=generator), None, None, None]
+    before = torch.get_num_threads()
+    try:
+        got = []
+        for threads in (1, 2, 4):
+            torch.set_num_threads(threads)
+            got.append(fit_router(pos, neg))
+            assert torch.get_num_threads() == threads  # the caller's setting is back
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(got[0], got[1]) and torch.equal(got[0], got[2])
+
+
 @pytest.fixture(scope="module")
 def pico(pico_llama):
     model = AutoModelForCausalLM.from_pretrained(pico_llama, dtype=torch.float32, use_safetensors=True)

@@ -113,20 +113,20 @@ def test_an_intervention_parses_checks_and_describes_itself():
         with pytest.raises(InterventionError):
             parse_force(bad)
     ok = Intervention(force=(Force(1, 0, 1),), ban=(3, 3), top_k=1, temperature=2.0)
-    assert ok.ban == (3,) and ok.problems(3, 4, 2) == [] and ok.active and not Intervention().active
+    assert ok.ban == (3,) and ok.problems(3, 4) == [] and ok.active and not Intervention().active
     names = ["code", "maths", "story", "chat"]
     assert ok.describe(names) == ("e1 (maths) forced on layers 0-1 · e3 (chat) banned · top-1 · "
                                   "router temperature 2")
     assert Intervention().describe() == "no intervention"
     problems = Intervention(force=(Force(5), Force(1, 2, 9), Force(2, 1, 2)), ban=(0, 1, 2, 3), ablate=(2,),
-                            top_k=7, temperature=0.0).problems(3, 4, 2)
+                            top_k=7, temperature=0.0).problems(3, 4)
     text = " | ".join(problems)
     for words in ("forced expert 5 does not exist", "layers 2-9 but this MoE has layers 0 to 2",
                   "same layer", "both forced and banned", "both forced and ablated", "every expert is banned",
                   "top-k 7", "temperature 0.0"):
         assert words in text, (words, problems)
     with pytest.raises(InterventionError, match="every expert is banned"):
-        Intervention(ban=(0, 1, 2, 3)).check(3, 4, 2)
+        Intervention(ban=(0, 1, 2, 3)).check(3, 4)
     back = Intervention.from_dict(ok.to_dict())
     assert back == ok and ok.to_dict()["routers"] == "saved"
     assert ok.with_routers(torch.zeros(3, 4, 8), "r.yaml", k=2).top_k == 1  # a top-k given stays

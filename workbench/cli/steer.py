@@ -87,6 +87,6 @@ def intervention_from(args: argparse.Namespace, entry: Any) -> tuple[Any, list[s
         return None, notes
     if not entry.is_moe:
         raise WorkbenchError(f"{entry.ref} is not a MoE: there are no routers to steer")
-    intervention.check(entry.layers, int(entry.model.config.num_local_experts), entry.top_k)
+    intervention.check(entry.layers, int(entry.model.config.num_local_experts))
     return intervention, notes
 

@@ -11,12 +11,19 @@ own: the weights grow only as far as the data separate, so softmax weights are c
 where the router is sure and flat where it is not (unit-length prompt-mean rows are flat
 everywhere).
 
+The fit runs on one CPU thread. L-BFGS amplifies the reduction-order differences of a
+multi-threaded sum into weights apart by ~1e-3 (2 threads against 1, the demo's bank), so
+the routers would depend on how many threads the process had: a MoE routed with a recipe's
+gates swapped in on the server could differ from the one its build wrote. Its tensors are
+small, so one thread is also faster: 2.0 s against 6.4-8.4 s for the demo on two busy cores.
+
 Legend: L layers, E experts, N tokens, H hidden size.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import torch
@@ -61,8 +68,20 @@ def fit_router(positives: Sequence[Tensor], negatives: Sequence[Tensor | None], 
         loss.backward()
         return loss
 
-    optimiser.step(loss_fn)
+    with one_thread():
+        optimiser.step(loss_fn)
     return (weight.detach() / scale).float().cpu()
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """This thread's torch ops on one CPU thread inside the block (see the module doc)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def fit_bank(bank: PromptBank, *, held: set[tuple[int, int]] = frozenset(),

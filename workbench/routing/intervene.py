@@ -50,7 +50,7 @@ class Steering:
             raise TraceError("this model has no MoE routers to steer; interventions need a built MoE")
         first = routers[0][1]
         experts, model_k = int(first.num_experts), int(first.top_k)
-        intervention.check(len(routers), experts, model_k)
+        intervention.check(len(routers), experts)
         self.intervention = intervention
         self.k = intervention.k_for(model_k, experts)
         self.scale = None if intervention.temperature == 1.0 else 1.0 / intervention.temperature

@@ -122,8 +122,8 @@ class Intervention:
         return replace(self, routers=routers, routers_from=source,
                        top_k=self.top_k if self.top_k is not None else k)
 
-    def problems(self, layers: int, experts: int, model_k: int) -> list[str]:
-        """Everything that keeps it from applying to a MoE of `layers` x `experts` (top-`model_k`)."""
+    def problems(self, layers: int, experts: int) -> list[str]:
+        """Everything that keeps it from applying to a MoE of `layers` x `experts`."""
         found = []
         for group, ids in (("forced", [f.expert for f in self.force]), ("banned", self.ban),
                            ("ablated", self.ablate)):
@@ -161,9 +161,9 @@ class Intervention:
                              "the same base")
         return found
 
-    def check(self, layers: int, experts: int, model_k: int) -> None:
+    def check(self, layers: int, experts: int) -> None:
         """Raise InterventionError listing every problem (see `problems`)."""
-        found = self.problems(layers, experts, model_k)
+        found = self.problems(layers, experts)
         if found:
             raise InterventionError("; ".join(found))
 

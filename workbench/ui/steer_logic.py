@@ -114,7 +114,7 @@ def problems(values: dict[str, Any], folder: str | None) -> list[str]:
         intervention = intervention_of(values)
     except Exception as exc:  # noqa: BLE001 (InterventionError: shown as it is)
         return [str(exc)]
-    return intervention.problems(*shape) if shape is not None else []
+    return intervention.problems(*shape[:2]) if shape is not None else []
 
 
 def panel_note(values: dict[str, Any], folder: str | None) -> str:

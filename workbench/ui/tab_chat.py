@@ -125,7 +125,7 @@ def _steer_panel(design: DesignTab) -> Steer:
             ablate = gr.CheckboxGroup([], label="Ablate", info="reply without it: its share is dropped",
                                       elem_id="wb-steer-ablate")
         with gr.Row(equal_height=True):
-            top_k = gr.Slider(0, 8, 0, step=1, label="Experts per token", info="0: the model's own top-k",
+            top_k = gr.Slider(0, 4, 0, step=1, label="Experts per token", info="0: the model's own top-k",
                               elem_id="wb-steer-top-k")
             temperature = gr.Slider(0.1, 5, 1.0, step=0.1, label="Router temperature",
                                     info="1: as trained; higher spreads, lower sharpens",
@@ -256,11 +256,14 @@ def _wire_steer(steer: Steer, moe: gr.Dropdown, steered_pane: _Pane, show_steere
         """Another MoE: its experts to choose from, and no expert chosen (numbers are per MoE)."""
         choices = steer_logic.expert_choices(folder)
         nobody = steer_logic.NO_FORCE
+        top_k = min(int(others[0] or 0), len(choices)) if choices else 0
         return (gr.Dropdown(choices=[("nobody", nobody), *choices], value=nobody),
                 gr.CheckboxGroup(choices=choices, value=[]), gr.CheckboxGroup(choices=choices, value=[]),
-                note(folder, nobody, layers_text, [], [], *others))
+                gr.Slider(maximum=max(len(choices), 1), value=top_k),
+                note(folder, nobody, layers_text, [], [], top_k, *others[1:]))
 
-    moe.change(experts, [moe, layers, *rest], [force, ban, ablate, steer.note], show_progress="hidden")
+    moe.change(experts, [moe, layers, *rest], [force, ban, ablate, rest[0], steer.note],
+               show_progress="hidden")
 
     @shared.user_errors
     def changed(folder: str | None, *values: Any) -> tuple:
