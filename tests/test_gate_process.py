@@ -82,6 +82,8 @@ def gone(pid: int, within: float) -> bool:
 def test_a_build_without_torch_takes_the_same_routers_from_a_child(pico_factory, tmp_path: Path) -> None:
     base = pico_factory("identity", seed=1, family="llama")
     recipes = {mode: recipe_of(base, mode) for mode in ("random", "hidden")}
+    # Chat-rendered prompts need transformers' tokenizer in the child (its template): the same routers.
+    recipes["chat"] = recipe_of(base, "fitted").model_copy(update={"prompt_template": "chat"})
     args = []
     for mode, recipe in recipes.items():
         args += [json.dumps(recipe.model_dump(mode="json")), str(tmp_path / mode)]
@@ -96,6 +98,8 @@ def test_a_build_without_torch_takes_the_same_routers_from_a_child(pico_factory,
     for mode, recipe in recipes.items():
         expected = from_gates(compute_gates(recipe, base, device="cpu", seed=3), "F32")
         assert router_bytes(tmp_path / mode) == expected.rows, mode
+    plain = from_gates(compute_gates(recipe_of(base, "fitted"), base, device="cpu", seed=3), "F32")
+    assert router_bytes(tmp_path / "chat") != plain.rows  # the template changed what the routers saw
     # The held-out score crosses from the child too, into the result and the model card.
     score = report["scores"]["hidden"]
     assert score["mode"] == "hidden" and score["tokens"][0] > 0 and score["tokens"][1:] == [0, 0]

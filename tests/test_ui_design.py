@@ -204,7 +204,7 @@ def test_a_form_edit_keeps_the_users_yaml_comments_and_layout():
     text = DEMO_PRESET.read_text()  # demo.yaml: a comment block, quoted prompts, its own key order
     checked, _ = design_logic.from_yaml(text, None)
     assert checked.yaml_in(text) == text  # nothing edited: byte for byte
-    top = [checked.data["base_model"], checked.data["gate_mode"], checked.data.get("dtype"), 1, None]
+    top = [checked.data["base_model"], checked.data["gate_mode"], checked.data.get("dtype"), 1, None, None]
     cards = [form.expert_fields(e) for e in checked.data["experts"]]
     cards[2][1] += "\nA story about a brave little toaster."
     edited = design_logic.from_form(checked.draft, top, cards, None)

@@ -24,11 +24,6 @@ MAX_NEW_TOKENS = 2048
 # with them, and the chat lane is shared (64 messages of 8,000 characters once took 87 s).
 MAX_PROMPT_TOKENS = 4096
 MAX_PROMPT_CHARS = 32 * MAX_PROMPT_TOKENS  # no tokenizer packs more than this into the cap
-# Used only when a tokenizer has no chat template; both sides then share this one.
-FALLBACK_TEMPLATE = (
-    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}assistant:{% endif %}"
-)
 ROLES = ("system", "user", "assistant")
 
 
@@ -94,14 +89,12 @@ def normalise_messages(messages: str | Sequence[dict[str, str]]) -> list[dict[st
 
 def render(tokenizer: Any, messages: list[dict[str, str]]) -> str:
     """The prompt text for `messages` with the tokenizer's chat template (or the fallback)."""
-    from jinja2 import TemplateError  # lazy: a transformers dependency, needed only here
+    from workbench.models import TemplateFailure, render_chat
 
-    template = getattr(tokenizer, "chat_template", None) or FALLBACK_TEMPLATE
     try:
-        return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
-                                             add_generation_prompt=True)
-    except (TemplateError, ValueError, TypeError) as exc:
-        raise ChatError(f"the chat template of this model failed on the conversation: {exc}") from exc
+        return render_chat(tokenizer, messages)
+    except TemplateFailure as exc:
+        raise ChatError(str(exc)) from exc
 
 
 def encode(tokenizer: Any, text: str) -> list[int]:

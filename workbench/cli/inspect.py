@@ -168,7 +168,7 @@ def cmd_preview(args: argparse.Namespace) -> int:
                           tokenizer=base.tokenizer)
     names = recipe.expert_labels()
     k = recipe.experts_per_token
-    traces = [preview_routing(gates, base, text, k, expert_names=names) for text in texts]
+    traces = [preview_routing(gates, base, text, k, expert_names=names, chat=recipe.chats) for text in texts]
     summary = routing_summary(RouterTrace.joined(traces))
     prompted = all(e.positive_prompts for e in recipe.experts)  # random modes may have none
     score = score_recipe(recipe, base.path, gates, model=base.model, tokenizer=base.tokenizer,

@@ -5,8 +5,11 @@ Per prompt (positive, negative or probe, of each expert) the bank keeps, at ever
 
 - `last`: the residual stream entering the layer at the prompt's last token (`hidden` gates);
 - `router_last`: the router's real input (the post_attention_layernorm output) there;
-- `tokens`: the router input at the prompt's tokens, BOS left out when the prompt has more
-  (it is the same for every prompt, so it says nothing about one), at most a budget of them;
+- `tokens`: the router input at the prompt's tokens, at most a budget of them, less the
+  opening every prompt shares (the BOS; with `prompt_template: chat` also the template's
+  system prompt and user header): causal attention gives those tokens the same states in
+  every prompt, so they say nothing about one, and fitted to every expert at once they only
+  blur the fit;
 - `embed_sum`: the sum of its token embeddings, BOS included (`cheap_embed`, as mergekit sums).
 
 Prompts share forwards as the gates' own do (left padding keeps each prompt's states
@@ -51,7 +54,7 @@ class PromptStates:
     text: str
     last: Tensor  # (L, H) residual stream entering each layer, last token
     router_last: Tensor  # (L, H) router input of each layer, last token
-    tokens: Tensor  # (L, T', H) router inputs at the kept tokens (BOS left out)
+    tokens: Tensor  # (L, T', H) router inputs at the kept tokens (the shared opening left out)
     embed_sum: Tensor  # (H,) sum of the prompt's token embeddings, BOS included
 
 
@@ -84,9 +87,10 @@ def collect(model: nn.Module, tokenizer: Any, recipe: Any, *, probes: bool = Tru
     layers, hidden = int(model.config.num_hidden_layers), int(model.config.hidden_size)
     labels, sets = [], []
     for e, kind, prompts in prompt_sets(recipe, probes=probes):
-        sets.append(tokenize_prompts(tokenizer, prompts, where=f"experts[{e}].{kind}_prompts"))
+        sets.append(tokenize_prompts(tokenizer, prompts, where=f"experts[{e}].{kind}_prompts",
+                                     chat=recipe.chats))
         labels += [(e, kind, j, text) for j, text in enumerate(prompts)]
-    keep = kept_positions(sets, 1 if tokenizer.bos_token else 0, token_bytes // (4 * layers * hidden))
+    keep = kept_positions(sets, shared_opening(sets), token_bytes // (4 * layers * hidden))
     bank = PromptBank(len(recipe.experts), layers, hidden)
     for rows, merged in merged_forwards(model, sets, cancel):
         width = merged["input_ids"].shape[1]
@@ -99,10 +103,22 @@ def collect(model: nn.Module, tokenizer: Any, recipe: Any, *, probes: bool = Tru
     return bank
 
 
+def shared_opening(sets: Sequence[dict[str, Tensor]]) -> int:
+    """How many first tokens every prompt of every set has in common (pads excluded)."""
+    rows = [row[mask.bool()].tolist() for batch in sets
+            for row, mask in zip(batch["input_ids"], batch["attention_mask"], strict=True)]
+    if not rows:
+        return 0
+    first, shared = rows[0], min(len(row) for row in rows)
+    for row in rows[1:]:
+        shared = next((i for i in range(shared) if row[i] != first[i]), shared)
+    return shared
+
+
 def kept_positions(sets: Sequence[dict[str, Tensor]], skip: int, budget: int) -> list[list[list[int]]]:
     """[set][row] -> the token positions (from the prompt's first token) whose router input is
-    kept: all but the first `skip` (the BOS) of a prompt longer than that, thinned evenly (last
-    token always kept) when all prompts together have more than `budget` tokens."""
+    kept: all but the first `skip` (the shared opening) of a prompt longer than that, thinned
+    evenly (last token always kept) when all prompts together have more than `budget` tokens."""
     lengths = [[int(n) for n in batch["attention_mask"].sum(dim=1)] for batch in sets]
     spans = [[range(skip if n > skip else 0, n) for n in row] for row in lengths]
     total = sum(len(span) for row in spans for span in row)

@@ -184,7 +184,7 @@ def compute_gates(
         on_progress(Progress("gates", 1.0, f"{mode} gates, seed {seed}"))
         return Gates(vectors, mode, diagnose(vectors))
 
-    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(base_path)
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(base_path, chat=recipe.chats)
     if mode == "fitted":
         return _fitted(recipe, base_path, device, model, tokenizer, on_progress, cancel, bank)
     batches = expert_batches(recipe, tokenizer)

@@ -34,18 +34,20 @@ MAX_PROMPT_TOKENS = 512  # per prompt; attention memory grows with T^2 (RELIABIL
 
 
 def tokenize_prompts(
-    tokenizer: Any, prompts: Sequence[str], *, where: str = "prompts", max_tokens: int = MAX_PROMPT_TOKENS
+    tokenizer: Any, prompts: Sequence[str], *, where: str = "prompts", max_tokens: int = MAX_PROMPT_TOKENS,
+    chat: bool = False,
 ) -> dict[str, Tensor]:
     """One prompt set -> a left-padded batch {input_ids, attention_mask}, each (B, T).
 
-    Each prompt is the BOS text + the prompt, no special tokens added, no chat template,
-    padded on the left with BOS (EOS without BOS) so that the last position is every
-    prompt's own last token. `where` is the key path used in errors.
+    Each prompt is the BOS text + the prompt, no special tokens added, no chat template
+    (mergekit's way); with `chat`, the prompt as a user's message rendered by the tokenizer's
+    chat template, the tokens a chat sends (`workbench.models.user_turn`). Padded on the left
+    with BOS (EOS without BOS) so that the last position is every prompt's own last token.
+    `where` is the key path used in errors.
     """
     if not prompts:
         raise GateError(f'{where} is empty: give at least one prompt ([""] stands for just the BOS token)')
-    bos_text = tokenizer.bos_token or ""
-    rows = tokenizer([bos_text + p for p in prompts], add_special_tokens=False)["input_ids"]
+    rows = tokenizer(prompt_texts(tokenizer, prompts, chat=chat, where=where), add_special_tokens=False)["input_ids"]
     for j, row in enumerate(rows):
         if len(row) > max_tokens:
             raise GateError(
@@ -64,15 +66,29 @@ def tokenize_prompts(
     return {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask)}
 
 
+def prompt_texts(tokenizer: Any, prompts: Sequence[str], *, chat: bool = False, where: str = "prompts") -> list[str]:
+    """The text each prompt is tokenised from: BOS text + prompt, or with `chat` its chat rendering."""
+    if not chat:
+        return [(tokenizer.bos_token or "") + p for p in prompts]
+    from workbench.models import TemplateFailure, user_turn
+
+    try:
+        return [user_turn(tokenizer, p) for p in prompts]
+    except TemplateFailure as exc:
+        raise GateError(f"{where}: {exc}; use prompt_template: plain") from exc
+
+
 def expert_batches(recipe: Recipe, tokenizer: Any) -> list[tuple[dict, dict | None]]:
     """Tokenise every set before any model runs, so a bad prompt fails in a second."""
     batches = []
     for e, expert in enumerate(recipe.experts):
         where = f"experts[{e}]"
-        pos = tokenize_prompts(tokenizer, expert.positive_prompts or [], where=f"{where}.positive_prompts")
+        pos = tokenize_prompts(tokenizer, expert.positive_prompts or [], where=f"{where}.positive_prompts",
+                               chat=recipe.chats)
         neg = None
         if expert.negative_prompts:
-            neg = tokenize_prompts(tokenizer, expert.negative_prompts, where=f"{where}.negative_prompts")
+            neg = tokenize_prompts(tokenizer, expert.negative_prompts, where=f"{where}.negative_prompts",
+                                   chat=recipe.chats)
         batches.append((pos, neg))
     return batches
 
@@ -272,10 +288,11 @@ def _pad_id(batch: dict[str, Tensor]) -> int:
     return int(pads[0]) if pads.numel() else int(batch["input_ids"][0, 0])
 
 
-def load_tokenizer(base_path: Path) -> Any:
+def load_tokenizer(base_path: Path, *, chat: bool = False) -> Any:
     """The base's tokenizer: read from tokenizer.json where transformers would use that file as it
-    is (`workbench.gates.plain_tokenizer`; no transformers import), else transformers' own."""
-    plain = plain_tokenizer(base_path)
+    is (`workbench.gates.plain_tokenizer`; no transformers import), else transformers' own, which
+    `chat` also needs (it renders the chat template)."""
+    plain = None if chat else plain_tokenizer(base_path)
     if plain is not None:
         return plain
     from transformers import AutoTokenizer  # lazy: importing this module stays cheap

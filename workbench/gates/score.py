@@ -212,7 +212,7 @@ def scored_gates(recipe: Recipe, base_path: Path, *, device: str = "auto", seed:
         gates.shared = shared_gate(recipe, base_path, seed=seed)
         return gates
     on_progress(Progress("gates", 0.0, "loading the base model"))
-    model, tokenizer = load_base(base_path, device), load_tokenizer(base_path)
+    model, tokenizer = load_base(base_path, device), load_tokenizer(base_path, chat=recipe.chats)
     try:
         # Fitted gates and the score read the same prompt bank: its forwards run once.
         bank = collect(model, tokenizer, recipe, cancel=cancel, on_progress=on_progress) \
@@ -254,7 +254,7 @@ def compare_modes(recipe: Recipe, base_path: Path, *, model: Any = None, tokeniz
     for the comparison and is freed after it."""
     if model is None:
         on_progress(Progress("compare", 0.0, "loading the base model"))
-        model, tokenizer = load_base(base_path, device), load_tokenizer(base_path)
+        model, tokenizer = load_base(base_path, device), load_tokenizer(base_path, chat=recipe.chats)
         try:
             return compare_modes(recipe, base_path, model=model, tokenizer=tokenizer, seed=seed,
                                  cancel=cancel, on_progress=on_progress)

@@ -11,6 +11,7 @@ folders portable between transformers 4 and 5. Never loads a whole model, never 
     lora      peft LoRA adapters of `model+lora` references, applied as weights are read
     tensors   safetensors tables, checked headers, a lazy index over a folder
     portable  config and tokenizer fix-ups for transformers 4 and 5
+    template  a tokenizer's chat template: messages -> the text the model reads
 """
 
 from workbench.faces import face
@@ -23,5 +24,7 @@ EXPORTS = {
     "DTYPE_NAMES": "tensors", "TensorFileError": "tensors", "TensorInfo": "tensors",
     "WeightIndex": "tensors", "dtype_code": "tensors", "tensor_nbytes": "tensors", "torch_dtype": "tensors",
     "make_tokenizer_portable": "portable", "portable_config": "portable",
+    "FALLBACK_TEMPLATE": "template", "TemplateFailure": "template", "render_chat": "template",
+    "user_turn": "template",
 }
 __getattr__, __dir__ = face(__name__, EXPORTS)

@@ -13,7 +13,8 @@ Read from mergekit 0.1.5's source and checked by running it on pico models:
   model with `lazy_loader()` and never calls `merged()`, so it stops with "AssertionError:
   LoRA not merged";
 - pydantic models with the default `extra="ignore"`: keys it does not know (`center_gates`,
-  `name`, `probe_prompts`, `forge_data`) are dropped without a word.
+  `prompt_template`, `name`, `probe_prompts`, `forge_data`) are dropped without a word; it
+  always tokenises prompts as plain text.
 Pure: no I/O, no torch.
 """
 
@@ -73,6 +74,7 @@ def mergekit_reading(recipe: Recipe) -> MergekitReading:
     return MergekitReading(
         stops=stops,
         flag=ALL_SAME_FLAG if prompted and same else None,
-        ignored=["center_gates"] if recipe.center_gates else [],
+        ignored=[k for k, used in (("center_gates", recipe.center_gates), ("prompt_template", recipe.chats))
+                 if used],
         labels=[k for k in LABEL_KEYS if any(getattr(e, k) for e in recipe.experts)],
     )

@@ -26,6 +26,7 @@ from workbench.recipe.schema import (
     GATE_MODE_ALIASES,
     GATE_MODES,
     MAX_YAML_BYTES,
+    PROMPT_TEMPLATES,
     Expert,
     Problem,
     Recipe,
@@ -34,6 +35,8 @@ from workbench.recipe.schema import (
 )
 
 KNOWN_TOP_KEYS = tuple(Recipe.model_fields)
+# Keys with a few named values: (the values, what leaving the key out means)
+CHOICES = {"architecture": (ARCHITECTURES, "mixtral"), "prompt_template": (PROMPT_TEMPLATES, "plain")}
 KNOWN_EXPERT_KEYS = tuple(Expert.model_fields)
 
 
@@ -145,11 +148,11 @@ def _from_pydantic(err: dict) -> Problem:
         hint = DTYPE_HINTS.get(value.lower())
         fix = f"write '{hint}'" if hint else f"use one of: {', '.join(DTYPES)}"
         return Problem("error", path, f"unknown dtype '{value}'", fix)
-    if field == "architecture" and isinstance(value, str):
-        guess = _closest(value, ARCHITECTURES)
-        names = ", ".join(ARCHITECTURES)
-        fix = f"did you mean '{guess}'?" if guess else f"use one of {names}, or leave it out"
-        return Problem("error", path, f"unknown architecture '{value}'", fix)
+    if field in CHOICES and isinstance(value, str):
+        choices, default = CHOICES[field]
+        guess = _closest(value, choices)
+        fix = f"did you mean '{guess}'?" if guess else f"use one of {', '.join(choices)}, or leave it out ({default})"
+        return Problem("error", path, f"unknown {field} '{value}'", fix)
     if kind == "too_short" and field == "experts":
         return Problem("error", path, "has no experts", "add at least one expert with a source_model")
     return Problem("error", path, f"{err['msg']} (got {value!r})"[:300], _type_fix(kind))

@@ -19,10 +19,14 @@ GateMode = Literal["hidden", "hidden_avg", "cheap_embed", "random", "uniform_ran
                    "fitted"]
 DType = Literal["bfloat16", "float16", "float32", "float64"]  # mergekit 0.1.5 takes float64
 Architecture = Literal["mixtral", "qwen", "deepseek"]
+# How a router prompt becomes tokens: "plain" is mergekit's (BOS text + the prompt), "chat" renders
+# it as a user's message through the base's chat template, the tokens a chat sends.
+PromptTemplate = Literal["plain", "chat"]
 
 GATE_MODES: tuple[str, ...] = GateMode.__args__
 DTYPES: tuple[str, ...] = DType.__args__
 ARCHITECTURES: tuple[str, ...] = Architecture.__args__
+PROMPT_TEMPLATES: tuple[str, ...] = PromptTemplate.__args__
 # Modes whose gates do not come from prompts: prompts are optional there.
 PROMPTLESS_MODES = ("random", "uniform_random")
 # Modes whose rows are unit vectors of mean prompt states (mergekit's, and router_input):
@@ -66,6 +70,8 @@ class Recipe(BaseModel):
     gate_mode: GateMode = "hidden"
     # workbench extension: subtract the mean row over experts before normalising (prompt-mean modes)
     center_gates: bool | None = None
+    # workbench extension: "chat" renders every router prompt as a chat sends a user's message
+    prompt_template: PromptTemplate | None = None
     dtype: DType | None = None
     experts_per_token: int = 2
     architecture: Architecture | None = None
@@ -75,6 +81,11 @@ class Recipe(BaseModel):
     def family(self) -> str:
         """The output family: `architecture`, else Mixtral (mergekit's default for these inputs)."""
         return self.architecture or "mixtral"
+
+    @property
+    def chats(self) -> bool:
+        """Router prompts are rendered as chat messages (`prompt_template: chat`)."""
+        return self.prompt_template == "chat"
 
     def shared_gate_recipe(self) -> Recipe | None:
         """The one-expert recipe whose gate row is Qwen2-MoE's `shared_expert_gate`, or None.
@@ -87,7 +98,8 @@ class Recipe(BaseModel):
             return None
         mode = "router_input" if self.gate_mode == "fitted" else self.gate_mode
         return Recipe(base_model=self.base_model, experts=[self.shared_experts[0]], gate_mode=mode,
-                      experts_per_token=1, dtype=self.dtype, architecture="mixtral")
+                      experts_per_token=1, dtype=self.dtype, architecture="mixtral",
+                      prompt_template=self.prompt_template)
 
     def experts_copy_the_base(self) -> bool:
         """Every expert is the base model unchanged (no noise, no residual scale): the MoE then
@@ -111,6 +123,7 @@ class Recipe(BaseModel):
         """The workbench-only keys this recipe uses (mergekit-moe 0.1.x ignores or refuses them)."""
         used = [f"gate_mode: {self.gate_mode}"] if self.gate_mode in ("router_input", "fitted") else []
         used += ["center_gates"] if self.center_gates else []
+        used += ["prompt_template: chat"] if self.chats else []
         for key in ("name", "probe_prompts", "forge_data"):
             used += [key] if any(getattr(e, key) for e in self.experts) else []
         return used

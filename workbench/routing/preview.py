@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from workbench.gates import router_inputs
+from workbench.models import TemplateFailure, user_turn
 from workbench.routing.trace import RouterTrace, TraceError, encode_text, route, token_strings
 
 
@@ -43,9 +44,11 @@ def route_states(states: list[Tensor], vectors: Tensor, k: int) -> tuple[Tensor,
 
 
 def preview_routing(gates: Any, entry: Any, text: str, k: int, *, expert_names: list[str] | None = None,
-                    add_special_tokens: bool = True) -> RouterTrace:
+                    add_special_tokens: bool = True, chat: bool = False) -> RouterTrace:
     """Route `text` with `gates` (a `Gates`, vectors (L, E, H)) over the base model `entry`
-    (a `LoadedModel`), without building; the trace's source is "preview"."""
+    (a `LoadedModel`), without building; the trace's source is "preview". With `chat` the text
+    is a user's message, routed as the chat template renders it (a recipe's `prompt_template:
+    chat`: the routers were made from such renderings)."""
     vectors = gates.vectors
     layers, experts, hidden = vectors.shape
     if not 1 <= k <= experts:
@@ -56,6 +59,11 @@ def preview_routing(gates: Any, entry: Any, text: str, k: int, *, expert_names: 
                          f"{config.num_hidden_layers} x {config.hidden_size}: recompute the gates from "
                          "this base")
     names = expert_names or [f"expert {e}" for e in range(experts)]
+    if chat and text.strip():
+        try:
+            text, add_special_tokens = user_turn(entry.tokenizer, text), False
+        except TemplateFailure as exc:
+            raise TraceError(str(exc)) from exc
     ids = encode_text(entry.tokenizer, text, add_special_tokens=add_special_tokens,
                       limit=entry.context_length)
     input_ids = torch.tensor([ids], device=entry.device)

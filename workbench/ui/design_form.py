@@ -20,6 +20,7 @@ from workbench.ui import design_logic, form, shared
 DTYPE_CHOICES = [("from the base model", ""), ("bfloat16", "bfloat16"), ("float16", "float16"),
                  ("float32", "float32"), ("float64", "float64")]
 GATE_INFO = "how router rows come from the prompts; fitted routes best (Preview: Compare gate modes)"
+TEMPLATE_INFO = "chat: rendered as a chat sends a user's message"
 MODEL_HELP = "a Hub id (org/name[@revision]), a local folder, or demo:smollm2-135m-instruct"
 
 
@@ -72,8 +73,12 @@ def render_form(out: DesignOutputs, demo: gr.Blocks) -> None:
             family = gr.Dropdown(design_logic.family_choices(family_value), value=family_value,
                                  label="Output family", scale=1, info="shared experts: in the YAML",
                                  interactive=True, **_kept("architecture"))
+            template_value = data.get("prompt_template", "")
+            template = gr.Dropdown(design_logic.template_choices(template_value), value=template_value,
+                                   label="Prompts are", scale=1, info=TEMPLATE_INFO, interactive=True,
+                                   elem_id="wb-prompt-template", **_kept("prompt_template"))
         slot("settings")
-        top = [base, gate, dtype, k, family]  # form.TOP_KEYS order
+        top = [base, gate, dtype, k, family, template]  # form.TOP_KEYS order
         labels = design_logic.expert_labels(data)
         cards = [_card(i, expert, labels[i], slot) for i, expert in enumerate(experts)]
         slot("experts")

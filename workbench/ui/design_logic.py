@@ -110,6 +110,17 @@ def family_choices(value: Any) -> list[tuple[str, Any]]:
     return choices
 
 
+def template_choices(value: Any) -> list[tuple[str, Any]]:
+    """The "Prompts are" dropdown: plain text (mergekit's way, whether the recipe spells
+    `prompt_template: plain` out or leaves it out) or chat messages; any other value keeps its
+    own entry for validation to name."""
+    plain = value if value in ("", None, "plain") else ""
+    choices = [("plain text", plain), ("chat messages", "chat")]
+    if value not in [v for _, v in choices]:
+        choices.append((str(value), value))
+    return choices
+
+
 def expert_labels(data: dict[str, Any]) -> list[str]:
     """What each expert of recipe data is called when it has no name (the form's placeholder)."""
     recipe, _ = recipe_from_dict(data)

@@ -19,7 +19,7 @@ import yaml
 from workbench.recipe import Problem, Recipe, dump_recipe
 
 EMPTY_PROMPT = '""'
-TOP_KEYS = ("base_model", "gate_mode", "dtype", "experts_per_token", "architecture")
+TOP_KEYS = ("base_model", "gate_mode", "dtype", "experts_per_token", "architecture", "prompt_template")
 EXPERT_KEYS = ("source_model", "positive_prompts", "negative_prompts", "noise_scale", "residual_scale",
                "name")
 _ESCAPE = re.compile(r"\\(.)", re.DOTALL)

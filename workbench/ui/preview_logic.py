@@ -153,10 +153,10 @@ def recipe_for_preview(yaml_text: str) -> Recipe:
 
 
 def cache_key(recipe: Recipe, entry: Any) -> str:
-    """What gates and their score depend on: base, mode, centring, top-k, prompts (probes too);
-    and the base's device/dtype."""
+    """What gates and their score depend on: base, mode, centring, top-k, the prompts (probes too)
+    and how they are rendered; and the base's device/dtype."""
     facts = {"base": recipe.base_model, "mode": recipe.gate_mode, "center": bool(recipe.center_gates),
-             "k": recipe.experts_per_token,
+             "k": recipe.experts_per_token, "chat": recipe.chats,
              "experts": [[e.positive_prompts, e.negative_prompts, e.probe_prompts] for e in recipe.experts],
              "where": f"{entry.device}/{entry.dtype}"}
     return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()
@@ -191,7 +191,8 @@ def run_preview(yaml_text: str, text: str, *, token: str | None = None, device: 
     entry = base_entry(recipe, token=token, device=device)
     gates = gates_for(recipe, entry, cancel)
     names = recipe.expert_labels()
-    trace = preview_routing(gates, entry, text, recipe.experts_per_token, expert_names=names)
+    trace = preview_routing(gates, entry, text, recipe.experts_per_token, expert_names=names,
+                            chat=recipe.chats)
     return Preview(recipe, trace, gates, recipe.experts_copy_the_base(), time.perf_counter() - started)
 
 

@@ -133,9 +133,10 @@ def panel_note(values: dict[str, Any], folder: str | None) -> str:
 
 
 def fingerprint(recipe: Recipe) -> str:
-    """What a recipe's routers depend on: base, gate mode, centring, top-k, every prompt."""
+    """What a recipe's routers depend on: base, gate mode, centring, top-k, every prompt and how
+    prompts are rendered."""
     facts = {"base": recipe.base_model, "mode": recipe.gate_mode, "center": bool(recipe.center_gates),
-             "k": recipe.experts_per_token, "dtype": recipe.dtype,
+             "k": recipe.experts_per_token, "dtype": recipe.dtype, "chat": recipe.chats,
              "experts": [[e.positive_prompts, e.negative_prompts] for e in recipe.experts]}
     return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:16]
 
