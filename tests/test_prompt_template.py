@@ -56,10 +56,11 @@ def test_mergekit_drops_the_key_and_so_builds_other_routers():
 def test_the_design_form_shows_and_keeps_the_choice():
     data = form.recipe_data(chat_recipe("b"))
     top = [data.get(k, "") for k in form.TOP_KEYS]
+    cards = [form.expert_fields(e) for e in data["experts"]]
     assert top[form.TOP_KEYS.index("prompt_template")] == "chat"
-    assert form.form_data(data, top, [form.expert_fields(e) for e in data["experts"]])["prompt_template"] == "chat"
+    assert form.form_data(data, top, cards)["prompt_template"] == "chat"
     top[form.TOP_KEYS.index("prompt_template")] = ""  # "plain text": the key leaves the YAML
-    assert "prompt_template" not in form.form_data(data, top, [form.expert_fields(e) for e in data["experts"]])
+    assert "prompt_template" not in form.form_data(data, top, cards)
     assert [v for _, v in design_logic.template_choices("")] == ["", "chat"]
     assert [v for _, v in design_logic.template_choices("plain")] == ["plain", "chat"]
 

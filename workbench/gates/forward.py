@@ -47,7 +47,8 @@ def tokenize_prompts(
     """
     if not prompts:
         raise GateError(f'{where} is empty: give at least one prompt ([""] stands for just the BOS token)')
-    rows = tokenizer(prompt_texts(tokenizer, prompts, chat=chat, where=where), add_special_tokens=False)["input_ids"]
+    texts = prompt_texts(tokenizer, prompts, chat=chat, where=where)
+    rows = tokenizer(texts, add_special_tokens=False)["input_ids"]
     for j, row in enumerate(rows):
         if len(row) > max_tokens:
             raise GateError(
@@ -66,7 +67,8 @@ def tokenize_prompts(
     return {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask)}
 
 
-def prompt_texts(tokenizer: Any, prompts: Sequence[str], *, chat: bool = False, where: str = "prompts") -> list[str]:
+def prompt_texts(tokenizer: Any, prompts: Sequence[str], *, chat: bool = False,
+                 where: str = "prompts") -> list[str]:
     """The text each prompt is tokenised from: BOS text + prompt, or with `chat` its chat rendering."""
     if not chat:
         return [(tokenizer.bos_token or "") + p for p in prompts]

@@ -151,7 +151,8 @@ def _from_pydantic(err: dict) -> Problem:
     if field in CHOICES and isinstance(value, str):
         choices, default = CHOICES[field]
         guess = _closest(value, choices)
-        fix = f"did you mean '{guess}'?" if guess else f"use one of {', '.join(choices)}, or leave it out ({default})"
+        fix = f"did you mean '{guess}'?" if guess else \
+            f"use one of {', '.join(choices)}, or leave it out ({default})"
         return Problem("error", path, f"unknown {field} '{value}'", fix)
     if kind == "too_short" and field == "experts":
         return Problem("error", path, "has no experts", "add at least one expert with a source_model")
