@@ -1,10 +1,16 @@
-"""Shared fixtures: an isolated environment, pico models, and the bundled demo model."""
+"""Shared fixtures: an isolated environment, pico models, the bundled demo model, and for browser
+tests the app's server and headless Chromium (helpers in tests/browser.py)."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import socket
+import subprocess
+import sys
 import tempfile
+import time
+import urllib.request
 from pathlib import Path
 
 # huggingface_hub reads HF_HUB_OFFLINE and HF_HOME once, at import: isolate before importing it.
@@ -16,6 +22,7 @@ os.environ.pop("HUGGING_FACE_HUB_TOKEN", None)
 
 import pytest  # noqa: E402
 
+from tests.browser import ARGS, CHROMIUM, ROOT  # noqa: E402
 from tests.pico import make_pico_model, make_tokenizer  # noqa: E402
 from tests.versions import check_version_floors  # noqa: E402
 
@@ -72,3 +79,53 @@ def demo_model_path() -> Path:
     from workbench.models.sources import demo_model_path as resolve_demo
 
     return resolve_demo()
+
+
+# ---- browser tests ---------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, demo_model_path):
+    folder = tmp_path_factory.mktemp("browser")
+    port = free_port()
+    env = {**os.environ, "GRADIO_SERVER_PORT": str(port), "GRADIO_SERVER_NAME": "127.0.0.1",
+           "MOE_WORKBENCH_OUTPUTS": str(folder / "outputs")}
+    log = open(folder / "server.log", "w")  # noqa: SIM115 (closed below)
+    proc = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                log.close()
+                pytest.fail(f"app did not start: {(folder / 'server.log').read_text()[-3000:]}")
+            time.sleep(0.5)
+    yield url
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not Path(CHROMIUM).exists():
+        pytest.skip("Chromium is not installed: run 'make browser' (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        yield chromium
+        chromium.close()

@@ -10,72 +10,14 @@ tab go to assets/screenshots/ (the README shows them).
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
-from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
 
+from tests.browser import SHOTS, VIEWPORT, open_tab, shot, wait_for_text, yaml_has
+
 pytestmark = [pytest.mark.browser, pytest.mark.demo]
-
-ROOT = Path(__file__).resolve().parent.parent
-SHOTS = ROOT / "assets" / "screenshots"
-CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-        "--disable-sync", "--no-first-run"]
-VIEWPORT = {"width": 1400, "height": 1100}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, demo_model_path):
-    folder = tmp_path_factory.mktemp("browser")
-    port = free_port()
-    env = {**os.environ, "GRADIO_SERVER_PORT": str(port), "GRADIO_SERVER_NAME": "127.0.0.1",
-           "MOE_WORKBENCH_OUTPUTS": str(folder / "outputs")}
-    log = open(folder / "server.log", "w")  # noqa: SIM115 (closed below)
-    proc = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                log.close()
-                pytest.fail(f"app did not start: {(folder / 'server.log').read_text()[-3000:]}")
-            time.sleep(0.5)
-    yield url
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not Path(CHROMIUM).exists():
-        pytest.skip("Chromium is not installed: run 'make browser' (apt-get install chromium)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        chromium = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        yield chromium
-        chromium.close()
 
 
 @pytest.fixture(scope="module")
@@ -88,28 +30,6 @@ def page(browser, server):
     page.wait_for_selector("#wb-expert-3", timeout=60_000)
     yield page
     context.close()
-
-
-def wait_for_text(page, selector: str, words: tuple[str, ...], timeout: float = 120) -> str:
-    deadline = time.monotonic() + timeout
-    text = ""
-    while time.monotonic() < deadline:
-        text = page.inner_text(selector)
-        if any(w in text for w in words):
-            return text
-        time.sleep(0.2)
-    raise AssertionError(f"{selector} never showed {words}; it shows: {text[:500]}")
-
-
-def shot(page, name: str) -> None:
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    page.mouse.move(0, 0)  # no hover tooltips in the picture
-    page.evaluate("window.scrollTo(0, 0)")
-    page.screenshot(path=str(SHOTS / f"{name}.png"))
-
-
-def open_tab(page, name: str) -> None:
-    page.get_by_role("tab", name=name).click()
 
 
 def test_page_loads_offline_with_the_demo_preset(page, server):
@@ -168,11 +88,6 @@ def test_preview_heatmap_appears(page):
     summary = wait_for_text(page, "#wb-preview-score-summary", ("Held-out top-1",), 180)
     assert "chance 0.25" in summary
     shot(page, "preview")
-
-
-def yaml_has(page, text: str, timeout: float = 30_000) -> None:
-    page.wait_for_function("(t) => document.querySelector('#wb-yaml .cm-content').innerText.includes(t)",
-                           arg=text, timeout=timeout)
 
 
 def test_compare_gate_modes_then_use_the_best(page):

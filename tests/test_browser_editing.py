@@ -14,53 +14,35 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_browser import VIEWPORT, browser, open_tab, server, wait_for_text  # noqa: F401 (fixtures)
+from tests.browser import (
+    DOC,
+    no_error_shown,
+    open_tab,
+    screenshot_folder,
+    session_page,
+    type_slowly,
+    wait_for_text,
+)
 
 pytestmark = [pytest.mark.browser, pytest.mark.demo]
 
-DOC = "() => document.querySelector('#wb-yaml .cm-content').cmTile.view.state.doc.toString()"
 PRESETS = ["raiden-16x3b", "demo", "cognito-2x7b", "mistral-4x7b", "demo", "blank", "demo"]
 
 
 @pytest.fixture(scope="module")
 def shots(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("screenshots")
-    print(f"screenshots in {folder}")
-    return folder
+    return screenshot_folder(tmp_path_factory, "screenshots")
 
 
 @pytest.fixture
-def page(browser, server):  # noqa: F811 (the imported fixtures)
+def page(browser, server):
     """A fresh session per test, with every console error and toast recorded."""
-    context = browser.new_context(viewport=VIEWPORT, accept_downloads=True)
-    page = context.new_page()
-    page.console_errors = []
-    page.on("console", lambda m: page.console_errors.append(m.text) if m.type == "error" else None)
-    page.goto(server, wait_until="load")
-    page.wait_for_selector("#wb-expert-3", timeout=60_000)
-    wait_for_text(page, "#wb-summary", ("PARAMETERS",), 60)
-    yield page
-    context.close()
+    with session_page(browser, server, accept_downloads=True) as page:
+        yield page
 
 
 def editor_text(page) -> str:
     return page.evaluate(DOC)
-
-
-def type_slowly(page, text: str, pause_after: tuple[int, ...] = ()) -> None:
-    """About five keys a second, with a pause of a few seconds after the given positions."""
-    for i, key in enumerate(text):
-        page.keyboard.type(key)
-        time.sleep(0.2)
-        if i in pause_after:
-            time.sleep(3)
-
-
-def no_error_shown(page) -> None:
-    toasts = [t for t in page.locator(".toast-body").all_inner_texts() if t.strip()]
-    assert toasts == [], f"toasts: {toasts}"
-    failed = [e for e in page.console_errors if "500" in e or "parse server response" in e]
-    assert failed == [], f"console: {failed}"
 
 
 def test_slow_typing_in_the_yaml_keeps_every_character_and_comment(page, shots):
@@ -132,6 +114,24 @@ def test_a_form_edit_keeps_the_yaml_comments_and_top_k_zero_is_explained(page, s
     problems = page.inner_text("#wb-expert-4")
     assert "positive_prompts" in problems or "prompt" in problems
     assert editor_text(page).startswith("# The embedded default")
+    no_error_shown(page)
+
+
+def test_prompts_as_chat_messages_route_what_is_typed_as_the_chat_sends_it(page, shots):
+    page.get_by_label("Prompts are").click()
+    page.get_by_role("option", name="chat messages").click()
+    wait_for_text(page, "#wb-summary", ("Ready",), 60)
+    text = editor_text(page)
+    assert "prompt_template: chat" in text and text.startswith("# The embedded default")
+    assert '      - "Write a Python function that reverses a linked list."' in text  # the rest as written
+    open_tab(page, "2 · Preview")
+    page.click("#wb-preview-run")
+    plot = "document.querySelector('#wb-preview-heatmap .js-plotly-plot')"
+    # The typed text is routed inside the chat template: the system prompt and the assistant's
+    # opening are among its tokens.
+    tokens = f"String({plot}.data[0].customdata[0])"
+    page.wait_for_function(f"{plot} && {plot}.data && {tokens}.includes('assistant')", timeout=180_000)
+    page.screenshot(path=str(shots / "preview-chat-template.png"))
     no_error_shown(page)
 
 

@@ -15,38 +15,30 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_browser import (  # noqa: F401 (fixtures)
+from tests.browser import (
+    DOC,
     ROOT,
     SHOTS,
-    VIEWPORT,
-    browser,
+    no_error_shown,
     open_tab,
-    server,
+    screenshot_folder,
+    session_page,
+    type_slowly,
     wait_for_text,
 )
-from tests.test_browser_editing import DOC, no_error_shown, type_slowly
 
 pytestmark = [pytest.mark.browser, pytest.mark.demo]
 
 
 @pytest.fixture(scope="module")
 def shots(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("forge-screenshots")
-    print(f"screenshots in {folder}")
-    return folder
+    return screenshot_folder(tmp_path_factory, "forge-screenshots")
 
 
 @pytest.fixture
-def page(browser, server):  # noqa: F811 (the imported fixtures)
-    context = browser.new_context(viewport=VIEWPORT)
-    page = context.new_page()
-    page.console_errors = []
-    page.on("console", lambda m: page.console_errors.append(m.text) if m.type == "error" else None)
-    page.goto(server, wait_until="load")
-    page.wait_for_selector("#wb-expert-3", timeout=60_000)
-    wait_for_text(page, "#wb-summary", ("PARAMETERS",), 60)
-    yield page
-    context.close()
+def page(browser, server):
+    with session_page(browser, server) as page:
+        yield page
 
 
 def choose(page, selector: str, option: str) -> None:

@@ -16,50 +16,31 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_browser import SHOTS, VIEWPORT, browser, open_tab, server, wait_for_text  # noqa: F401
+from tests.browser import (
+    SHOTS,
+    no_error_shown,
+    open_tab,
+    screenshot_folder,
+    session_page,
+    type_slowly,
+    wait_for_text,
+    yaml_has,
+)
 
 pytestmark = [pytest.mark.browser, pytest.mark.demo]
 
-DOC = "() => document.querySelector('#wb-yaml .cm-content').cmTile.view.state.doc.toString()"
 PANES = ("base", "moe", "steered")
 
 
 @pytest.fixture(scope="module")
 def shots(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("steer-screenshots")
-    print(f"screenshots in {folder}")
-    return folder
+    return screenshot_folder(tmp_path_factory, "steer-screenshots")
 
 
 @pytest.fixture(scope="module")
-def page(browser, server):  # noqa: F811 (the imported fixtures)
-    context = browser.new_context(viewport=VIEWPORT)
-    page = context.new_page()
-    page.console_errors = []
-    page.on("console", lambda m: page.console_errors.append(m.text) if m.type == "error" else None)
-    page.goto(server, wait_until="load")
-    page.wait_for_selector("#wb-expert-3", timeout=60_000)
-    wait_for_text(page, "#wb-summary", ("PARAMETERS",), 60)
-    yield page
-    context.close()
-
-
-def type_slowly(page, text: str) -> None:
-    """About five keys a second, as a person types."""
-    for key in text:
-        page.keyboard.type(key)
-        time.sleep(0.2)
-
-
-def no_error_shown(page) -> None:
-    toasts = [t for t in page.locator(".toast-body").all_inner_texts() if t.strip()]
-    assert toasts == [], f"toasts: {toasts}"
-    failed = [e for e in page.console_errors if "500" in e or "parse server response" in e]
-    assert failed == [], f"console: {failed}"
-
-
-def yaml_has(page, text: str, timeout: float = 30_000) -> None:
-    page.wait_for_function(f"(t) => ({DOC})().includes(t)", arg=text, timeout=timeout)
+def page(browser, server):
+    with session_page(browser, server) as page:
+        yield page
 
 
 def last_reply(page, side: str) -> str:

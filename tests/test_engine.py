@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 import weakref
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from transformers import AutoModelForCausalLM
 from workbench.build import build
 from workbench.chat import ReplyStream, SamplingSettings, chat_streams, engine, prepare, reply_logits
 from workbench.chat.engine import COMPUTE_LOCK, Registry, install_decode_path
-from workbench.chat.generate import interleave, sample
+from workbench.chat.generate import sample
 from workbench.chat.request import ChatError
 from workbench.chat.share import unique_bytes
 from workbench.errors import Cancelled, SourceError, WorkbenchError
@@ -349,6 +350,18 @@ def test_both_sides_get_the_same_rendered_prompt(reg, base, moe):
                                 [b.context_length, m.context_length])
     assert for_base.text == for_moe.text and for_base.token_ids == for_moe.token_ids
     assert for_base.text.endswith("assistant\n")
+
+
+def interleave(streams: Sequence[ReplyStream]) -> Iterator[tuple[int, str]]:
+    """Run several replies side by side, one token of each in turn, as two panes share a worker:
+    yields (stream index, delta)."""
+    active = {i: iter(s) for i, s in enumerate(streams)}
+    while active:
+        for i in list(active):
+            try:
+                yield i, next(active[i])
+            except StopIteration:
+                del active[i]
 
 
 def test_side_by_side_streams_interleave_token_by_token(reg, base, moe):

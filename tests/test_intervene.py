@@ -16,10 +16,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from tests.test_engine import interleave
 from workbench.build import build
 from workbench.chat import ReplyStream, SamplingSettings, prepare
 from workbench.chat.engine import Registry
-from workbench.chat.generate import interleave
 from workbench.errors import Cancelled
 from workbench.gates import compute_gates
 from workbench.progress import CancelToken

@@ -264,17 +264,6 @@ def chat_streams(model: Any, messages: str | Sequence[dict[str, str]], settings:
             for i, (entry, prompt) in enumerate(zip(entries, prompts, strict=True))]
 
 
-def interleave(streams: Sequence[ReplyStream]) -> Iterator[tuple[int, str]]:
-    """Run several replies side by side, one token of each in turn: yields (stream index, delta)."""
-    active = {i: iter(s) for i, s in enumerate(streams)}
-    while active:
-        for i in list(active):
-            try:
-                yield i, next(active[i])
-            except StopIteration:
-                del active[i]
-
-
 def reply_logits(entry: Any, prompt_ids: list[int], reply_ids: list[int], *,
                  intervention: Intervention | None = None) -> Tensor:
     """Teacher-forced next-token logits (R, V) float32 on the CPU: row j is the model's
