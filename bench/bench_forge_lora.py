@@ -128,6 +128,54 @@ def forge_variant(variant: Variant, data: Path, out: Path, also_at: list[int]) -
             "early": early}
 
 
+def alternate(rounds: int, set_name: str) -> dict[str, list[float]]:
+    """Seconds of each training step (forward, backward, AdamW) of the plain MLP forge and of LoRA
+    r16 and r64, taken in turn in one process on the same batches, so every moment's load falls on
+    all three alike; round 0 is warm-up and not kept. The order within a round alternates. Also
+    the CPU seconds of each step (all torch threads together), which other work on a loaded
+    machine hardly changes: with one thread, the step's own work."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from workbench.forge import mlp_parameters, read_examples
+    from workbench.forge.train import MLP_PARTS, _batch, encode, reply_loss
+    from workbench.models import resolve
+
+    path = str(resolve(BASE).path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    rows = [encode(tokenizer, e, 512) for e in read_examples(SETS / f"{set_name}.jsonl").items]
+    batches = [_batch(rows[i:i + 4], tokenizer.pad_token_id or 0, torch.device("cpu"))
+               for i in range(0, len(rows) - 3, 4)]
+    contenders = {}
+    for name, rank in [("mlp", 0), ("lora16", 16), ("lora64", 64)]:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype="float32", use_safetensors=True)
+        model.requires_grad_(False)
+        if rank:
+            torch.manual_seed(0)
+            get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(MLP_PARTS)))
+            trained = [p for n, p in model.named_parameters() if "lora_" in n]
+        else:
+            trained = [p for _, p in mlp_parameters(model, None)]
+        for p in trained:
+            p.requires_grad_(True)
+        contenders[name] = (model.train(), torch.optim.AdamW(trained, lr=1e-4, weight_decay=0.0))
+    seconds: dict[str, list[float]] = {f"{name}{kind}": [] for name in contenders for kind in ("", " CPU")}
+    for step in range(rounds + 1):
+        batch = batches[step % len(batches)]
+        for name in sorted(contenders, reverse=step % 2 == 1):
+            model, optimiser = contenders[name]
+            began, cpu = time.monotonic(), time.process_time()
+            loss = reply_loss(model, batch)
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            if step:
+                seconds[name].append(time.monotonic() - began)
+                seconds[name + " CPU"].append(time.process_time() - cpu)
+    return seconds
+
+
 def run_child(name: str, set_name: str, tmp: Path, threads: int | None, also_at: list[int]) -> dict[str, Any]:
     report = tmp / f"{set_name}-{name}.json"
     command = [sys.executable, __file__, "--child", name, "--set", set_name, "--report", str(report),
@@ -167,6 +215,8 @@ def main() -> None:
                         help="torch threads of each forge (OMP_NUM_THREADS); default torch's, one a core. "
                              "On a loaded machine 1 is several times faster than 2 fighting for the cores")
     parser.add_argument("--steps", type=int, help="every variant trains this many steps (a quick check)")
+    parser.add_argument("--alternate", type=int, metavar="ROUNDS",
+                        help="instead: time ROUNDS steps of MLP, LoRA r16 and r64 in turn in one process")
     parser.add_argument("--json", type=Path, help="also write every measurement here")
     parser.add_argument("--child", choices=sorted(VARIANTS), help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
@@ -176,6 +226,17 @@ def main() -> None:
     also_at = args.also_at or [20]
     if args.steps:
         VARIANTS.update({name: replace(v, steps=args.steps) for name, v in VARIANTS.items()})
+    if args.alternate:
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        load, seconds = os.getloadavg()[0], alternate(args.alternate, sets[0])
+        print(f"`{sets[0]}`, {args.alternate} steps each in turn, load at start {load:.1f}, torch threads "
+              f"{args.threads or 'default'}:\n\n| method | s/step median | min | max |\n|---|---|---|---|")
+        for name, took in seconds.items():
+            print(f"| {name} | {statistics.median(took):.2f} | {min(took):.2f} | {max(took):.2f} |")
+        return
     if args.child:
         found = forge_variant(VARIANTS[args.child], SETS / f"{sets[0]}.jsonl", args.out, also_at)
         args.report.write_text(json.dumps(found))
