@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -73,14 +74,20 @@ def forge(data: Path, out: Path) -> tuple[float, float]:
 
 def replies(model_ref: str) -> list[str]:
     """Greedy replies to UNSEEN; the model is unloaded afterwards (a forged one is in a temp dir)."""
-    from workbench.chat import SamplingSettings, chat_streams, registry
+    from workbench.chat import registry
 
-    entry = registry().get(model_ref, device="cpu")
-    settings = SamplingSettings(temperature=0, max_new_tokens=40)
-    out = ["".join(chat_streams(entry, [{"role": "user", "content": prompt}], settings)[0])
-           for prompt in UNSEEN]
+    out = answers(registry().get(model_ref, device="cpu"))
     registry().unload(model_ref, device="cpu")
     return out
+
+
+def answers(entry: Any) -> list[str]:
+    """Greedy replies to UNSEEN of a loaded model: a registry entry, or `chat.engine.wrap_model`'s."""
+    from workbench.chat import SamplingSettings, chat_streams
+
+    settings = SamplingSettings(temperature=0, max_new_tokens=40)
+    return ["".join(chat_streams(entry, [{"role": "user", "content": prompt}], settings)[0])
+            for prompt in UNSEEN]
 
 
 def cell(text: str) -> str:
