@@ -100,7 +100,7 @@ def test_the_shared_opening_counts_real_tokens_only_and_a_prompt_that_is_all_ope
     assert kept_positions([batch([[1, 5]]), batch([[1, 5, 6]])], 2, 10**6) == [[[0, 1]], [[2]]]
 
 
-def test_fitted_chat_gates_fit_on_the_chat_tokens_less_their_opening(pico_llama):
+def test_fitted_chat_gates_fit_on_every_chat_token_but_the_first_and_score_without_the_opening(pico_llama):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(pico_llama)).eval()
@@ -111,9 +111,14 @@ def test_fitted_chat_gates_fit_on_the_chat_tokens_less_their_opening(pico_llama)
     opening = shared_opening(sets)
     assert opening > 0  # "user: " of the fallback template, in every prompt
     lengths = [int(n) for s in sets for n in s["attention_mask"].sum(dim=1)]
-    assert [p.tokens.shape[1] for p in bank.prompts] == [n - opening for n in lengths]
+    # The fit keeps the opening (it teaches the router to prefer no expert on the template's own
+    # text); the held-out score routes only what is the prompt's own.
+    assert [p.tokens.shape[1] for p in bank.prompts] == [n - 1 for n in lengths]
+    assert [p.own_tokens.shape[1] for p in bank.prompts] == [n - opening for n in lengths]
+    shared = slice(0, opening - 1)  # the same states in every prompt
+    torch.testing.assert_close(bank.prompts[0].tokens[:, shared], bank.prompts[1].tokens[:, shared])
     plain = collect(model, tok, chat_recipe(pico_llama, None), probes=False)
-    assert [p.tokens.shape[1] for p in plain.prompts] != [p.tokens.shape[1] for p in bank.prompts]
+    assert [p.opening for p in plain.prompts] == [0] * len(lengths)  # BOS + text share the BOS alone
 
 
 # ---- the preview ----------------------------------------------------------------------------

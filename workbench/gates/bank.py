@@ -5,11 +5,15 @@ Per prompt (positive, negative or probe, of each expert) the bank keeps, at ever
 
 - `last`: the residual stream entering the layer at the prompt's last token (`hidden` gates);
 - `router_last`: the router's real input (the post_attention_layernorm output) there;
-- `tokens`: the router input at the prompt's tokens, at most a budget of them, less the
-  opening every prompt shares (the BOS; with `prompt_template: chat` also the template's
-  system prompt and user header): causal attention gives those tokens the same states in
-  every prompt, so they say nothing about one, and fitted to every expert at once they only
-  blur the fit;
+- `tokens`: the router input at the prompt's tokens but its first (the BOS, or the chat
+  template's first token, the same in every prompt), at most a budget of them;
+- `opening`: how many of `tokens` come first in every prompt (with `prompt_template: chat`,
+  the template's system prompt and user header). Causal attention gives them the same states
+  in every prompt. The fit keeps them, labelled with every expert at once: they teach the
+  router to prefer no expert on the template's own text, and without them the tokens where a
+  reply starts (the template's `<|im_start|>assistant`) went to the hero or the villain after
+  plain questions of the alignment demo (BENCHMARKS.md). The held-out score leaves them out:
+  no router can send them to every expert;
 - `embed_sum`: the sum of its token embeddings, BOS included (`cheap_embed`, as mergekit sums).
 
 Prompts share forwards as the gates' own do (left padding keeps each prompt's states
@@ -54,8 +58,14 @@ class PromptStates:
     text: str
     last: Tensor  # (L, H) residual stream entering each layer, last token
     router_last: Tensor  # (L, H) router input of each layer, last token
-    tokens: Tensor  # (L, T', H) router inputs at the kept tokens (the shared opening left out)
+    tokens: Tensor  # (L, T', H) router inputs at the kept tokens (the first left out)
     embed_sum: Tensor  # (H,) sum of the prompt's token embeddings, BOS included
+    opening: int = 0  # how many of `tokens` every prompt begins with (same states everywhere)
+
+    @property
+    def own_tokens(self) -> Tensor:
+        """(L, T'', H) `tokens` without the shared opening: what a held-out score routes."""
+        return self.tokens[:, min(self.opening, self.tokens.shape[1] - 1):]
 
 
 @dataclass
@@ -90,14 +100,17 @@ def collect(model: nn.Module, tokenizer: Any, recipe: Any, *, probes: bool = Tru
         sets.append(tokenize_prompts(tokenizer, prompts, where=f"experts[{e}].{kind}_prompts",
                                      chat=recipe.chats))
         labels += [(e, kind, j, text) for j, text in enumerate(prompts)]
-    keep = kept_positions(sets, shared_opening(sets), token_bytes // (4 * layers * hidden))
+    shared = shared_opening(sets)
+    skip = min(shared, 1)  # the first token attends to nothing: the same state in every prompt
+    keep = kept_positions(sets, skip, token_bytes // (4 * layers * hidden))
     bank = PromptBank(len(recipe.experts), layers, hidden)
     for rows, merged in merged_forwards(model, sets, cancel):
         width = merged["input_ids"].shape[1]
         real = merged["attention_mask"].sum(dim=1).tolist()  # tokens of each row, pads excluded
         at = [[width - n + i for i in keep[k][r]] for (k, r), n in zip(rows, real, strict=True)]
-        for states in _forward(model, merged, at, real):
-            bank.prompts.append(PromptStates(*labels[len(bank.prompts)], *states))
+        for (k, r), states in zip(rows, _forward(model, merged, at, real), strict=True):
+            opening = sum(1 for i in keep[k][r] if skip <= i < shared)
+            bank.prompts.append(PromptStates(*labels[len(bank.prompts)], *states, opening=opening))
         on_progress(Progress("gates", len(bank.prompts) / len(labels),
                              f"{len(bank.prompts)}/{len(labels)} prompts through the base model"))
     return bank
@@ -117,8 +130,8 @@ def shared_opening(sets: Sequence[dict[str, Tensor]]) -> int:
 
 def kept_positions(sets: Sequence[dict[str, Tensor]], skip: int, budget: int) -> list[list[list[int]]]:
     """[set][row] -> the token positions (from the prompt's first token) whose router input is
-    kept: all but the first `skip` (the shared opening) of a prompt longer than that, thinned
-    evenly (last token always kept) when all prompts together have more than `budget` tokens."""
+    kept: all but the first `skip` of a prompt longer than that, thinned evenly (last token
+    always kept) when all prompts together have more than `budget` tokens."""
     lengths = [[int(n) for n in batch["attention_mask"].sum(dim=1)] for batch in sets]
     spans = [[range(skip if n > skip else 0, n) for n in row] for row in lengths]
     total = sum(len(span) for row in spans for span in row)

@@ -149,13 +149,13 @@ def heldout_score(recipe: Recipe, bank: PromptBank, *, mode: str | None = None, 
         for e, j in held:
             prompt = bank.of(e, "positive")[j]
             if prompt.text not in seen:  # the same text in the fold's own prompts is not held out
-                tally.add(e, prompt.tokens, gates)
+                tally.add(e, prompt.own_tokens, gates)
     seen = _texts(bank, set())
     probes = [p for p in bank.prompts if p.kind == "probe" and p.text not in seen]
     if probes:
         full = full if full is not None else gates_without(set())
         for p in probes:
-            tally.add(p.expert, p.tokens, full)
+            tally.add(p.expert, p.own_tokens, full)
     how = " and ".join(filter(None, [
         f"{len(split)}-fold over each expert's positive prompts" if split else "",
         f"{len(probes)} probe prompts" if probes else ""])) or "nothing held out"
