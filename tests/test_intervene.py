@@ -385,3 +385,29 @@ def test_the_demo_presets_swapped_routers_are_the_bytes_its_build_writes(demo_mo
     written = from_gates(scored_gates(recipe, base.path, device="cpu"), "F32")  # what the build writes
     rows = np.stack([np.frombuffer(row, dtype="<f4").reshape(swapped.shape[1:]) for row in written.rows])
     assert swapped.dtype == torch.float32 and np.array_equal(swapped.numpy(), rows)
+
+
+# ---- Qwen2-MoE -------------------------------------------------------------------------------
+
+
+def test_a_qwen2_moe_is_traced_steered_and_takes_a_recipes_routers_like_a_mixtral(pico, tmp_path):
+    shared = [Expert(source_model=str(pico["base_path"]), positive_prompts=["Hello! How are you?"])]
+    recipe = pico["recipe"].model_copy(update={"architecture": "qwen", "shared_experts": shared})
+    out = build(recipe, tmp_path / "qwen", device="cpu").path
+    moe = pico["registry"].get(str(out), device="cpu")
+    assert type(moe.model).__name__ == "Qwen2MoeForCausalLM" and moe.is_moe
+    assert len(find_routers(moe.model)) == 3 and len(moe.expert_names) == 4
+    saved = trace_text(moe, TEXT)
+    assert (saved.experts, saved.k) == (4, 2) and (saved.topk_ids == 1).any()
+    banned = trace_text(moe, TEXT, intervention=Intervention(ban=(1,)))
+    assert not (banned.topk_ids == 1).any() and banned.intervention["ban"] == [1]
+    forced = logits(moe, Intervention(force=(Force(2),)))
+    assert not torch.allclose(forced, logits(moe), atol=1e-3)
+    routes_as_saved(moe, saved)
+    # The recipe's own routers, computed without a build, route as the build wrote them.
+    gates = compute_gates(recipe, pico["base_path"], device="cpu")
+    own = Intervention().with_routers(recipe_routers(recipe, gates, moe), "the recipe")
+    swapped = trace_text(moe, TEXT, intervention=own)
+    assert torch.equal(swapped.topk_ids, saved.topk_ids)
+    torch.testing.assert_close(swapped.topk_weights, saved.topk_weights, atol=1e-6, rtol=0)
+    torch.testing.assert_close(logits(moe, own), logits(moe), atol=1e-5, rtol=0)

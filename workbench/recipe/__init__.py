@@ -28,6 +28,7 @@ EXPORTS = {
     "validate": "checks", "forge_command_data": "compat",
     "DEMO_PREFIX": "refs", "split_ref": "refs",
     "MergekitReading": "mergekit", "mergekit_reading": "mergekit",
-    "FAMILY_LABELS": "families", "ARCHITECTURES": "schema", "PROMPT_TEMPLATES": "schema",
+    "FAMILY_LABELS": "families", "routed_experts": "families",
+    "ARCHITECTURES": "schema", "PROMPT_TEMPLATES": "schema",
 }
 __getattr__, __dir__ = face(__name__, EXPORTS)

@@ -14,12 +14,26 @@ Pure facts over the recipe; no I/O.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from workbench.recipe.schema import PROMPTLESS_MODES, Problem, Recipe
 
 FAMILY_LABELS = {"mixtral": "Mixtral", "qwen": "Qwen2-MoE", "deepseek": "DeepSeek-MoE"}
 # Input model_types each family is built from (mergekit: llama or mistral; Qwen2-MoE also
 # takes qwen2 bases in mergekit, whose attention biases the workbench does not copy yet).
 INPUT_TYPES = {family: ("llama", "mistral") for family in FAMILY_LABELS}
+# The config key that counts a family's routed experts (Mixtral, Qwen2-MoE, DeepSeek-MoE).
+EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
+
+
+def routed_experts(config: Mapping[str, Any] | Any) -> int:
+    """How many routed experts a model config (a config.json dict or a transformers config)
+    declares; 0 for a dense model."""
+    def read(key: str) -> Any:
+        return config.get(key) if isinstance(config, Mapping) else getattr(config, key, None)
+
+    return int(next((n for n in map(read, EXPERT_COUNT_KEYS) if n), 0) or 0)
 
 
 def check_family(recipe: Recipe, *, allow_remote_code: bool = False) -> list[Problem]:

@@ -78,9 +78,9 @@ class Steering:
 
     def route(self, module: nn.Module, plan: _LayerPlan,
               hidden_states: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """MixtralTopKRouter.forward under the intervention -> (scores (T, E) float32, top-k
-        weights (T, k), top-k ids (T, k)). The same ops as the router's own, in its order, so
-        swapped-in weights route exactly as a build that wrote them."""
+        """The router's forward (Mixtral's or Qwen2-MoE's) under the intervention -> (scores (T, E)
+        float32, top-k weights (T, k), top-k ids (T, k)). The same ops as the router's own, in its
+        order, so swapped-in weights route exactly as a build that wrote them."""
         flat = hidden_states.reshape(-1, module.hidden_dim)  # (T, H)
         logits = nn.functional.linear(flat, plan.weight if plan.weight is not None else module.weight)
         scores = logits.float()  # (T, E); what the trace's probabilities are computed from
@@ -90,7 +90,11 @@ class Steering:
             scores = scores + plan.mask
         probs = torch.softmax(scores, dim=-1)
         top, ids = torch.topk(probs, self.k, dim=-1)  # (T, k), best first
-        top = top / top.sum(dim=-1, keepdim=True)
+        qwen = hasattr(module, "norm_topk_prob")  # Qwen2-MoE's router (Mixtral's has no such flag)
+        if not qwen or module.norm_topk_prob:  # Mixtral renormalises always, Qwen2-MoE when told to
+            top = top / top.sum(dim=-1, keepdim=True)
+        if qwen:  # and hands its weights on in the logits' dtype
+            top = top.to(logits.dtype)
         if plan.ablated is not None:
             top = top.masked_fill(plan.ablated[ids], 0.0)  # dropped, not renormalised
         return scores, top, ids

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from workbench.build import output_dtype
-from workbench.recipe import Recipe
+from workbench.recipe import Recipe, routed_experts
 from workbench.routing.steer import InterventionError
 
 
@@ -37,8 +37,7 @@ def recipe_routers(recipe: Recipe, gates: Any, moe: Any, *, base_path: Path | No
     recipe's `Gates`), rounded through the dtype a build of `recipe` writes."""
     vectors = gates.vectors
     config = moe.model.config
-    want = (int(config.num_hidden_layers), int(getattr(config, "num_local_experts", 0) or 0),
-            int(config.hidden_size))
+    want = (int(config.num_hidden_layers), routed_experts(config), int(config.hidden_size))
     if tuple(vectors.shape) != want:
         raise InterventionError(f"the recipe's gates are {tuple(vectors.shape)} (layers, experts, hidden) "
                                 f"but the MoE {moe.ref} needs {want}: use a recipe with {want[1]} experts "

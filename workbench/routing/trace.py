@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from workbench.errors import WorkbenchError
+from workbench.recipe import routed_experts
 
 log = logging.getLogger(__name__)
 
@@ -133,9 +134,12 @@ def layer_index(name: str) -> int | None:
 
 
 def _router_types() -> tuple[type, ...]:
+    """The router modules of the families the workbench builds and loads (Mixtral, Qwen2-MoE):
+    each returns (logits, top-k weights, top-k ids) from (T, H) states."""
     from transformers.models.mixtral.modeling_mixtral import MixtralTopKRouter  # lazy
+    from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeTopKRouter
 
-    return (MixtralTopKRouter,)
+    return (MixtralTopKRouter, Qwen2MoeTopKRouter)
 
 
 def find_routers(model: nn.Module) -> list[tuple[int, nn.Module]]:
@@ -144,7 +148,7 @@ def find_routers(model: nn.Module) -> list[tuple[int, nn.Module]]:
     if model in _ROUTERS:
         return _ROUTERS[model]
     config = model.config
-    shape = (int(getattr(config, "num_local_experts", 0) or 0), int(config.hidden_size))
+    shape = (routed_experts(config), int(config.hidden_size))
     kinds = _router_types()
     found = []
     for name, module in model.named_modules():

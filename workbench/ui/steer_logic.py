@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from workbench.recipe import Recipe, parse_recipe
+from workbench.recipe import Recipe, parse_recipe, routed_experts
 from workbench.routing import Force, Intervention, parse_layers
 
 log = logging.getLogger(__name__)
@@ -88,9 +88,11 @@ def moe_facts(folder: str | None) -> tuple[list[str], tuple[int, int, int] | Non
         return [], None
     try:
         config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
-        shape = (int(config["num_hidden_layers"]), int(config["num_local_experts"]),
+        shape = (int(config["num_hidden_layers"]), routed_experts(config),
                  int(config.get("num_experts_per_tok") or 2))
     except (OSError, ValueError, KeyError, TypeError):
+        return [], None
+    if not shape[1]:  # a dense model: no experts to steer
         return [], None
     names = [f"expert {e}" for e in range(shape[1])]
     try:
