@@ -138,3 +138,8 @@ def test_the_preview_routes_a_typed_message_as_the_chat_renders_it(demo_model_pa
     (sent,) = prepare([{"role": "user", "content": question}], SamplingSettings(), [entry.tokenizer], [8192])
     assert list(trace.token_ids) == list(sent.token_ids)
     assert len(preview_routing(gates, entry, question, 2).token_ids) < len(sent.token_ids)
+    from workbench.ui.preview_logic import Preview
+
+    assert "as a chat message" in Preview(recipe, trace, gates, True, 0.1).summary()
+    plain = recipe.model_copy(update={"prompt_template": None})
+    assert "chat" not in Preview(plain, trace, gates, True, 0.1).summary()

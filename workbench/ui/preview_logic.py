@@ -45,7 +45,9 @@ class Preview:
         return EXACT_NOTE if self.exact else ESTIMATE_NOTE
 
     def summary(self) -> str:
-        return f"{self.trace.num_tokens} probe tokens routed in {self.seconds:.2f} s"
+        how = " as a chat message (the base's chat template around it: `prompt_template: chat`)" \
+            if self.recipe.chats else ""
+        return f"{self.trace.num_tokens} probe tokens routed{how} in {self.seconds:.2f} s"
 
 
 def score_summary(score: Any, advice: list[str]) -> str:
