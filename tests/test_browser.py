@@ -152,6 +152,18 @@ def test_demo_build_runs_to_the_end_with_its_progress_bar(page):
     assert page.locator(".toast-body").count() == 0
 
 
+def test_the_build_exports_as_gguf_and_reads_back_its_experts(page):
+    page.get_by_text("Export as GGUF (llama.cpp)").click()
+    assert "browser-moe" in page.input_value("#wb-gguf input")  # the newest build, chosen already
+    page.locator("#wb-gguf").get_by_label("Type").click()
+    page.get_by_role("option", name="q8_0").click()
+    page.click("#wb-gguf-export")
+    status = wait_for_text(page, "#wb-gguf-status", ("✔ Wrote", "failed", "cannot"), 600)
+    assert "✔ Wrote" in status and "q8_0" in status, status
+    assert "4 experts (2 per token), checked" in status, status
+    assert page.locator(".toast-body").count() == 0
+
+
 def test_both_chat_panes_stream_a_reply(page):
     open_tab(page, "4 · Chat")
     page.wait_for_function("document.querySelector('#wb-chat-moe-build input').value.includes('browser-moe')",
