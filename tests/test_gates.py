@@ -20,7 +20,7 @@ from workbench.errors import Cancelled, GateError, WorkbenchError
 from workbench.gates import compute_gates, diagnose, lazy_weights
 from workbench.gates import forward as base_forward
 from workbench.gates.compute import combine_rows, prompt_states, reduce_states
-from workbench.gates.forward import MAX_PROMPT_TOKENS, tokenize_prompts
+from workbench.gates.prompts import MAX_PROMPT_TOKENS, tokenize_prompts
 from workbench.gates.rows import cast
 from workbench.progress import CancelToken
 from workbench.recipe import Expert, Recipe

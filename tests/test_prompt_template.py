@@ -10,7 +10,7 @@ from transformers import AutoTokenizer
 
 from workbench.chat import SamplingSettings, prepare
 from workbench.gates.bank import collect, kept_positions, shared_opening
-from workbench.gates.forward import tokenize_prompts
+from workbench.gates.prompts import tokenize_prompts
 from workbench.recipe import Expert, Recipe, dump_recipe, mergekit_reading, parse_recipe
 from workbench.ui import design_logic, form
 

@@ -7,6 +7,7 @@ the base; writes no file.
 
     types        Gates, RouterGates, GateDiagnostics: what the stage hands on
     compute      gate math for every mode (mergekit's meaning), compute_gates
+    prompts      router prompts -> token batches (mergekit's BOS + text, or chat-rendered)
     forward      base forwards on prompt sets, hooks that capture router inputs
     lazy_weights a base streamed from disk leaf by leaf
     llama        a plain Llama/Mistral forward in torch alone, for a gates process without transformers

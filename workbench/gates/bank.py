@@ -42,8 +42,8 @@ from workbench.gates.forward import (
     merged_forwards,
     router_inputs,
     run_forward,
-    tokenize_prompts,
 )
+from workbench.gates.prompts import tokenize_prompts
 from workbench.progress import CancelToken, Progress, ProgressFn, ignore_progress
 
 TOKEN_BYTES = 512 * 2**20  # float32 router-input states kept over all prompts at most

@@ -47,13 +47,13 @@ from torch import Tensor
 from workbench.errors import GateError
 from workbench.gates.forward import (
     LAST_POSITION_MODES,
-    expert_batches,
     last_states_by_set,
     layer_inputs,
     load_base,
     load_tokenizer,
     read_embedding,
 )
+from workbench.gates.prompts import expert_batches
 from workbench.gates.rows import diagnose as diagnose_array
 from workbench.gates.rows import noise
 from workbench.gates.types import GateDiagnostics, Gates

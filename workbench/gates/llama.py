@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 FAMILIES = ("LlamaForCausalLM", "MistralForCausalLM")
-# Tokens a prompt row may have (forward.MAX_PROMPT_TOKENS): a sliding window this wide changes nothing.
+# Tokens a prompt row may have (prompts.MAX_PROMPT_TOKENS): a sliding window this wide changes nothing.
 LONGEST_PROMPT = 512
 
 
