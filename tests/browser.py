@@ -19,10 +19,12 @@ DOC = "() => document.querySelector('#wb-yaml .cm-content').cmTile.view.state.do
 
 
 def wait_for_text(page, selector: str, words: tuple[str, ...], timeout: float = 120) -> str:
+    """The element's text once it shows one of `words`. An element Gradio redraws may be missing
+    for a while (a long job's progress replaces it): that reads as no text yet, not as a failure."""
     deadline = time.monotonic() + timeout
     text = ""
     while time.monotonic() < deadline:
-        text = page.inner_text(selector)
+        text = page.evaluate("(s) => document.querySelector(s)?.innerText ?? ''", selector)
         if any(w in text for w in words):
             return text
         time.sleep(0.2)
