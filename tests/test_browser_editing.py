@@ -22,6 +22,7 @@ from tests.browser import (
     session_page,
     type_slowly,
     wait_for_text,
+    yaml_has,
 )
 
 pytestmark = [pytest.mark.browser, pytest.mark.demo]
@@ -120,6 +121,7 @@ def test_a_form_edit_keeps_the_yaml_comments_and_top_k_zero_is_explained(page, s
 def test_prompts_as_chat_messages_route_what_is_typed_as_the_chat_sends_it(page, shots):
     page.get_by_label("Prompts are").click()
     page.get_by_role("option", name="chat messages").click()
+    yaml_has(page, "prompt_template: chat")  # the form's edit reaches the YAML a moment later
     wait_for_text(page, "#wb-summary", ("Ready",), 60)
     text = editor_text(page)
     assert "prompt_template: chat" in text and text.startswith("# The embedded default")
