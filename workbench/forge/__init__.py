@@ -18,9 +18,9 @@ from workbench.faces import face
 
 EXPORTS = {
     "Example": "data", "Examples": "data", "read_examples": "data", "parse_examples": "data",
-    "MAX_DATA_BYTES": "data",
+    "MAX_DATA_BYTES": "data", "examples_text": "data",
     "ForgeSettings": "settings", "mlp_parameters": "train",
     "ForgeResult": "expert", "forge_expert": "expert", "sample_replies": "samples", "forge_job": "job",
-    "example_sets": "sets", "data_path": "sets", "sample_prompts": "sets",
+    "example_sets": "sets", "data_path": "sets",
 }
 __getattr__, __dir__ = face(__name__, EXPORTS)

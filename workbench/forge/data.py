@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,11 +38,29 @@ class Examples:
 
 def read_examples(path: Path) -> Examples:
     """Every example of the JSON-lines file at `path`; a ForgeError names the first bad line."""
+    return parse_examples(read_capped(path), str(path))
+
+
+def examples_text(path: Path) -> str:
+    """The text of a checked JSON-lines file (capped as `read_capped`), e.g. to queue in a forge."""
+    raw = read_capped(path)
+    parse_examples(raw, str(path))
+    return raw.decode("utf-8-sig")
+
+
+def read_capped(path: Path) -> bytes:
+    """A data file's bytes, never more than the cap held in memory: the size is checked before
+    reading, and the read stops one byte past the cap (a file that grows meanwhile, or a /proc
+    file whose size reads 0, is still refused by parse_examples rather than read whole)."""
     try:
-        raw = path.read_bytes()[: MAX_DATA_BYTES + 1]
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > MAX_DATA_BYTES:
+                raise ForgeError(f"DATA: {path} is {size / 2**20:.0f} MB, over the {MAX_DATA_BYTES // 2**20} "
+                                 "MB limit; a few dozen examples are enough")
+            return f.read(MAX_DATA_BYTES + 1)
     except OSError as exc:
         raise ForgeError(f"DATA: cannot read {path}: {exc.strerror or exc}") from exc
-    return parse_examples(raw, str(path))
 
 
 def parse_examples(raw: bytes, name: str = "the examples") -> Examples:
@@ -50,7 +69,8 @@ def parse_examples(raw: bytes, name: str = "the examples") -> Examples:
         raise ForgeError(f"DATA: {name} is over {MAX_DATA_BYTES // 2**20} MB; a few dozen examples "
                          "are enough")
     try:
-        lines = raw.decode("utf-8").splitlines()
+        # utf-8-sig: a file saved by an editor that starts it with a byte-order mark reads as written.
+        lines = raw.decode("utf-8-sig").splitlines()
     except UnicodeDecodeError as exc:
         raise ForgeError(f"DATA: {name} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from exc
     items = [_example(number, line) for number, line in enumerate(lines, 1) if line.strip()]
