@@ -8,7 +8,9 @@ on stdout (progress, then one of done / error / cancelled). Closing the child's 
 cancels it, so a dead server never leaves a build running. The build itself is
 crash-safe (staging folder, rename into place), so killing the child leaves no output.
 
-Jobs wait in a FIFO; a waiting user can read their place in the queue. Hub tokens reach
+Jobs wait in a FIFO; a waiting user can read their place in the queue. A job belongs to
+its owner's session key, not to a page: it keeps every event it sent, so a reloaded page
+finds it (`jobs_of`) and replays its log and progress; only `cancel` stops it. Hub tokens reach
 the child through its environment only (never its command line, which `ps` shows), and
 a job without a token gets an environment with every inherited token removed, so a
 logged-out visitor never builds with the server owner's token.
@@ -21,7 +23,6 @@ import itertools
 import json
 import logging
 import os
-import queue
 import re
 import signal
 import subprocess
@@ -30,7 +31,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 from workbench.errors import WorkbenchError
@@ -41,6 +42,7 @@ log = logging.getLogger(__name__)
 DEFAULT_RUNNER = "workbench.build:build"
 FORGE_RUNNER = "workbench.forge:forge_job"
 FINAL_KINDS = ("done", "error", "cancelled")
+KEEP_FINISHED = 32  # finished jobs kept for pages that reopen (each holds its events, a few hundred KB)
 # A child's stderr line for the server log only: tracebacks hold server paths.
 SERVER_ONLY = "server-log| "
 # What the page's build log shows of the child's stderr: its log records. Anything else
@@ -94,15 +96,28 @@ class JobEvent:
     eta_seconds: float | None = None  # time left in the current stage, when it can be told
     result: dict[str, Any] | None = None  # "done" only: a build's path, files, sizes; a forge's losses
     metrics: dict[str, float] | None = None  # "progress" only: numbers to plot (a forge's step, loss)
+    at: float = 0.0  # time.monotonic() when the server received it: a page that follows later replays it
 
 
 @dataclass(eq=False)
 class Job:
+    """One queued job and everything it has said so far.
+
+    The events are kept, not consumed: a job belongs to its owner's session, not to the page
+    that started it, so a reloaded or second page replays them from the start (log, progress,
+    result) and follows on from there.
+    """
+
     id: str
     request: Request
     token: str | None = field(default=None, repr=False)
+    owner: str = ""  # the session key of whoever started it ("" for none: no page finds it again)
+    label: str = ""  # what the page calls it, e.g. "1 of 2: hero"
     state: State = "queued"
-    events: queue.Queue = field(default_factory=queue.Queue, repr=False)
+    history: list[JobEvent] = field(default_factory=list, repr=False)
+    seen: bool = False  # a page has shown its end: a reloaded page need not show it again
+    _changed: threading.Condition = field(default_factory=threading.Condition, repr=False)
+    _read: int = 0  # next_event's place in the history
     _cancel: threading.Event = field(default_factory=threading.Event, repr=False)
     _stage: str = ""
     _stage_started: float = 0.0
@@ -111,27 +126,46 @@ class Job:
     def finished(self) -> bool:
         return self.state in FINAL_KINDS
 
+    @property
+    def result(self) -> dict[str, Any] | None:
+        """A finished job's result (None until it is done, or when it failed)."""
+        with self._changed:
+            return self.history[-1].result if self.state == "done" else None
+
     def next_event(self, timeout: float | None = None) -> JobEvent | None:
-        """The next event, or None when `timeout` seconds pass without one."""
-        try:
-            return self.events.get(timeout=timeout)
-        except queue.Empty:
-            return None
+        """The next event not read through this method, or None when `timeout` seconds pass without one."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._read < len(self.history), timeout)
+            if self._read >= len(self.history):
+                return None
+            self._read += 1
+            return self.history[self._read - 1]
 
     def stream(self, poll: float = 0.5) -> Iterator[JobEvent | None]:
-        """Events until the final one; None every `poll` seconds of silence (for queue updates)."""
+        """Every event from the first to the final one; None every `poll` seconds of silence (for
+        queue updates). Each call reads the whole history: any number of pages may follow one job."""
+        index = 0
         while True:
-            event = self.next_event(poll)
-            yield event
-            if event is not None and event.kind in FINAL_KINDS:
-                return
+            with self._changed:
+                if index == len(self.history):
+                    self._changed.wait(poll)
+                new = self.history[index:]
+            index += len(new)
+            if not new:
+                yield None
+            for event in new:
+                yield event
+                if event.kind in FINAL_KINDS:
+                    return
 
     def _emit(self, event: JobEvent) -> None:
         if event.kind == "progress":
             event = self._with_eta(event)
-        if event.kind in FINAL_KINDS:
-            self.state = event.kind
-        self.events.put(event)
+        with self._changed:
+            if event.kind in FINAL_KINDS:
+                self.state = event.kind
+            self.history.append(replace(event, at=time.monotonic()))
+            self._changed.notify_all()
 
     def _with_eta(self, event: JobEvent) -> JobEvent:
         now = time.monotonic()
@@ -139,7 +173,7 @@ class Job:
             self._stage, self._stage_started = event.stage, now
         elapsed, fraction = now - self._stage_started, event.fraction
         if 0.02 < fraction < 1.0 and elapsed > 0.5:
-            return JobEvent(**{**asdict(event), "eta_seconds": elapsed / fraction - elapsed})
+            return replace(event, eta_seconds=elapsed / fraction - elapsed)
         return event
 
 
@@ -160,12 +194,13 @@ class BuildQueue:
         self._child: subprocess.Popen | None = None
         self._running: Job | None = None
 
-    def submit(self, request: Request, token: str | None = None) -> Job:
+    def submit(self, request: Request, token: str | None = None, *, owner: str = "", label: str = "") -> Job:
+        """Queue a job. `owner` is the session key that finds it again (`jobs_of`) from any page."""
         with self._lock:
             if len(self._waiting) >= self.max_waiting:
                 raise QueueFull(f"{len(self._waiting)} jobs (builds, forges) are already waiting; "
                                 "try again in a few minutes")
-            job = Job(f"{_kind(request)}-{next(self._ids)}", request, token)
+            job = Job(f"{_kind(request)}-{next(self._ids)}", request, token, owner, label)
             self._jobs[job.id] = job
             self._waiting.append(job)
             place = self._place(job)
@@ -178,6 +213,15 @@ class BuildQueue:
 
     def get(self, job_id: str) -> Job | None:
         return self._jobs.get(job_id)
+
+    def jobs_of(self, owner: str, kind: str | None = None) -> list[Job]:
+        """The owner's jobs (of one kind: "build" or "forge") still known, oldest first: waiting,
+        running, and the last few finished ones."""
+        if not owner:
+            return []
+        with self._lock:
+            return [job for job in self._jobs.values()
+                    if job.owner == owner and (kind is None or _kind(job.request) == kind)]
 
     def position(self, job: Job) -> int:
         """Place in line counting the running build as number 1; 0 once the job has started."""
@@ -230,7 +274,14 @@ class BuildQueue:
                 job.token = None
                 with self._lock:
                     self._child, self._running = None, None
-                    self._jobs = {k: v for k, v in self._jobs.items() if not v.finished or k == job.id}
+                    self._forget_old()
+
+    def _forget_old(self) -> None:
+        """Keep every unfinished job and the last KEEP_FINISHED finished ones (a page reopened later
+        still finds its result); the lock is held."""
+        finished = [k for k, v in self._jobs.items() if v.finished]
+        for key in finished[:-KEEP_FINISHED]:
+            del self._jobs[key]
 
     def _run(self, job: Job) -> None:
         child = subprocess.Popen(

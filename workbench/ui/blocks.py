@@ -13,7 +13,7 @@ from typing import Any
 import gradio as gr
 
 from workbench import __version__
-from workbench.ui import shared, tab_build, tab_chat, tab_design, tab_forge, tab_preview, tab_routing
+from workbench.ui import session, shared, tab_build, tab_chat, tab_design, tab_forge, tab_preview, tab_routing
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,8 @@ def theme() -> gr.themes.Base:
 def create_app() -> gr.Blocks:
     """Build the Blocks (no model is loaded and nothing is launched)."""
     with gr.Blocks(title=TITLE, analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
+        # The browser's session key (ui/session.py): long jobs belong to it, not to one page.
+        owner = gr.BrowserState("", storage_key="moe-workbench-session")
         with gr.Row(elem_classes="wb-header"):
             gr.Markdown(f"# {TITLE}\n{INTRO}", elem_classes="wb-title")
             gr.Markdown(f"v{__version__} · runs {'on this Space' if shared.on_space() else 'locally'}",
@@ -45,18 +47,23 @@ def create_app() -> gr.Blocks:
             with gr.Tab("2 · Preview", id="preview", elem_id="wb-tab-preview") as preview_tab:
                 tab_preview.render(design, preview_tab)
             with gr.Tab("3 · Build", id="build", elem_id="wb-tab-build") as build_tab:
-                built = tab_build.render(design, build_tab)
+                built = tab_build.render(design, build_tab, owner)
             with gr.Tab("4 · Chat", id="chat", elem_id="wb-tab-chat") as chat_tab:
                 chat = tab_chat.render(built, chat_tab, design)
             with gr.Tab("5 · Routing", id="routing", elem_id="wb-tab-routing") as routing_tab:
                 tab_routing.render(chat, routing_tab, tabs)
             with gr.Tab("Forge an expert", id="forge", elem_id="wb-tab-forge"):
-                forge = tab_forge.render(design)
+                forge = tab_forge.render(design, owner)
         # One click from a recipe with experts still to forge: to the Forge tab, forge them, redraw the form.
         design.forge_missing.click(lambda: gr.Tabs(selected="forge"), None, [tabs], show_progress="hidden") \
-            .then(forge.forge_missing, [design.yaml, forge.forged], forge.outputs,
+            .then(forge.forge_missing, forge.inputs, forge.outputs,
                   show_progress_on=[forge.status], concurrency_limit=8) \
             .then(design.adopt, [design.yaml], design.adopt_outputs, show_progress="hidden")
+        # A page that opens finds its session's builds and forges, running or finished unseen.
+        keyed = demo.load(session.owner_key, [owner], [owner], show_progress="hidden")
+        for reattach in (built.reattach, forge.reattach):
+            keyed.then(reattach.fn, reattach.inputs, reattach.outputs, show_progress_on=[reattach.status],
+                       concurrency_limit=None)
     return demo
 
 

@@ -84,11 +84,11 @@ class Follower:
                 # and report their own stage, which names the wait but does not move the bar.
                 fraction = max(fraction or 0.0, overall_fraction(event.stage, event.fraction, self.spans))
                 description = progress_text(event)
-                self._log_stage(event)
+                self._log_stage(event, event.at)
                 if event.metrics:
                     self.points.append(event.metrics)
             if event.kind in jobs.FINAL_KINDS:
-                self._log_stage(None)
+                self._log_stage(None, event.at)
                 yield self.final(event)
                 return
             if time.monotonic() - self._last >= self.interval:
@@ -96,9 +96,9 @@ class Follower:
                 # The progress bar drawn over the status box carries the stage and time left.
                 yield JobView("", self.log, fraction, description, points=list(self.points))
 
-    def _log_stage(self, event: jobs.JobEvent | None) -> None:
-        """Each stage once in the log, with how long it took: not a line per progress event."""
-        now = time.monotonic()
+    def _log_stage(self, event: jobs.JobEvent | None, now: float) -> None:
+        """Each stage once in the log, with how long it took (timed by the events, so a page that
+        replays a job later tells the same durations): not a line per progress event."""
         stage = None if event is None else event.stage
         if stage == self._stage:
             return

@@ -10,7 +10,14 @@ from typing import Any
 
 from workbench import jobs
 from workbench.errors import ForgeError, WorkbenchError
-from workbench.forge import MAX_DATA_BYTES, ForgeSettings, data_path, example_sets, parse_examples
+from workbench.forge import (
+    MAX_DATA_BYTES,
+    ForgeSettings,
+    data_path,
+    example_sets,
+    examples_text,
+    parse_examples,
+)
 from workbench.recipe import parse_recipe
 from workbench.staging import MANIFEST
 from workbench.ui import build_logic, shared
@@ -140,7 +147,7 @@ def missing_experts(yaml_text: str) -> list[Missing]:
             continue
         out = Path(expert.source_model).expanduser().resolve()
         if not (out / MANIFEST).is_file() and not (out / "config.json").is_file():
-            data = data_path(expert.forge_data, allow_files=not shared.on_space())
+            data = data_path(expert.forge_data, allow_files=not shared.on_space(), roots=shared.model_roots())
             found.append(Missing(i, labels[i], recipe.base_model, data, out))
     return found
 
@@ -158,15 +165,63 @@ def missing_note(yaml_text: str) -> str:
             "experts** (about 2 minutes each on a laptop) before building.")
 
 
+def missing_requests(missing: list[Missing]) -> list[tuple[Missing, jobs.ForgeRequest]]:
+    """A forge request for each missing expert, with the default settings, into `forge_target`."""
+    defaults = ForgeSettings()
+    plan = []
+    for expert in missing:
+        out = forge_target(expert)
+        plan.append((expert, make_request(
+            expert.base, examples_text(expert.data), out.name, defaults.steps, defaults.lr,
+            defaults.batch_size, defaults.seed, "", "\n".join(DEFAULT_SAMPLES), False, out=out)))
+    return plan
+
+
+def point_recipe(yaml_text: str, plan: list[tuple[Missing, jobs.ForgeRequest]]) -> str:
+    """The recipe with each planned expert's source_model naming the folder it is forged into
+    (unchanged where it already does), the user's comments and layout kept."""
+    from workbench.recipe import load_yaml, patch_yaml
+
+    moved = [(expert, request) for expert, request in plan if Path(request.out) != expert.out]
+    if not moved:
+        return yaml_text
+    data = load_yaml(yaml_text)
+    for expert, request in moved:
+        data["experts"][expert.index]["source_model"] = request.out
+    return patch_yaml(yaml_text, data) or yaml_text
+
+
+def submit_all(plan: list[tuple[Missing, jobs.ForgeRequest]], token: str | None,
+               owner: str) -> list[jobs.Job]:
+    """Queue the plan's forges at once, so they run one after the other whether or not a page
+    follows them; a full queue takes none of them."""
+    queue, queued = jobs.default_queue(), []
+    try:
+        for number, (expert, request) in enumerate(plan, 1):
+            queued.append(queue.submit(request, token=token, owner=owner,
+                                       label=f"{number} of {len(plan)} ({expert.label})"))
+    except jobs.QueueFull:
+        for job in queued:
+            queue.cancel(job.id)
+        raise
+    return queued
+
+
+def set_of(examples: str) -> str:
+    """The shipped set whose text this is, for the "Examples from" list (else one's own)."""
+    for name, path in example_sets().items():
+        if path.read_text(encoding="utf-8") == examples:
+            return name
+    return OWN_SET
+
+
 def forge_target(missing: Missing) -> Path:
-    """Where a missing expert is forged: its source folder, when this app may write there."""
+    """Where a missing expert is forged: a folder of its source folder's name in the outputs folder,
+    the only place the app writes (a model root is a place to read models from). When that is not
+    where the recipe's source_model points, the recipe is pointed at it."""
     from workbench.build import output_path
 
-    root = shared.outputs_root()
-    allowed = [r for r in shared.model_roots() if r == missing.out or r in missing.out.parents]
-    if allowed and not shared.on_space():
-        return missing.out
-    return output_path(root, shared.private_name(missing.out.name))
+    return output_path(shared.outputs_root(), shared.private_name(missing.out.name))
 
 
 @dataclass

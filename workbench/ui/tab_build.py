@@ -4,14 +4,16 @@ push to the Hub."""
 from __future__ import annotations
 
 import html
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import gradio as gr
 
 from workbench import build, jobs
 from workbench.errors import WorkbenchError
-from workbench.ui import build_logic, shared
+from workbench.ui import build_logic, session, shared
 from workbench.ui.tab_design import DesignTab
 
 DTYPES = [("as the recipe says", ""), ("bfloat16", "bfloat16"), ("float16", "float16"),
@@ -21,6 +23,7 @@ DTYPES = [("as the recipe says", ""), ("bfloat16", "bfloat16"), ("float16", "flo
 @dataclass
 class BuildTab:
     builds: gr.State  # folders built in this session, newest last; other tabs watch it
+    reattach: session.Reattach
 
 
 @dataclass
@@ -39,7 +42,7 @@ class _Controls:
     builds: gr.State
 
 
-def render(design: DesignTab, tab: gr.Tab) -> BuildTab:
+def render(design: DesignTab, tab: gr.Tab, owner: gr.BrowserState) -> BuildTab:
     builds = gr.State([])
     with gr.Row(equal_height=False):
         with gr.Column(scale=3):
@@ -48,7 +51,7 @@ def render(design: DesignTab, tab: gr.Tab) -> BuildTab:
             download = gr.Button("Download recipe YAML", elem_id="wb-download", variant="secondary")
             exported = _gguf_panel(builds)
             model = _push_panel(builds)
-    _wire_build(design, ui)
+    reattach = _wire_build(design, ui, owner)
 
     def refresh(mine: list[str]) -> tuple[gr.Dropdown, gr.Dropdown]:
         found = build_logic.build_choices(mine)
@@ -59,7 +62,7 @@ def render(design: DesignTab, tab: gr.Tab) -> BuildTab:
     download.click(None, [design.yaml], None, js=SAVE_RECIPE)
     for event in (tab.select, builds.change):
         event(refresh, [builds], [model, exported], show_progress="hidden")
-    return BuildTab(builds)
+    return BuildTab(builds, reattach)
 
 
 def _controls(builds: gr.State) -> _Controls:
@@ -78,7 +81,8 @@ def _controls(builds: gr.State) -> _Controls:
         start = gr.Button("Build", variant="primary", elem_id="wb-build")
         stop = gr.Button("Cancel", variant="stop", interactive=False, elem_id="wb-cancel")
     # Tall enough for Gradio's progress bar, which is drawn over this box while a build runs.
-    status = gr.Markdown("Ready. One build runs at a time; others wait in a queue.",
+    status = gr.Markdown("Ready. One build runs at a time; others wait in a queue. A build goes on if you "
+                         "reload or close this page: reopen it to follow it, or press Cancel to stop it.",
                          elem_id="wb-build-status", elem_classes="wb-status", min_height=96, container=True)
     summary = gr.Markdown(elem_id="wb-build-summary")
     log = gr.Textbox(label="Log", lines=8, max_lines=8, autoscroll=True, interactive=False,
@@ -98,45 +102,57 @@ SAVE_RECIPE = """(text) => {
 }"""
 
 
-def _wire_build(design: DesignTab, ui: _Controls) -> None:
+def _wire_build(design: DesignTab, ui: _Controls, owner: gr.BrowserState) -> session.Reattach:
+    def follow(job: jobs.Job, mine: list, progress: Any) -> Iterator[dict]:
+        """The tab's updates for one build until it ends. Leaving the page does not stop the build:
+        it belongs to the session, and a reopened page follows it again (`reattach`)."""
+        queue = jobs.default_queue()
+        yield {ui.job_id: job.id, ui.start: gr.Button(interactive=False),
+               ui.stop: gr.Button(interactive=True), ui.status: "Queued…", ui.summary: "", ui.log: "",
+               ui.name: Path(job.request.out).name}
+        for view in build_logic.Follower(job, queue).views():
+            if view.fraction is not None:
+                progress(view.fraction, desc=view.description)
+            update = {ui.status: view.status, ui.log: view.log}
+            if view.finished:
+                update.update({ui.summary: view.summary, ui.job_id: "",
+                               ui.start: gr.Button(interactive=True),
+                               ui.stop: gr.Button(interactive=False)})
+                if view.output:
+                    update[ui.builds] = [*mine, view.output]
+            yield update
+        job.seen = True  # reached only when the page took the last update
+
     @shared.user_errors
     def run(yaml_text: str, name: str, device: str, dtype: str, shard: str, replace: bool, mine: list,
-            oauth_token: gr.OAuthToken | None = None, progress: gr.Progress = shared.PROGRESS):
+            key: str, oauth_token: gr.OAuthToken | None = None, progress: gr.Progress = shared.PROGRESS):
         try:
             request = build_logic.make_request(yaml_text, name, device, dtype, shard, replace)
         except WorkbenchError as exc:  # said where the old "Build finished" would still stand
             yield {ui.status: f"✖ Not started: {html.escape(str(exc))}", ui.summary: ""}
             return
-        queue = jobs.default_queue()
-        job = queue.submit(request, token=shared.user_token(oauth_token))
-        yield {ui.job_id: job.id, ui.start: gr.Button(interactive=False),
-               ui.stop: gr.Button(interactive=True), ui.status: "Queued…", ui.summary: "", ui.log: ""}
-        try:
-            for view in build_logic.Follower(job, queue).views():
-                if view.fraction is not None:
-                    progress(view.fraction, desc=view.description)
-                update = {ui.status: view.status, ui.log: view.log}
-                if view.finished:
-                    update.update({ui.summary: view.summary, ui.job_id: "",
-                                   ui.start: gr.Button(interactive=True),
-                                   ui.stop: gr.Button(interactive=False)})
-                    if view.output:
-                        update[ui.builds] = [*mine, view.output]
-                yield update
-        finally:
-            if not job.finished:  # the page went away mid-build: free the queue for others
-                queue.cancel(job.id)
+        job = jobs.default_queue().submit(request, token=shared.user_token(oauth_token), owner=key)
+        yield from follow(job, mine, progress)
+
+    def reattach(key: str, mine: list, progress: gr.Progress = shared.PROGRESS) -> Iterator[dict]:
+        """On opening the page: the session's builds again, and any build still running or whose end
+        no page has shown yet, followed from its first event."""
+        mine = list(dict.fromkeys([*mine, *session.finished_outputs(key, "build")]))
+        yield {ui.builds: mine}
+        for job in session.to_follow(key, "build"):
+            yield from follow(job, mine, progress)
 
     def cancel(job_id: str) -> str:
         if job_id and jobs.default_queue().cancel(job_id):
             return "■ Cancelling…"
         return gr.skip()
 
-    inputs = [design.yaml, ui.name, ui.device, ui.dtype, ui.shard, ui.replace, ui.builds]
-    outputs = [ui.job_id, ui.start, ui.stop, ui.status, ui.summary, ui.log, ui.builds]
+    inputs = [design.yaml, ui.name, ui.device, ui.dtype, ui.shard, ui.replace, ui.builds, owner]
+    outputs = [ui.job_id, ui.start, ui.stop, ui.status, ui.summary, ui.log, ui.builds, ui.name]
     # Many sessions may wait here at once (each shows its queue place); jobs.py runs one build at a time.
     ui.start.click(run, inputs, outputs, show_progress_on=[ui.status], concurrency_limit=8)
     ui.stop.click(cancel, [ui.job_id], [ui.status], show_progress="hidden")
+    return session.Reattach(reattach, [owner, ui.builds], outputs, ui.status)
 
 
 def _gguf_panel(builds: gr.State) -> gr.Dropdown:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import html
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
@@ -13,7 +14,7 @@ import gradio as gr
 from workbench import jobs
 from workbench.errors import WorkbenchError
 from workbench.forge import ForgeSettings
-from workbench.ui import forge_logic, shared
+from workbench.ui import forge_logic, session, shared
 from workbench.ui.tab_design import DesignTab
 
 FIRST_SET = "pirate"
@@ -23,8 +24,10 @@ FIRST_SET = "pirate"
 class ForgeTab:
     forged: gr.State  # folders forged in this session, newest last
     forge_missing: Any  # handler: forge every missing expert of the Design tab's recipe
+    inputs: list  # what forge_missing reads
     outputs: list  # what forge_missing writes
     status: gr.Markdown
+    reattach: session.Reattach
 
 
 @dataclass
@@ -54,7 +57,7 @@ class _Controls:
     last: gr.State  # the folder the last forge wrote, for "Add to the recipe"
 
 
-def render(design: DesignTab) -> ForgeTab:
+def render(design: DesignTab, owner: gr.BrowserState) -> ForgeTab:
     defaults = ForgeSettings()
     gr.Markdown("Train an expert's MLPs on a few dozen chat examples: attention, embeddings and norms stay "
                 "the base's, so inside a MoE on this base the expert answers in its new style wherever the "
@@ -90,7 +93,8 @@ def render(design: DesignTab) -> ForgeTab:
                 start = gr.Button("Forge", variant="primary", elem_id="wb-forge")
                 stop = gr.Button("Cancel", variant="stop", interactive=False, elem_id="wb-forge-cancel")
         with gr.Column(scale=3):
-            status = gr.Markdown("Ready. Forges and builds take turns, one at a time.",
+            status = gr.Markdown("Ready. Forges and builds take turns, one at a time. A forge goes on if "
+                                 "you reload or close this page: reopen it to follow it, or press Cancel.",
                                  elem_id="wb-forge-status", elem_classes="wb-status", min_height=96,
                                  container=True)
             plot = gr.Plot(label="Training loss", elem_id="wb-forge-loss")
@@ -102,13 +106,14 @@ def render(design: DesignTab) -> ForgeTab:
                    start, stop, status, plot, summary, log, mine, add, gr.State(""), gr.State([]),
                    gr.State(""))
     _wire_inputs(ui)
-    forge_missing = _wire_forge(design, ui)
-    return ForgeTab(ui.forged, forge_missing, _outputs(ui) + [design.yaml, ui.name], ui.status)
+    forge_missing, reattach = _wire_forge(design, ui, owner)
+    return ForgeTab(ui.forged, forge_missing, [design.yaml, ui.forged, owner], _outputs(ui) + [design.yaml],
+                    ui.status, reattach)
 
 
 def _outputs(ui: _Controls) -> list:
     return [ui.job_id, ui.start, ui.stop, ui.status, ui.plot, ui.summary, ui.log, ui.forged, ui.mine, ui.add,
-            ui.last]
+            ui.last, ui.examples, ui.set_name, ui.name]
 
 
 def _wire_inputs(ui: _Controls) -> None:
@@ -127,37 +132,47 @@ def _wire_inputs(ui: _Controls) -> None:
     ui.upload.upload(uploaded, [ui.upload], [ui.examples, ui.set_name], concurrency_limit=None)
 
 
-def _wire_forge(design: DesignTab, ui: _Controls) -> Any:
-    def follow(request: jobs.ForgeRequest, forged: list, token: str | None, progress: Any) -> Iterator[dict]:
-        """Submit one forge and stream the tab's updates until it ends."""
-        queue = jobs.default_queue()
-        job = queue.submit(request, token=token)
+def _wire_forge(design: DesignTab, ui: _Controls, owner: gr.BrowserState) -> tuple[Any, session.Reattach]:
+    def follow(job: jobs.Job, forged: list, progress: Any, earlier: str = "") -> Iterator[dict]:
+        """The tab's updates for one forge until it ends (the fields show what it trains). Leaving the
+        page does not stop it: it belongs to the session, and a reopened page follows it again."""
+        request, prefix = job.request, f"{html.escape(job.label)}: " if job.label else ""
         yield {ui.job_id: job.id, ui.start: gr.Button(interactive=False),
-               ui.stop: gr.Button(interactive=True), ui.status: "Queued…", ui.summary: "", ui.log: "",
-               ui.plot: None, ui.add: gr.Button(visible=False)}
-        try:
-            for view in forge_logic.ForgeFollower(job, queue).views():
-                if view.fraction is not None:
-                    progress(view.fraction, desc=view.description)
-                update = {ui.status: view.status, ui.log: view.log}
-                if view.points:
-                    update[ui.plot] = forge_logic.loss_figure(view.points)
-                if view.finished:
-                    update.update({ui.summary: view.summary, ui.job_id: "",
-                                   ui.start: gr.Button(interactive=True),
-                                   ui.stop: gr.Button(interactive=False)})
-                    if view.output:
-                        forged.append(view.output)
-                        update.update({ui.forged: list(forged), ui.mine: forge_logic.forged_list(forged),
-                                       ui.add: gr.Button(visible=True), ui.last: view.output})
-                yield update
-        finally:
-            if not job.finished:  # the page went away mid-forge: free the queue for others
-                queue.cancel(job.id)
+               ui.stop: gr.Button(interactive=True), ui.status: f"{prefix}Queued…", ui.summary: earlier,
+               ui.log: "", ui.plot: None, ui.add: gr.Button(visible=False), ui.examples: request.examples,
+               ui.set_name: forge_logic.set_of(request.examples), ui.name: Path(request.out).name}
+        for view in forge_logic.ForgeFollower(job, jobs.default_queue()).views():
+            if view.fraction is not None:
+                progress(view.fraction, desc=f"{prefix}{view.description}")
+            update = {ui.status: f"{prefix}{view.status}" if view.status else "", ui.log: view.log}
+            if view.points:
+                update[ui.plot] = forge_logic.loss_figure(view.points)
+            if view.finished:
+                update.update({ui.summary: "\n\n".join(filter(None, (earlier, view.summary))), ui.job_id: "",
+                               ui.start: gr.Button(interactive=True),
+                               ui.stop: gr.Button(interactive=False)})
+                if view.output:
+                    forged.append(view.output)
+                    update.update({ui.forged: list(forged), ui.mine: forge_logic.forged_list(forged),
+                                   ui.add: gr.Button(visible=True), ui.last: view.output})
+            yield update
+        job.seen = True  # reached only when the page took the last update
+
+    def follow_all(found: list[jobs.Job], forged: list, progress: Any) -> Iterator[dict]:
+        """Follow jobs one after the other; when one does not finish, the later ones are cancelled."""
+        earlier = ""
+        for number, job in enumerate(found):
+            yield from follow(job, forged, progress, earlier)
+            if job.state != "done":
+                for later in found[number + 1:]:
+                    jobs.default_queue().cancel(later.id)
+                return
+            earlier = "\n\n".join(filter(None, (earlier, forge_logic.summary_markdown(job.result or {}))))
 
     @shared.user_errors
     def run(base: str, examples: str, name: str, steps: float, lr: float, batch: float, seed: float,
-            layers: str, samples: str, replace: bool, forged: list, oauth_token: gr.OAuthToken | None = None,
+            layers: str, samples: str, replace: bool, forged: list, key: str,
+            oauth_token: gr.OAuthToken | None = None,
             progress: gr.Progress = shared.PROGRESS) -> Iterator[dict]:
         try:
             request = forge_logic.make_request(base, examples, name, steps, lr, batch, seed, layers, samples,
@@ -165,42 +180,33 @@ def _wire_forge(design: DesignTab, ui: _Controls) -> Any:
         except WorkbenchError as exc:
             yield {ui.status: f"✖ Not started: {html.escape(str(exc))}", ui.summary: ""}
             return
-        yield from follow(request, list(forged), shared.user_token(oauth_token), progress)
+        job = jobs.default_queue().submit(request, token=shared.user_token(oauth_token), owner=key)
+        yield from follow(job, list(forged), progress)
 
     @shared.user_errors
-    def forge_missing(yaml_text: str, forged: list, oauth_token: gr.OAuthToken | None = None,
+    def forge_missing(yaml_text: str, forged: list, key: str, oauth_token: gr.OAuthToken | None = None,
                       progress: gr.Progress = shared.PROGRESS) -> Iterator[dict]:
-        """Forge, one after the other, every expert of the recipe not forged yet; point the recipe at
-        each new folder when it went elsewhere than its source_model says."""
-        from workbench.recipe import load_yaml, patch_yaml
-
+        """Queue every expert of the recipe not forged yet, point the recipe at where each will be,
+        and follow them one after the other."""
         missing = forge_logic.missing_experts(yaml_text)
         if not missing:
             yield {ui.status: "Every expert of the recipe is forged already."}
             return
-        forged, token = list(forged), shared.user_token(oauth_token)
-        for number, expert in enumerate(missing, 1):
-            out = forge_logic.forge_target(expert)
-            defaults = ForgeSettings()
-            request = forge_logic.make_request(
-                expert.base, expert.data.read_text("utf-8"), out.name, defaults.steps, defaults.lr,
-                defaults.batch_size, defaults.seed, "", "\n".join(forge_logic.DEFAULT_SAMPLES), False,
-                out=out)
-            yield {ui.status: f"Forging {number} of {len(missing)}: **{html.escape(expert.label)}**…",
-                   ui.name: out.name}
-            for update in follow(request, forged, token, progress):
-                if ui.status in update and update[ui.status]:
-                    update[ui.status] = f"{number} of {len(missing)} ({html.escape(expert.label)}): " \
-                                        f"{update[ui.status]}"
-                yield update
-            if not (out / "config.json").is_file():
-                return  # failed or cancelled: the status says why; the rest waits for another press
-            if out != expert.out:
-                data = load_yaml(yaml_text)
-                data["experts"][expert.index]["source_model"] = str(out)
-                yaml_text = patch_yaml(yaml_text, data) or yaml_text
-                yield {design.yaml: yaml_text}
-        yield {ui.status: f"✔ Forged {len(missing)} expert(s); the recipe is ready to build."}
+        plan = forge_logic.missing_requests(missing)  # every request checked before any is queued
+        pointed = forge_logic.point_recipe(yaml_text, plan)
+        if pointed != yaml_text:
+            yield {design.yaml: pointed}
+        queued = forge_logic.submit_all(plan, shared.user_token(oauth_token), key)
+        yield from follow_all(queued, list(forged), progress)
+        if all(job.state == "done" for job in queued):
+            yield {ui.status: f"✔ Forged {len(queued)} expert(s); the recipe is ready to build."}
+
+    def reattach(key: str, forged: list, progress: gr.Progress = shared.PROGRESS) -> Iterator[dict]:
+        """On opening the page: the session's forged experts again, and any forge still running or
+        whose end no page has shown yet, followed from its first event."""
+        forged = list(dict.fromkeys([*forged, *session.finished_outputs(key, "forge")]))
+        yield {ui.forged: forged, ui.mine: forge_logic.forged_list(forged)}
+        yield from follow_all(session.to_follow(key, "forge"), forged, progress)
 
     def cancel(job_id: str) -> str:
         if job_id and jobs.default_queue().cancel(job_id):
@@ -212,10 +218,10 @@ def _wire_forge(design: DesignTab, ui: _Controls) -> Any:
         return forge_logic.add_expert(yaml_text, folder, examples)
 
     inputs = [ui.base, ui.examples, ui.name, ui.steps, ui.lr, ui.batch, ui.seed, ui.layers, ui.samples,
-              ui.replace, ui.forged]
+              ui.replace, ui.forged, owner]
     ui.start.click(run, inputs, _outputs(ui), show_progress_on=[ui.status], concurrency_limit=8)
     ui.stop.click(cancel, [ui.job_id], [ui.status], show_progress="hidden")
     ui.add.click(add, [design.yaml, ui.last, ui.examples], [design.yaml]).success(
         design.adopt, [design.yaml], design.adopt_outputs, show_progress="hidden")
-    return forge_missing
+    return forge_missing, session.Reattach(reattach, [owner, ui.forged], _outputs(ui), ui.status)
 
