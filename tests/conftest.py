@@ -11,6 +11,8 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 # huggingface_hub reads HF_HUB_OFFLINE and HF_HOME once, at import: isolate before importing it.
@@ -90,12 +92,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, demo_model_path):
-    folder = tmp_path_factory.mktemp("browser")
+@contextmanager
+def running_app(folder: Path, **env_changes: str) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`python app.py` on a free port, outputs under `folder`: its URL and process."""
     port = free_port()
     env = {**os.environ, "GRADIO_SERVER_PORT": str(port), "GRADIO_SERVER_NAME": "127.0.0.1",
-           "MOE_WORKBENCH_OUTPUTS": str(folder / "outputs")}
+           "MOE_WORKBENCH_OUTPUTS": str(folder / "outputs"), **env_changes}
     log = open(folder / "server.log", "w")  # noqa: SIM115 (closed below)
     proc = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
@@ -110,13 +112,21 @@ def server(tmp_path_factory, demo_model_path):
                 log.close()
                 pytest.fail(f"app did not start: {(folder / 'server.log').read_text()[-3000:]}")
             time.sleep(0.5)
-    yield url
-    proc.terminate()
     try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+        yield url, proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, demo_model_path):
+    with running_app(tmp_path_factory.mktemp("browser")) as (url, _):
+        yield url
 
 
 @pytest.fixture(scope="module")

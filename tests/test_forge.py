@@ -162,3 +162,23 @@ def test_the_reply_loss_is_transformers_causal_lm_loss(pico_factory, data):
     batch = _batch(rows, tokenizer.eos_token_id, torch.device("cpu"))
     with torch.no_grad():
         torch.testing.assert_close(reply_loss(model, batch), model(**batch, use_cache=False).loss)
+
+
+def test_a_data_file_is_read_only_under_the_roots_and_only_up_to_the_cap(tmp_path):
+    from workbench.forge import MAX_DATA_BYTES, data_path, examples_text
+
+    root = tmp_path / "root"
+    root.mkdir()
+    good = root / "bom.jsonl"
+    good.write_bytes(b'\xef\xbb\xbf{"prompt": "Hi", "reply": "Ahoy!"}\n')  # saved with a byte-order mark
+    assert examples_text(data_path(str(good), roots=[root])).startswith('{"prompt"')
+    outside = tmp_path / "other.jsonl"
+    outside.write_bytes(good.read_bytes())
+    with pytest.raises(ForgeError, match="is outside the folders this app reads from"):
+        data_path(str(outside), roots=[root])
+    assert data_path("hero", roots=[root]).name == "hero.jsonl"  # shipped sets from anywhere
+    huge = root / "huge.jsonl"
+    with open(huge, "wb") as f:
+        f.truncate(MAX_DATA_BYTES + 1)
+    with pytest.raises(ForgeError, match="over the 16 MB limit"):
+        examples_text(huge)

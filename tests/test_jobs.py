@@ -253,3 +253,38 @@ def test_a_forge_killed_mid_training_leaves_nothing_finished_and_the_next_succee
     assert again[-1].kind == "done", again[-1].message
     assert is_output(tmp_path / "pirate")
     assert [p.name for p in tmp_path.iterdir()] == ["pirate"]  # the killed forge's staging is cleaned
+
+
+def test_every_page_that_follows_a_job_reads_it_from_the_start_to_its_end(tmp_path):
+    jobs = BuildQueue(FAKE)
+    job = jobs.submit(request(tmp_path, "ok-replay"), owner="a" * 32)
+    live = [e for e in job.stream(poll=0.1) if e is not None]  # the page that started it
+    later = [e for e in job.stream(poll=0.1) if e is not None]  # a page reopened after the end
+    assert [e.kind for e in later] == [e.kind for e in live]
+    assert later[0].kind == "queued" and later[-1].kind == "done"
+    assert all(a.at <= b.at for a, b in zip(later, later[1:], strict=False))  # timed as received
+    assert job.result["path"] == str(tmp_path / "ok-replay")
+
+
+def test_a_session_finds_its_own_jobs_and_no_one_else_s(tmp_path):
+    jobs = BuildQueue(FAKE)
+    mine = jobs.submit(request(tmp_path, "ok-mine"), owner="a" * 32)
+    theirs = jobs.submit(request(tmp_path, "ok-theirs"), owner="b" * 32)
+    nobody = jobs.submit(request(tmp_path, "ok-nobody"))
+    for job in (mine, theirs, nobody):
+        finish(job)
+    assert jobs.jobs_of("a" * 32) == [mine]
+    assert jobs.jobs_of("a" * 32, "forge") == []
+    assert jobs.jobs_of("") == []  # a job without an owner is found by no page
+
+
+def test_finished_jobs_are_kept_for_reopened_pages_up_to_a_bound(tmp_path, monkeypatch):
+    monkeypatch.setattr("workbench.jobs.queue.KEEP_FINISHED", 2)
+    jobs = BuildQueue(FAKE)
+    done = [jobs.submit(request(tmp_path, f"ok-kept-{i}"), owner="a" * 32) for i in range(3)]
+    for job in done:
+        finish(job)
+    deadline = time.monotonic() + 10  # the runner forgets old jobs just after the last one's final event
+    while len(jobs.jobs_of("a" * 32)) > 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert jobs.jobs_of("a" * 32) == done[1:]

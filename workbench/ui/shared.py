@@ -123,7 +123,8 @@ def user_errors(fn: F) -> F:
         if isinstance(exc, gr.Error):
             return exc
         if isinstance(exc, WorkbenchError):
-            return gr.Error(html.escape(str(exc)).replace("\n", "<br>"), print_exception=False)
+            # Text, not markup (quotes need no escaping: API clients read the message as it is).
+            return gr.Error(html.escape(str(exc), quote=False).replace("\n", "<br>"), print_exception=False)
         log.exception("unexpected error in %s", fn.__qualname__)
         return gr.Error(f"Something went wrong ({type(exc).__name__}); the server log has the details.",
                         print_exception=False)
