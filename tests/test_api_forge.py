@@ -57,7 +57,8 @@ def test_a_huge_forge_data_file_is_refused_before_it_is_read(app, pico_factory, 
         f.truncate(1_500_000_000)
     before = rss_mb(proc.pid)
     with pytest.raises(AppError, match="is 1431 MB, over the 16 MB limit"):
-        forge_missing(client, recipe(pico_factory("api-base", seed=3), str(tmp_path / "big-expert"), str(huge)))
+        forge_missing(client, recipe(pico_factory("api-base", seed=3), str(tmp_path / "big-expert"),
+                                     str(huge)))
     assert rss_mb(proc.pid) - before < 100
 
 

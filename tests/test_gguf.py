@@ -4,7 +4,10 @@ experts, experts per token and every tensor; refusals, failures and cancels leav
 from __future__ import annotations
 
 import io
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -93,6 +96,17 @@ def test_a_failed_or_cancelled_conversion_leaves_nothing(moe: Path, tmp_path: Pa
     with pytest.raises(Cancelled):
         export_gguf(moe, tmp_path / "cancelled.gguf", on_progress=on_progress, cancel=cancel)
     assert seen and sorted(p.name for p in tmp_path.iterdir()) == ["bare"]
+
+
+def test_a_killed_export_s_partial_file_is_removed_by_the_next_export(moe: Path, tmp_path: Path) -> None:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])  # a pid that is surely dead now
+    child.wait()
+    killed = tmp_path / f".moe.gguf.partial-{child.pid}"
+    killed.write_bytes(b"GGUF" + bytes(1000))  # what kill -9 left mid-write
+    live = tmp_path / f".other.gguf.partial-{os.getpid()}"  # a running export's: left alone
+    live.write_bytes(b"GGUF")
+    export_gguf(moe, tmp_path / "moe.gguf")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [live.name, "moe.gguf"]
 
 
 @pytest.mark.demo

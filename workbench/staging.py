@@ -44,7 +44,9 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "workbench_manifest.json"
 MANIFEST_FORMAT = "moe-workbench-manifest/1"
-_STALE = re.compile(r"^\.(?P<name>.+)\.(?P<kind>staging|old)-(?P<pid>\d+)-[0-9a-f]+$")
+# Staging folders and set-aside outputs end in -PID-RANDOM; a GGUF export's file being written in -PID.
+_STALE = re.compile(r"^\.(?P<name>.+)\."
+                    r"(?:(?P<kind>staging|old)-(?P<pid>\d+)-[0-9a-f]+|partial-(?P<file_pid>\d+))$")
 
 
 @dataclass(frozen=True)
@@ -96,11 +98,16 @@ def _pid_alive(pid: int) -> bool:
 
 
 def clean_stale(parent: Path) -> None:
-    """Remove staging folders of dead writers; put back an old output a dead swap left aside,
-    if it is still whole (a writer killed while deleting it leaves only part of it)."""
+    """Remove staging folders and partial GGUF files of dead writers; put back an old output a
+    dead swap left aside, if it is still whole (a writer killed while deleting it leaves only
+    part of it)."""
     for entry in parent.iterdir():
         match = _STALE.match(entry.name)
-        if not match or not entry.is_dir() or _pid_alive(int(match["pid"])):
+        if match and match["file_pid"] and entry.is_file() and not _pid_alive(int(match["file_pid"])):
+            log.info("removing stale %s", entry)
+            entry.unlink(missing_ok=True)
+            continue
+        if not match or not match["pid"] or not entry.is_dir() or _pid_alive(int(match["pid"])):
             continue
         final = parent / match["name"]
         if match["kind"] == "old" and not final.exists() and is_output(entry):

