@@ -182,3 +182,29 @@ def test_a_data_file_is_read_only_under_the_roots_and_only_up_to_the_cap(tmp_pat
         f.truncate(MAX_DATA_BYTES + 1)
     with pytest.raises(ForgeError, match="over the 16 MB limit"):
         examples_text(huge)
+
+
+def test_a_disk_too_small_is_said_before_training_and_a_full_disk_while_writing_keeps_nothing(
+        pico_factory, data, tmp_path, monkeypatch):
+    import errno
+    import shutil
+
+    from workbench.errors import BuildError
+
+    base = pico_factory("forge-base", seed=4)
+    said = []
+    real = shutil.disk_usage
+    monkeypatch.setattr("workbench.staging.shutil.disk_usage", lambda p: real(p)._replace(free=10**6))
+    with pytest.raises(BuildError, match=r"the forged expert needs \d+\.\d\d GB .* only 0\.00 GB are free"):
+        forge_expert(str(base), data, tmp_path / "pirate", FAST, device="cpu",
+                     on_progress=lambda e: said.append(e.message))
+    assert said[-1] == f"loading {base}"  # refused once the model was loaded, before any step
+    monkeypatch.undo()
+
+    def disk_full(folder) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("workbench.forge.expert.make_durable", disk_full)
+    with pytest.raises(ForgeError, match="filled up while the expert was written; nothing was kept"):
+        forge_expert(str(base), data, tmp_path / "pirate", FAST, device="cpu")
+    assert list(tmp_path.iterdir()) == []

@@ -69,14 +69,19 @@ def staging_folders(final: Path) -> list[Path]:
     return sorted(final.parent.glob(f".{final.name}.staging-*"))
 
 
-def new_staging(final: Path, needed: int) -> Path:
-    """Create an empty staging folder for `final` after checking `needed` bytes are free."""
-    free = shutil.disk_usage(final.parent).free
+def check_free_space(folder: Path, needed: int, what: str = "the MoE") -> None:
+    """Refuse, with the numbers, when `needed` bytes (and a margin) are not free in `folder`."""
+    free = shutil.disk_usage(folder).free
     margin = max(64 * 2**20, needed // 100)
     if needed + margin > free:
-        raise BuildError(f"the MoE needs {needed / 1e9:.2f} GB (+{margin / 1e9:.2f} GB margin) in "
-                         f"{final.parent} but only {free / 1e9:.2f} GB are free; free space or choose "
+        raise BuildError(f"{what} needs {needed / 1e9:.2f} GB (+{margin / 1e9:.2f} GB margin) in "
+                         f"{folder} but only {free / 1e9:.2f} GB are free; free space or choose "
                          "another output folder")
+
+
+def new_staging(final: Path, needed: int, what: str = "the MoE") -> Path:
+    """Create an empty staging folder for `final` after checking `needed` bytes are free."""
+    check_free_space(final.parent, needed, what)
     folder = staging_path(final)
     folder.mkdir(mode=0o755)
     os.chmod(folder, 0o755)  # whatever the umask: outputs are world-readable

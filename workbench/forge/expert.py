@@ -8,6 +8,7 @@ sha256 and size, the settings, the loss curve and the command that forges it aga
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import shlex
@@ -23,6 +24,7 @@ from workbench.progress import CancelToken, Progress, ProgressFn, ignore_progres
 from workbench.staging import (
     MANIFEST,
     check_final,
+    check_free_space,
     check_manifest,
     clean_stale,
     commit,
@@ -72,13 +74,16 @@ def forge_expert(base_ref: str, data: Path | Examples, out: Path, settings: Forg
                                                      trust_remote_code=False).to(where)
     except (OSError, ValueError) as exc:
         raise ForgeError(f"cannot load the base {base_ref} as a causal LM: {exc}") from exc
+    out.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale(out.parent)
+    # The weights as saved, and room for the tokenizer and the manifest's pass; checked before
+    # minutes of training, and again when the folder is made (other writers may have filled it).
+    needed = 2 * sum(p.numel() * p.element_size() for p in model.parameters())
+    check_free_space(out.parent, needed, "the forged expert")
     losses = train(model, tokenizer, examples.items, settings, on_progress=on_progress, cancel=cancel)
     cancel.check()
     on_progress(Progress("write", 0.0, f"writing {out.name}"))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale(out.parent)
-    needed = 2 * sum(p.numel() * p.element_size() for p in model.parameters())
-    folder = new_staging(out, needed)
+    folder = new_staging(out, needed, "the forged expert")
     try:
         model.save_pretrained(str(folder), safe_serialization=True)
         tokenizer.save_pretrained(str(folder))
@@ -93,6 +98,13 @@ def forge_expert(base_ref: str, data: Path | Examples, out: Path, settings: Forg
         check_manifest(folder)
         cancel.check()
         commit(folder, out, force)
+    except OSError as exc:
+        discard(folder)
+        if exc.errno == errno.ENOSPC:
+            raise ForgeError(f"the disk holding {out.parent} filled up while the expert was written; nothing "
+                             "was kept. Free space (the forged expert needs about "
+                             f"{needed / 1e9:.2f} GB) and forge again") from exc
+        raise
     except BaseException:
         discard(folder)
         raise
