@@ -220,6 +220,21 @@ def test_the_steered_pane_labels_every_reply_and_the_model_never_reads_the_label
     assert "steer" not in fake.opened[-1]
 
 
+def test_stop_pressed_while_a_reply_waits_in_the_queue_stops_it_before_it_starts(fake):
+    sent = time.time()
+    assert chat_logic.stop("Q", ("moe",)) == 0  # nothing running yet: the reply is still queued
+    history = [{"role": "user", "content": "hi"}]
+    stopped = list(chat_logic.reply("moe", "Q", history, "out/my-moe", "org/base", "", SETTINGS,
+                                    sent_at=sent))
+    assert stopped[-1].history[-1]["content"] == "…(stopped before it started)"
+    assert stopped[-1].stats == "stopped while waiting in the queue"
+    assert fake.opened == []  # no model was asked to generate
+    # The stop was for that message only: the next one, sent after it, is answered.
+    later = list(chat_logic.reply("moe", "Q", history, "out/my-moe", "org/base", "", SETTINGS,
+                                  sent_at=time.time()))
+    assert later[-1].history[-1]["content"] == "my-moe w0 w1 w2 w3 w4 "
+
+
 def test_the_steered_pane_stops_alone_and_says_it_needs_a_moe(fake):
     fake.delay, fake.length = 0.05, 200
     out = {}

@@ -99,20 +99,35 @@ def use_backend(new: Backend) -> Backend:
 # ---- stop buttons ------------------------------------------------------------------------
 
 _cancels: dict[tuple[str, str], CancelToken] = {}
+# When each (session, side) was last stopped with no reply running: a reply still waiting in the
+# queue then, for a message sent before, starts stopped instead of running to its length.
+_stopped_at: dict[tuple[str, str], float] = {}
 _cancels_lock = threading.Lock()
+MAX_STOPPED = 4096  # sessions remembered; the oldest go first
 
 
-def start_token(session: str, side: str) -> CancelToken:
+def start_token(session: str, side: str, sent_at: float | None = None) -> CancelToken:
+    """The reply's stop token: already cancelled when Stop was pressed after its message was sent
+    and before it started."""
     token = CancelToken()
     with _cancels_lock:
+        stopped = _stopped_at.pop((session, side), None)
         _cancels[(session, side)] = token
+    if stopped is not None and sent_at is not None and stopped >= sent_at:
+        token.cancel()
     return token
 
 
 def stop(session: str, sides: tuple[str, ...] = SIDES) -> int:
-    """Stop the session's running replies on `sides`; returns how many were running."""
+    """Stop the session's replies on `sides`, running or still queued; returns how many were running."""
+    now = time.time()
     with _cancels_lock:
         found = [_cancels.pop((session, side), None) for side in sides]
+        for side, token in zip(sides, found, strict=True):
+            if token is None:
+                _stopped_at[(session, side)] = now
+        while len(_stopped_at) > MAX_STOPPED:
+            del _stopped_at[next(iter(_stopped_at))]
     for token in found:
         if token is not None:
             token.cancel()
@@ -178,8 +193,12 @@ def reply(side: str, session: str, history: list[Any], moe: str, base: str, syst
         steer = {"spec": given.get("spec") or steer_logic.spec(), "yaml": given.get("yaml", "")}
         extra = {"steer": steer}
         words = steer_logic.describe(steer["spec"], steer_logic.moe_facts(moe)[0])
-    cancel = start_token(session, side)
+    cancel = start_token(session, side, sent_at)
     try:
+        if cancel.cancelled:
+            yield PaneUpdate([*history, {"role": "assistant", "content": "…(stopped before it started)"}],
+                             "stopped while waiting in the queue")
+            return
         stream = backend().open(base if side == "base" else moe, base, conversation(system, history),
                                 settings, trace=side != "base", cancel=cancel, token=token, device=device,
                                 **extra)
