@@ -20,10 +20,21 @@ def outputs(tmp_path, monkeypatch):
     return tmp_path / "outputs"
 
 
-@pytest.mark.parametrize("name", ["../escape", "/etc", "a/b", ".hidden", "bad\u202ename", ""])
+@pytest.mark.parametrize("name", ["../escape", "/etc", "a/b", ".hidden", "bad\u202ename", "nul\x00"])
 def test_output_names_never_leave_the_output_folder(outputs, name):
     with pytest.raises(BuildError):
         build_logic.make_request(RECIPE, name, "cpu", "", "5GB", False)
+
+
+def test_an_empty_name_is_taken_from_the_recipe_and_never_one_that_exists(outputs):
+    first = build_logic.make_request(RECIPE, "", "cpu", "", "5GB", False)
+    assert Path(first.out).name == "base-2x"  # org/base with two experts
+    (outputs / "base-2x").mkdir(parents=True)
+    (outputs / "base-2x-2").mkdir()
+    assert Path(build_logic.make_request(RECIPE, "", "cpu", "", "5GB", False).out).name == "base-2x-3"
+    demo = (Path(__file__).resolve().parents[1] / "presets" / "demo.yaml").read_text()
+    assert Path(build_logic.make_request(demo, "", "cpu", "", "5GB", False).out).name == \
+        "smollm2-135m-instruct-4x"
 
 
 def test_request_is_checked_before_queueing(outputs):
@@ -126,6 +137,7 @@ class ScriptedJob:
 
     def __init__(self, events):
         self.events = events
+        self.request = jobs.BuildRequest(RECIPE, "/outputs/scripted")
 
     def stream(self, poll):
         yield from self.events
@@ -149,7 +161,7 @@ def test_the_bar_never_goes_back_and_the_log_names_each_stage_once():
     log = views[-1].log.splitlines()
     assert [line for line in log if line.startswith("[gates]")] == ["[gates] importing torch",
                                                                      "[gates] done in under a second"]
-    assert len(log) < 12
+    assert len(log) < 13 and log[0] == "→ scripted"  # the output, then each stage once
 
 
 

@@ -134,3 +134,14 @@ def test_an_upload_is_read_or_refused_naming_its_line(tmp_path):
     bad.write_text(EXAMPLES + "\n[1, 2]\n")
     with pytest.raises(ForgeError, match="line 4 is not a JSON object"):
         forge_logic.uploaded_text(str(bad))
+
+
+def test_a_forge_aimed_outside_the_outputs_folder_goes_there_under_a_free_name(outputs, monkeypatch):
+    served = outputs.parent / "served"  # the app's outputs folder is not the recipe's ./outputs
+    monkeypatch.setenv("MOE_WORKBENCH_OUTPUTS", str(served))
+    (served / "hero-expert").mkdir(parents=True)  # another output of that name: never written over
+    plan = forge_logic.missing_requests(forge_logic.missing_experts(ALIGNMENT))
+    assert [Path(r.out) for _, r in plan] == [served.resolve() / "hero-expert-2",
+                                              served.resolve() / "villain-expert"]
+    pointed = load_yaml(forge_logic.point_recipe(ALIGNMENT, plan))
+    assert [e["source_model"] for e in pointed["experts"][2:]] == [r.out for _, r in plan]

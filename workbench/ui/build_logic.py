@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import html
+import itertools
+import re
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -11,7 +13,7 @@ from pathlib import Path
 
 from workbench import jobs
 from workbench.errors import BuildError, WorkbenchError
-from workbench.recipe import RecipeError, errors, parse_recipe, validate
+from workbench.recipe import Recipe, RecipeError, errors, parse_recipe, validate
 from workbench.staging import MANIFEST
 from workbench.ui import shared
 from workbench.ui.sizes import human
@@ -32,11 +34,26 @@ def make_request(yaml_text: str, name: str, device: str, dtype: str | None, shar
         raise RecipeError(errors(problems) or problems)
     for ref in recipe.model_refs():
         shared.check_model_ref(ref)
-    out = output_path(shared.outputs_root(), (name or "").strip())
+    out = output_path(shared.outputs_root(), (name or "").strip() or default_name(recipe))
     if out.exists() and not replace:
         raise BuildError(f"an output named {out.name!r} exists; tick 'replace' or choose another name")
     return jobs.BuildRequest(yaml_text, str(out), device=device or "auto", dtype=dtype or None,
                              shard_size=parse_size(shard_size or "5GB"), force=bool(replace))
+
+
+def default_name(recipe: Recipe) -> str:
+    """An output name from the recipe (its base model and expert count), not taken yet in the
+    outputs folder: `smollm2-135m-instruct-4x`, then `...-4x-2`."""
+    base = recipe.base_model.rstrip("/").split("/")[-1].split(":")[-1]
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", base).strip("-.")[:60] or "moe"
+    return unused_name(f"{stem}-{len(recipe.experts)}x")
+
+
+def unused_name(stem: str) -> str:
+    """`stem`, or `stem-2`, `stem-3`...: the first name nothing in the outputs folder has."""
+    root = shared.outputs_root()
+    names = itertools.chain([stem], (f"{stem}-{number}" for number in itertools.count(2)))
+    return next(name for name in names if not (root / name).exists())
 
 
 @dataclass
@@ -70,6 +87,7 @@ class Follower:
 
     def views(self) -> Iterator[JobView]:
         fraction, description = None, ""
+        self.lines.append(f"→ {Path(self.job.request.out).name}")  # which output, also to a reopened page
         for event in self.job.stream(poll=0.5):
             if event is None or event.kind == "queued":
                 place = self.queue.position(self.job)

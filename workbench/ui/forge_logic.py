@@ -217,11 +217,15 @@ def set_of(examples: str) -> str:
 
 def forge_target(missing: Missing) -> Path:
     """Where a missing expert is forged: a folder of its source folder's name in the outputs folder,
-    the only place the app writes (a model root is a place to read models from). When that is not
-    where the recipe's source_model points, the recipe is pointed at it."""
+    the only place the app writes (a model root is a place to read models from), or the next free
+    name after it (never over another output). When that is not where the recipe's source_model
+    points, the recipe is pointed at it."""
     from workbench.build import output_path
 
-    return output_path(shared.outputs_root(), shared.private_name(missing.out.name))
+    root = shared.outputs_root()
+    if missing.out.parent == root and not shared.on_space():
+        return output_path(root, missing.out.name)  # as the recipe says: a leftover there needs 'replace'
+    return output_path(root, shared.private_name(build_logic.unused_name(missing.out.name)))
 
 
 @dataclass

@@ -67,7 +67,9 @@ def render(design: DesignTab, tab: gr.Tab, owner: gr.BrowserState) -> BuildTab:
 
 def _controls(builds: gr.State) -> _Controls:
     with gr.Group():
-        name = gr.Textbox("demo-moe", label="Output name", elem_id="wb-output-name",
+        name = gr.Textbox("", label="Output name", elem_id="wb-output-name",
+                          placeholder="empty: named after the recipe (e.g. smollm2-135m-instruct-4x), never "
+                          "one that exists",
                           info="a plain folder name; builds go to "
                           + ("this Space's storage" if shared.on_space() else str(shared.outputs_root())))
         with gr.Row():
@@ -108,8 +110,7 @@ def _wire_build(design: DesignTab, ui: _Controls, owner: gr.BrowserState) -> ses
         it belongs to the session, and a reopened page follows it again (`reattach`)."""
         queue = jobs.default_queue()
         yield {ui.job_id: job.id, ui.start: gr.Button(interactive=False),
-               ui.stop: gr.Button(interactive=True), ui.status: "Queued…", ui.summary: "", ui.log: "",
-               ui.name: Path(job.request.out).name}
+               ui.stop: gr.Button(interactive=True), ui.status: "Queued…", ui.summary: "", ui.log: ""}
         for view in build_logic.Follower(job, queue).views():
             if view.fraction is not None:
                 progress(view.fraction, desc=view.description)
@@ -148,7 +149,7 @@ def _wire_build(design: DesignTab, ui: _Controls, owner: gr.BrowserState) -> ses
         return gr.skip()
 
     inputs = [design.yaml, ui.name, ui.device, ui.dtype, ui.shard, ui.replace, ui.builds, owner]
-    outputs = [ui.job_id, ui.start, ui.stop, ui.status, ui.summary, ui.log, ui.builds, ui.name]
+    outputs = [ui.job_id, ui.start, ui.stop, ui.status, ui.summary, ui.log, ui.builds]
     # Many sessions may wait here at once (each shows its queue place); jobs.py runs one build at a time.
     ui.start.click(run, inputs, outputs, show_progress_on=[ui.status], concurrency_limit=8)
     ui.stop.click(cancel, [ui.job_id], [ui.status], show_progress="hidden")
