@@ -85,9 +85,12 @@ def test_summary_lists_files_and_folds_gate_warnings():
     assert "2.00 GB" in text and "1 min 15 s" in text and "2 more" in text and "layer 1" not in text
 
 
-def make_build(folder: Path) -> str:
+def make_build(folder: Path, experts: int = 4) -> str:
+    """A finished output: a MoE build, or with `experts=0` a forged dense expert."""
     folder.mkdir(parents=True)
     (folder / "workbench_manifest.json").write_text(json.dumps({"files": []}))
+    (folder / "config.json").write_text(json.dumps({"model_type": "mixtral", "num_local_experts": experts}
+                                                   if experts else {"model_type": "llama"}))
     return str(folder)
 
 
@@ -97,6 +100,15 @@ def test_a_space_shows_only_the_sessions_own_builds(outputs, monkeypatch):
     assert build_logic.visible_builds([mine]) == [theirs, mine]  # locally: all, own newest last
     monkeypatch.setenv("SPACE_ID", "someone/workbench")
     assert build_logic.visible_builds([mine]) == [mine]
+
+
+def test_a_forged_dense_expert_is_never_offered_as_the_moe_but_can_be_pushed(outputs):
+    moe, dense = make_build(outputs / "a-moe"), make_build(outputs / "hero-expert", experts=0)
+    assert build_logic.build_choices([]) == [("a-moe", moe)]  # Chat, Routing and GGUF export
+    assert build_logic.build_choices([], moe_only=False) == [("a-moe", moe), ("hero-expert", dense)]
+    with pytest.raises(WorkbenchError, match="'hero-expert' is not one of your MoE builds"):
+        build_logic.check_build(dense, [dense])
+    assert build_logic.check_build(dense, [dense], moe_only=False) == dense
 
 
 def test_token_comes_from_the_signed_in_user_on_a_space(monkeypatch):
@@ -112,7 +124,7 @@ def test_a_folder_sent_by_the_browser_must_be_one_of_the_sessions_builds(outputs
     mine = make_build(outputs / "mine")
     elsewhere = make_build(tmp_path / "private-model")
     assert build_logic.check_build(mine, [mine]) == mine
-    with pytest.raises(WorkbenchError, match="not one of your finished builds"):
+    with pytest.raises(WorkbenchError, match="not one of your MoE builds"):
         build_logic.check_build(elsewhere, [mine])
     with pytest.raises(WorkbenchError, match="choose a finished build"):
         build_logic.check_build("", [mine])
@@ -182,7 +194,7 @@ def test_gguf_export_views_progress_then_the_checked_file(outputs, monkeypatch):
     assert calls == [(Path(mine), outputs / "mine-q8_0.gguf", "q8_0", True)]
     assert views[1].fraction == 0.5 and "Converting" in views[1].description
     assert views[-1].finished and "4 experts (2 per token), checked" in views[-1].status
-    with pytest.raises(WorkbenchError, match="not one of your finished builds"):
+    with pytest.raises(WorkbenchError, match="not one of your MoE builds"):
         next(build_logic.gguf_views(str(outputs / "other"), [mine], "f16", False))
     assert "llama-quantize" in build_logic.gguf_note()
 

@@ -157,6 +157,7 @@ def test_the_gradio_handler_yields_pane_updates(fake, tmp_path):
     moe = tmp_path / "my-moe"
     moe.mkdir()
     (moe / "workbench_manifest.json").write_text("{}")
+    (moe / "config.json").write_text('{"model_type": "mixtral", "num_local_experts": 4}')
     request = SimpleNamespace(session_hash="handler")
     stream = _streamer("moe")
     history = [{"role": "user", "content": "hi"}]
@@ -175,7 +176,7 @@ def test_base_of_reads_the_recipe_copy(tmp_path):
 
 
 def test_a_moe_the_session_may_not_use_is_refused(fake, tmp_path):
-    with pytest.raises(WorkbenchError, match="not one of your finished builds"):
+    with pytest.raises(WorkbenchError, match="not one of your MoE builds"):
         list(chat_logic.reply("moe", "s", [{"role": "user", "content": "hi"}], str(tmp_path), "org/base", "",
                               SETTINGS, session_builds=[]))
     assert fake.opened == []
@@ -262,6 +263,7 @@ def test_the_gradio_handlers_of_the_third_pane(fake, tmp_path):
     moe = tmp_path / "my-moe"
     moe.mkdir()
     (moe / "workbench_manifest.json").write_text("{}")
+    (moe / "config.json").write_text('{"model_type": "mixtral", "num_local_experts": 4}')
     request = SimpleNamespace(session_hash="handler")
     history = [{"role": "user", "content": "hi"}]
     common = [history, str(moe), "org/base", "", 0.0, 1.0, 0, 16, 1.0, 0, "cpu", [str(moe)], None]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import itertools
+import json
 import re
 import time
 from collections import deque
@@ -13,7 +14,7 @@ from pathlib import Path
 
 from workbench import jobs
 from workbench.errors import BuildError, WorkbenchError
-from workbench.recipe import Recipe, RecipeError, errors, parse_recipe, validate
+from workbench.recipe import Recipe, RecipeError, errors, parse_recipe, routed_experts, validate
 from workbench.staging import MANIFEST
 from workbench.ui import shared
 from workbench.ui.sizes import human
@@ -182,18 +183,27 @@ def _warnings(found: list[str]) -> str:
     return f"\n\n> ▲ {html.escape(found[0])}{more}"
 
 
-def visible_builds(session_builds: list[str]) -> list[str]:
-    """Builds this session may chat with or push, newest of its own last: on a Space only its
-    own; locally also every finished build in the output folder."""
+def visible_builds(session_builds: list[str], *, moe_only: bool = True) -> list[str]:
+    """Finished outputs this session may use, newest of its own last: on a Space only its own;
+    locally also every one in the output folder. MoEs only, unless `moe_only` is off (a forged
+    dense expert can be pushed, never chatted with or exported as a MoE)."""
     mine = [p for p in dict.fromkeys(session_builds) if (Path(p) / MANIFEST).is_file()]
     root = shared.outputs_root()
     others = []
     if not shared.on_space() and root.is_dir():
         others = sorted(str(p) for p in root.iterdir() if (p / MANIFEST).is_file() and str(p) not in mine)
-    return others + mine
+    return [p for p in others + mine if not moe_only or is_moe(Path(p))]
 
 
-def check_build(folder: str | None, session_builds: list[str]) -> str:
+def is_moe(folder: Path) -> bool:
+    """A folder whose config.json declares routed experts (a build, not a forged dense expert)."""
+    try:
+        return routed_experts(json.loads((folder / "config.json").read_text(encoding="utf-8"))) > 0
+    except (OSError, ValueError, TypeError, AttributeError):
+        return False
+
+
+def check_build(folder: str | None, session_builds: list[str], *, moe_only: bool = True) -> str:
     """A build folder sent by the browser, accepted only if this session may see it.
 
     Dropdown values come from the client; without this check a crafted request could name
@@ -201,15 +211,15 @@ def check_build(folder: str | None, session_builds: list[str]) -> str:
     """
     if not folder:
         raise WorkbenchError("choose a finished build first (build one on the Build tab)")
-    if folder not in visible_builds(session_builds):
-        raise WorkbenchError(f"{Path(folder).name!r} is not one of your finished builds; choose one "
-                             "from the list")
+    if folder not in visible_builds(session_builds, moe_only=moe_only):
+        what = "MoE builds" if moe_only else "finished outputs"
+        raise WorkbenchError(f"{Path(folder).name!r} is not one of your {what}; choose one from the list")
     return folder
 
 
-def build_choices(session_builds: list[str]) -> list[tuple[str, str]]:
+def build_choices(session_builds: list[str], *, moe_only: bool = True) -> list[tuple[str, str]]:
     """(folder name, path) pairs for a dropdown."""
-    return [(Path(p).name, p) for p in visible_builds(session_builds)]
+    return [(Path(p).name, p) for p in visible_builds(session_builds, moe_only=moe_only)]
 
 
 # ---- GGUF export of a finished build -------------------------------------------------------

@@ -54,9 +54,12 @@ def render(design: DesignTab, tab: gr.Tab, owner: gr.BrowserState) -> BuildTab:
     reattach = _wire_build(design, ui, owner)
 
     def refresh(mine: list[str]) -> tuple[gr.Dropdown, gr.Dropdown]:
-        found = build_logic.build_choices(mine)
-        latest = found[-1][1] if found else None
-        return gr.Dropdown(choices=found, value=latest), gr.Dropdown(choices=found, value=latest)
+        # Any finished output can be pushed (a forged expert too); only MoEs export as one.
+        dropdowns = []
+        for moe_only in (False, True):
+            found = build_logic.build_choices(mine, moe_only=moe_only)
+            dropdowns.append(gr.Dropdown(choices=found, value=found[-1][1] if found else None))
+        return tuple(dropdowns)
 
     # The browser saves the editor's text itself: no server file to cap, clean up or serve.
     download.click(None, [design.yaml], None, js=SAVE_RECIPE)
@@ -193,7 +196,7 @@ def _push_panel(builds: gr.State) -> gr.Dropdown:
         else:
             gr.Markdown("Uses the `HF_TOKEN` environment variable (never shown, logged or saved).",
                         elem_classes="wb-muted")
-        model = gr.Dropdown([], label="Build to push")
+        model = gr.Dropdown([], label="Build or forged expert to push")
         repo = gr.Textbox(label="Repo id", placeholder="your-name/my-moe")
         with gr.Row():
             private = gr.Checkbox(True, label="Private")
@@ -205,13 +208,13 @@ def _push_panel(builds: gr.State) -> gr.Dropdown:
 
     @shared.user_errors
     def show_card(folder: str, mine: list) -> str:
-        card = build.model_card(Path(build_logic.check_build(folder, mine)))
+        card = build.model_card(Path(build_logic.check_build(folder, mine, moe_only=False)))
         return card or "_This build has no model card._"
 
     @shared.user_errors
     def do_push(folder: str, mine: list, repo_id: str, private: bool, overwrite: bool,
                 oauth_token: gr.OAuthToken | None = None, progress: gr.Progress = shared.PROGRESS) -> str:
-        folder = build_logic.check_build(folder, mine)
+        folder = build_logic.check_build(folder, mine, moe_only=False)
         result = build.push(Path(folder), (repo_id or "").strip(), token=shared.user_token(oauth_token) or "",
                           private=private, overwrite=overwrite,
                           on_progress=lambda e: progress(e.fraction, desc=f"{e.stage}: {e.message}"))
