@@ -243,6 +243,31 @@ def test_a_slow_hub_config_never_holds_up_a_keystroke_check(monkeypatch):
     after = design_logic.check(data, None)
     assert not after.pending and not any("being fetched" in p.message for p in after.problems)
     assert len(calls) == 1  # the config is cached now
+    assert "… Checking" in first.summary() and "✔ Ready: 2 experts" in after.summary()
+
+
+def test_ready_means_checked_a_model_whose_config_cannot_be_read_is_not_ready(monkeypatch):
+    """Offline with a Hub base and demo experts, the banner said "✔ Ready: 5 experts" above a
+    warning that compatibility was unchecked; the build could only fail."""
+    from workbench import models
+    from workbench.recipe import ConfigUnavailable
+    from workbench.ui import design_logic
+
+    def offline(refs, token=None):
+        return {ref: ConfigUnavailable("offline: the Hub cannot be reached", "warning") for ref in refs}
+
+    monkeypatch.setattr(models, "read_configs", offline)
+    monkeypatch.setattr(shared, "configs", shared.ConfigCache())
+    data = {"base_model": "org/hub-base", "experts": [
+        {"source_model": "org/hub-base", "positive_prompts": ["code"]},
+        {"source_model": "org/hub-base", "positive_prompts": ["maths"]}]}
+    design_logic.check(data, None)
+    deadline = time.monotonic() + 5
+    while shared.configs.pending(["org/hub-base"], None) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    summary = design_logic.check(data, None).summary()
+    assert "✖ Not checked: the config.json of <code>org/hub-base</code> cannot be read" in summary
+    assert "Ready" not in summary
 
 
 def test_a_hub_lora_on_a_local_model_is_fetched_off_the_keystroke_path(pico_llama):

@@ -15,7 +15,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from workbench.recipe import Problem, Recipe, errors, parse_recipe, patch_yaml, recipe_from_dict, validate
+from workbench.recipe import (
+    ConfigUnavailable,
+    Problem,
+    Recipe,
+    errors,
+    parse_recipe,
+    patch_yaml,
+    recipe_from_dict,
+    validate,
+)
 from workbench.ui import form, shared, sizes
 
 BLANK = "blank"
@@ -54,6 +63,7 @@ class Checked:
     problems: list[Problem] = field(default_factory=list)
     base_config: dict | str | None = None  # the base's config.json, or why it is unavailable
     pending: bool = False  # a Hub config is still being fetched: check again when it is in
+    unchecked: list[str] = field(default_factory=list)  # models whose config could not be read
 
     @property
     def draft(self) -> dict[str, Any]:
@@ -76,7 +86,8 @@ class Checked:
         return form.slot_html(self.problems, len(self.data.get("experts") or []))
 
     def summary(self) -> str:
-        return status_line(self.recipe, self.problems) + sizes.estimate_html(self.recipe, self.base_config)
+        return (status_line(self.recipe, self.problems, self.unchecked, pending=self.pending)
+                + sizes.estimate_html(self.recipe, self.base_config))
 
 
 def check(data: dict[str, Any], token: str | None, earlier: list[Problem] | None = None) -> Checked:
@@ -84,7 +95,7 @@ def check(data: dict[str, Any], token: str | None, earlier: list[Problem] | None
     recipe, problems = recipe_from_dict(data)
     problems = list(earlier or []) + [p for p in problems if p not in (earlier or [])]
     base_config: dict | str | None = None
-    pending = False
+    pending, unchecked = False, []
     if recipe is not None:
         refs = recipe.model_refs()
         configs = shared.configs.get(refs, token, wait=CONFIG_WAIT)
@@ -92,7 +103,9 @@ def check(data: dict[str, Any], token: str | None, earlier: list[Problem] | None
         problems += validate(recipe, configs)
         found = configs.get(recipe.base_model)
         base_config = found if isinstance(found, dict) else getattr(found, "reason", None)
-    return Checked(data, recipe, problems, base_config, pending)
+        unchecked = [ref for ref in refs if isinstance(configs.get(ref), ConfigUnavailable)
+                     and configs[ref].level == "warning"]
+    return Checked(data, recipe, problems, base_config, pending, unchecked)
 
 
 FAMILY_CHOICES = (("Qwen2-MoE (+ gated shared expert)", "qwen"),
@@ -129,13 +142,23 @@ def expert_labels(data: dict[str, Any]) -> list[str]:
     return [f"expert {i}" for i in range(len(data.get("experts") or []))]
 
 
-def status_line(recipe: Recipe | None, problems: list[Problem]) -> str:
-    """One line over the sizes: ready, or how many errors stand in the way."""
+def status_line(recipe: Recipe | None, problems: list[Problem], unchecked: list[str] | None = None, *,
+                pending: bool = False) -> str:
+    """One line over the sizes: ready (every model's config read and checked), or what stands in
+    the way: errors, or configs not read yet or not reachable."""
     bad, warn = len(errors(problems)), len(problems) - len(errors(problems))
     warned = f" · {warn} warning(s)" if warn else ""
     if recipe is None or bad:
         return (f'<div class="wb-status-line wb-status-bad">✖ {bad} error(s) to fix before preview or '
                 f"build{warned}</div>")
+    if pending:
+        return ('<div class="wb-status-line wb-status-wait">… Checking: a model\'s config.json is being '
+                f"fetched; the check finishes by itself{warned}</div>")
+    if unchecked:
+        names = ", ".join(f"<code>{html.escape(ref)}</code>" for ref in unchecked)
+        return (f'<div class="wb-status-line wb-status-bad">✖ Not checked: the config.json of {names} cannot '
+                "be read (offline, a typo, or a gated model without HF_TOKEN), so the build would fail; see "
+                f"the warning below{warned}</div>")
     mode = html.escape(recipe.gate_mode)
     return (f'<div class="wb-status-line wb-status-ok">✔ Ready: {len(recipe.experts)} experts, '
             f"top-{recipe.experts_per_token}, gate mode <code>{mode}</code>{warned}</div>")
