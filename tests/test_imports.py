@@ -24,7 +24,8 @@ HEAVY = ("torch", "transformers", "safetensors")
 # What may sit at the top of workbench/ beside the stage packages: entry points and small
 # cross-cutting modules. A new module belongs in a stage; adding one here is a decision.
 ENTRY_POINTS = ("workbench", "workbench.__main__")
-TOP_LEVEL = {"__init__", "__main__", "errors", "progress", "device", "staging", "spaces_compat", "faces"}
+TOP_LEVEL = {"__init__", "__main__", "errors", "progress", "device", "staging", "spaces_compat", "faces",
+             "timings"}
 
 
 def module_name(path: Path) -> str:

@@ -29,6 +29,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from workbench import timings
 from workbench.errors import SourceError
 from workbench.models.portable import make_tokenizer_portable, portable_config
 from workbench.progress import CancelToken, Progress, ProgressFn, ignore_progress
@@ -119,7 +120,8 @@ def build_demo_folder(model: DemoModel, folder: Path, *, on_progress: ProgressFn
 
 def _write_staging(model: DemoModel, staging: Path, on_progress: ProgressFn, cancel: CancelToken) -> None:
     cancel.check()
-    on_progress(Progress("demo", 0.0, f"dequantising {model.gguf_file} (about 25 s, only the first time)"))
+    took = timings.about(timings.DEQUANTISE_DEMO_S)
+    on_progress(Progress("demo", 0.0, f"dequantising {model.gguf_file} ({took}, only the first time)"))
     _dequantise(model, staging)
     cancel.check()
     on_progress(Progress("demo", 0.8, "making the tokenizer and config portable"))

@@ -10,6 +10,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from workbench import timings
 from workbench.recipe.families import FAMILY_LABELS, INPUT_TYPES
 from workbench.recipe.schema import ConfigUnavailable, Problem, Recipe
 
@@ -44,8 +45,9 @@ def check_compatibility(recipe: Recipe, configs: Mapping[str, dict | ConfigUnava
         if isinstance(config, ConfigUnavailable) and ref in forged and config.level == "error":
             out.append(Problem("error", where[0], f"'{ref}' is not forged yet",
                                f"forge it from {forged[ref]!r} with one command, python -m workbench forge "
-                               f"{recipe.base_model} {forge_command_data(forged[ref])} {ref} (about 2 "
-                               "minutes on a laptop), or press 'Forge missing experts' in the Design tab"))
+                               f"{recipe.base_model} {forge_command_data(forged[ref])} {ref} "
+                               f"({timings.forge_each()}), or press 'Forge missing experts' in the "
+                               "Design tab"))
         elif isinstance(config, ConfigUnavailable) and config.level == "warning":
             out.append(Problem(config.level, where[0], f"config of '{ref}' not reachable: {config.reason}",
                                "check the name, the network or HF_TOKEN; compatibility is unchecked"))

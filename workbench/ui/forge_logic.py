@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from workbench import jobs
+from workbench import jobs, timings
 from workbench.errors import ForgeError, WorkbenchError
 from workbench.forge import (
     MAX_DATA_BYTES,
@@ -162,7 +162,7 @@ def missing_note(yaml_text: str) -> str:
         return ""
     names = ", ".join(f"**{html.escape(m.label)}**" for m in found)
     return (f"▲ {len(found)} expert(s) of this recipe are not forged yet: {names}. Press **Forge missing "
-            "experts** (about 2 minutes each on a laptop) before building.")
+            f"experts** ({timings.forge_each()}) before building.")
 
 
 def missing_requests(missing: list[Missing]) -> list[tuple[Missing, jobs.ForgeRequest]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gradio as gr
 
+from workbench import timings
 from workbench.spaces_compat import gpu
 from workbench.ui import preview_logic, shared
 from workbench.ui.tab_design import DesignTab
@@ -30,7 +31,7 @@ def render(design: DesignTab, tab: gr.Tab) -> None:
     with gr.Group():
         with gr.Row(equal_height=True):
             gr.Markdown("**Which gate mode routes this recipe best?** Every mode scored on the same held-out "
-                        "prompts, side by side (about 15 s on the demo model on 2 CPU cores).",
+                        f"prompts, side by side ({timings.compare_modes()}).",
                         elem_classes="wb-muted")
             compare = gr.Button("Compare gate modes", elem_id="wb-compare-run", scale=0, min_width=200)
         compared = gr.Markdown(elem_id="wb-compare-table")
