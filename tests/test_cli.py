@@ -206,6 +206,21 @@ def test_a_log_line_during_the_progress_bar_gets_a_line_of_its_own():
     assert not handler.filters  # the bar's filter comes off with the bar
 
 
+def test_off_a_terminal_a_long_stage_still_says_how_it_goes(monkeypatch):
+    """A forge printed "[forge] loading" and then nothing for minutes until "[write]"."""
+    clock = iter(range(0, 1000, 4))  # a training step every 4 s
+    monkeypatch.setattr("workbench.cli.commands.time.monotonic", lambda: next(clock))
+    log = io.StringIO()  # a pipe or a file: no bar to redraw
+    with ProgressBar(log) as bar:
+        bar(Progress("forge", 0.0, "loading demo:smollm2-135m-instruct"))
+        for step in range(1, 21):
+            bar(Progress("forge", step / 20, f"step {step}/20, loss 2.0"))
+        bar(Progress("write", 0.0, "writing hero-expert"))
+    lines = log.getvalue().splitlines()
+    assert lines[0] == "[forge] loading demo:smollm2-135m-instruct" and lines[-1] == "[write] writing hero-expert"
+    assert lines[1:-1] == [f"[forge] step {n}/20, loss 2.0" for n in (3, 6, 9, 12, 15, 18)]  # every 12 s
+
+
 def test_gates_refuse_a_lora_on_the_base_instead_of_ignoring_it(tmp_path, pico_llama, capsys):
     from tests.test_lora import write_adapter
 

@@ -134,13 +134,19 @@ def test_a_folder_sent_by_the_browser_must_be_one_of_the_sessions_builds(outputs
         build_logic.check_build(theirs, [mine])  # another visitor's build
 
 
-@pytest.mark.parametrize(("eta", "text"), [
-    (None, "Writing tensors (40%)"),
-    (0.4, "Writing tensors (40%) · almost done"),
-    (75, "Writing tensors (40%) · about 1 min 15 s left"),
+@pytest.mark.parametrize(("stage", "message", "eta", "text"), [
+    ("write", "model.layers.3.mlp", None, "Writing tensors"),
+    ("write", "model.layers.3.mlp", 0.4, "Writing tensors · almost done"),
+    ("write", "model.layers.3.mlp", 75, "Writing tensors · about 1 min 15 s left"),
+    # The gates' fraction jumps: a time left from it grew ("Computing gates (0%) - 94.1%").
+    ("gates", "running 6 prompt sets", 75, "Computing gates"),
+    # A forge's step and loss are what its user waits on; its message has its own time left.
+    ("forge", "step 3/20, loss 2.104, 40 s left", 75,
+     "Training the MLPs: step 3/20, loss 2.104, 40 s left"),
+    ("samples", "prompt 2 of 3: both models answer", None, "Sample replies: prompt 2 of 3: both models answer"),
 ])
-def test_progress_text_reads_as_a_sentence(eta, text):
-    event = jobs.JobEvent("progress", stage="write", fraction=0.4, eta_seconds=eta)
+def test_progress_text_reads_as_a_sentence_with_the_bar_s_one_percentage(stage, message, eta, text):
+    event = jobs.JobEvent("progress", stage=stage, fraction=0.4, message=message, eta_seconds=eta)
     assert build_logic.progress_text(event) == text
 
 

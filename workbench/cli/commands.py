@@ -277,6 +277,9 @@ def cmd_export_gguf(args: argparse.Namespace) -> int:
     return 0
 
 
+QUIET_SECONDS = 10.0  # off a terminal: the longest silence within one stage
+
+
 class ProgressBar:
     """Progress events as one redrawn line on a terminal, or a line per stage otherwise."""
 
@@ -284,13 +287,17 @@ class ProgressBar:
         self.stream = stream
         self.tty = stream.isatty()
         self.stage = ""
-        self.started = time.monotonic()
+        self.started = self.printed = time.monotonic()
         self.drawn = False
 
     def __call__(self, event: Progress) -> None:
         if not self.tty:
-            if event.stage != self.stage:
+            # A line per stage, and between them one every QUIET_SECONDS: a forge's training is
+            # minutes of one stage, which otherwise printed nothing from "loading" to "writing".
+            now = time.monotonic()
+            if event.stage != self.stage or now - self.printed >= QUIET_SECONDS:
                 print(f"[{event.stage}] {event.message}", file=self.stream, flush=True)
+                self.printed = now
             self.stage = event.stage
             return
         if event.stage != self.stage:

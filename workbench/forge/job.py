@@ -11,7 +11,7 @@ from workbench.forge.data import parse_examples
 from workbench.forge.expert import forge_expert
 from workbench.forge.samples import sample_replies
 from workbench.forge.settings import ForgeSettings
-from workbench.progress import CancelToken, Progress, ProgressFn, ignore_progress
+from workbench.progress import CancelToken, ProgressFn, ignore_progress
 
 
 def forge_job(*, base: str, examples: str, out: str, steps: int, lr: float, batch_size: int, seed: int,
@@ -25,7 +25,7 @@ def forge_job(*, base: str, examples: str, out: str, steps: int, lr: float, batc
                           force=force, token=token, on_progress=on_progress, cancel=cancel)
     replies: list[dict[str, str]] = []
     if samples:
-        on_progress(Progress("samples", 0.0, "sample replies of the base and the forged expert"))
-        replies = sample_replies(base, result.path, samples, device=device, token=token, cancel=cancel)
+        replies = sample_replies(base, result.path, samples, device=device, token=token, cancel=cancel,
+                                 on_progress=on_progress)
     return {"path": str(result.path), "losses": result.losses, "seconds": result.seconds,
             "examples": result.examples, "samples": replies}

@@ -9,14 +9,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from workbench.progress import CancelToken
+from workbench.progress import CancelToken, Progress, ProgressFn, ignore_progress
 
 SAMPLE_TOKENS = 48  # enough for a style to show in a sentence or two
 MAX_SAMPLES = 5
 
 
 def sample_replies(base_ref: str, forged: Path, prompts: Sequence[str], *, device: str = "auto",
-                   token: str | None = None, cancel: CancelToken | None = None) -> list[dict[str, str]]:
+                   token: str | None = None, cancel: CancelToken | None = None,
+                   on_progress: ProgressFn = ignore_progress) -> list[dict[str, str]]:
     """[{"prompt", "base", "forged"}] for each of `prompts` (at most MAX_SAMPLES)."""
     from workbench.chat import SamplingSettings, chat_streams, load_model
 
@@ -28,8 +29,10 @@ def sample_replies(base_ref: str, forged: Path, prompts: Sequence[str], *, devic
     expert = load_model(str(forged), device=device)
     settings = SamplingSettings(temperature=0.0, max_new_tokens=SAMPLE_TOKENS)
     found = []
-    for prompt in prompts:
+    for number, prompt in enumerate(prompts):
         cancel.check()
+        on_progress(Progress("samples", number / len(prompts), f"prompt {number + 1} of {len(prompts)}: "
+                                                               f"both models answer"))
         streams = chat_streams(expert, [{"role": "user", "content": prompt}], settings, base=base,
                                cancel=cancel)
         forged_reply, base_reply = ("".join(stream).strip() for stream in streams)

@@ -153,11 +153,21 @@ def overall_fraction(stage: str, fraction: float, spans: dict | None = None) -> 
     return low + (high - low) * min(max(fraction, 0.0), 1.0)
 
 
+# Stages whose own message is what a user waits on (a forge's step and loss, which sample reply).
+SAID = ("forge", "samples")
+# Stages whose fraction moves evenly enough for a time left that does not grow (the gates' does not).
+TIMED = ("write", "forge", "gguf")
+
+
 def progress_text(event: jobs.JobEvent) -> str:
+    """The words on the progress bar, which draws the one percentage itself (the job's, overall)."""
     stage = STAGES.get(event.stage, event.stage.capitalize())
+    said = f": {event.message}" if event.stage in SAID and event.message else ""
+    if event.stage == "forge" or event.stage not in TIMED:  # a forge's message has its own time left
+        return f"{stage}{said}"
     left = event.eta_seconds
     eta = "" if not left else " · almost done" if left < 1 else f" · about {format_seconds(left)} left"
-    return f"{stage} ({event.fraction:.0%}){eta}"
+    return f"{stage}{said}{eta}"
 
 
 def format_seconds(seconds: float) -> str:
