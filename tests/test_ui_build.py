@@ -143,7 +143,8 @@ def test_a_folder_sent_by_the_browser_must_be_one_of_the_sessions_builds(outputs
     # A forge's step and loss are what its user waits on; its message has its own time left.
     ("forge", "step 3/20, loss 2.104, 40 s left", 75,
      "Training the MLPs: step 3/20, loss 2.104, 40 s left"),
-    ("samples", "prompt 2 of 3: both models answer", None, "Sample replies: prompt 2 of 3: both models answer"),
+    ("samples", "prompt 2 of 3: both models answer", None,
+     "Sample replies: prompt 2 of 3: both models answer"),
 ])
 def test_progress_text_reads_as_a_sentence_with_the_bar_s_one_percentage(stage, message, eta, text):
     event = jobs.JobEvent("progress", stage=stage, fraction=0.4, message=message, eta_seconds=eta)
