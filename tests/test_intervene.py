@@ -127,6 +127,11 @@ def test_an_intervention_parses_checks_and_describes_itself():
         assert words in text, (words, problems)
     with pytest.raises(InterventionError, match="every expert is banned"):
         Intervention(ban=(0, 1, 2, 3)).check(3, 4)
+    with pytest.raises(InterventionError, match="every expert is ablated or banned"):
+        Intervention(ablate=(0, 1, 2, 3)).check(3, 4)  # was accepted, and answered noise
+    with pytest.raises(InterventionError, match="every expert is ablated or banned"):
+        Intervention(ban=(0, 1), ablate=(2, 3)).check(3, 4)
+    assert Intervention(ablate=(0, 1, 2)).problems(3, 4) == []
     back = Intervention.from_dict(ok.to_dict())
     assert back == ok and ok.to_dict()["routers"] == "saved"
     assert ok.with_routers(torch.zeros(3, 4, 8), "r.yaml", k=2).top_k == 1  # a top-k given stays

@@ -148,6 +148,9 @@ class Intervention:
                 found.append(f"expert {', '.join(map(str, both))} is both forced and {group}: choose one")
         if len(set(self.ban)) >= experts:
             found.append(f"every expert is banned; leave at least one of the {experts}")
+        elif len(set(self.ban) | set(self.ablate)) >= experts:  # every MLP's output would be zero: noise
+            found.append("every expert is ablated or banned, so no MLP adds anything and the reply is "
+                         f"noise; leave at least one of the {experts} working")
         if self.top_k is not None and not 1 <= self.top_k <= experts:
             found.append(f"top-k {self.top_k} is out of range; use 1 to {experts}")
         if not (math.isfinite(self.temperature) and MIN_TEMPERATURE <= self.temperature <= MAX_TEMPERATURE):
