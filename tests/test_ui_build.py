@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -71,11 +72,16 @@ def test_cancelled_and_failed_builds_say_so(outputs):
     job = queue.submit(jobs.BuildRequest(RECIPE, str(outputs / "crash-z")))
     final = list(build_logic.Follower(job, queue).views())[-1]
     assert final.finished and final.output is None and "failed" in final.status
+    assert "[write] failed after" in final.log and "done in" not in final.log
     job = queue.submit(jobs.BuildRequest(RECIPE, str(outputs / "slow-w")))
     views = build_logic.Follower(job, queue, interval=0.0).views()
     next(views)
+    while job.state == "queued" or not any(e.kind == "progress" for e in job.history):
+        time.sleep(0.05)  # cancelled once it writes
     queue.cancel(job.id)
-    assert "cancelled" in list(views)[-1].status
+    final = list(views)[-1]
+    assert "cancelled" in final.status
+    assert "[write] stopped after" in final.log and "done in" not in final.log  # it said "done in 21 s"
 
 
 def test_summary_lists_files_and_folds_gate_warnings():

@@ -19,6 +19,8 @@ from workbench.staging import MANIFEST
 from workbench.ui import shared
 from workbench.ui.sizes import human
 
+# How the log closes the stage a job ended in: a cancelled forge's log said "done in 21 s".
+ENDINGS = {"done": "done in", "cancelled": "stopped after", "error": "failed after"}
 STAGES = {"resolve": "Fetching models", "demo": "Preparing the demo model", "gates": "Computing gates",
           "write": "Writing tensors", "verify": "Verifying", "done": "Done",
           "forge": "Training the MLPs", "samples": "Sample replies"}
@@ -107,7 +109,7 @@ class Follower:
                 if event.metrics:
                     self.points.append(event.metrics)
             if event.kind in jobs.FINAL_KINDS:
-                self._log_stage(None, event.at)
+                self._log_stage(None, event.at, ENDINGS[event.kind])
                 yield self.final(event)
                 return
             if time.monotonic() - self._last >= self.interval:
@@ -115,14 +117,14 @@ class Follower:
                 # The progress bar drawn over the status box carries the stage and time left.
                 yield JobView("", self.log, fraction, description, points=list(self.points))
 
-    def _log_stage(self, event: jobs.JobEvent | None, now: float) -> None:
+    def _log_stage(self, event: jobs.JobEvent | None, now: float, ending: str = "done in") -> None:
         """Each stage once in the log, with how long it took (timed by the events, so a page that
         replays a job later tells the same durations): not a line per progress event."""
         stage = None if event is None else event.stage
         if stage == self._stage:
             return
         if self._stage is not None:
-            self.lines.append(f"[{self._stage}] done in {format_seconds(now - self._since)}")
+            self.lines.append(f"[{self._stage}] {ending} {format_seconds(now - self._since)}")
         if event is not None:
             self.lines.append(f"[{stage}] {event.message}")
         self._stage, self._since = stage, now
