@@ -45,8 +45,9 @@ def test_a_request_carries_the_fields_and_lands_in_the_outputs_folder(outputs):
     ({"examples": ""}, "holds no example"),
     ({"examples": EXAMPLES + '\n{"prompt": "Hi"}'}, 'line 4 has no "reply"'),
     ({"examples": "not json"}, "line 1 is not JSON"),
-    ({"steps": 0}, "--steps is 0"),
-    ({"lr": 1.0}, "--lr is 1.0"),
+    ({"steps": 0}, "^Steps is 0"),  # the field's label, not the CLI's flag
+    ({"lr": 1.0}, "^Learning rate is 1.0"),
+    ({"batch_size": 0}, "^Batch size is 0"),
     ({"layers": "ten"}, "Layers 'ten'"),
     ({"base": " "}, "Base model is empty"),
     ({"name": "../escape"}, "output name"),

@@ -114,7 +114,7 @@ def make_request(base: str, examples: str, name: str, steps: float, lr: float, b
     parse_examples((examples or "").encode("utf-8"), "the examples box")  # every bad line named now
     settings = ForgeSettings(steps=int(steps or 0), lr=float(lr or 0), batch_size=int(batch_size or 0),
                              seed=int(seed or 0), layers=parse_layers(layers))
-    settings.check()
+    settings.check({"steps": "Steps", "lr": "Learning rate", "batch_size": "Batch size"})
     out = out or output_path(shared.outputs_root(), shared.private_name((name or "").strip()))
     if out.exists() and not replace:
         raise ForgeError(f"an output named {out.name!r} exists; tick 'replace' or choose another name")
