@@ -67,3 +67,16 @@ def test_a_forge_data_outside_the_model_roots_is_refused_by_name(app, pico_facto
     with pytest.raises(AppError, match="'/proc/self/environ' is outside the folders this app reads from"):
         forge_missing(client, recipe(pico_factory("api-base", seed=3), str(tmp_path / "env-expert"),
                                      "/proc/self/environ"))
+
+
+def test_an_upload_over_the_examples_cap_is_refused_as_it_streams_in(app):
+    import httpx
+
+    client, _, _ = app
+    big = b'{"text": "Arr"}\n' * (17 * 2**20 // 16)  # 17 MB of valid examples: over the 16 MB cap
+    answer = httpx.post(f"{client.src.rstrip('/')}/gradio_api/upload",
+                        files={"files": ("big.jsonl", big, "application/jsonl")}, timeout=60)
+    assert answer.status_code == 413, answer.text[:200]
+    small = httpx.post(f"{client.src.rstrip('/')}/gradio_api/upload",
+                       files={"files": ("ok.jsonl", big[:1000], "application/jsonl")}, timeout=60)
+    assert small.status_code == 200

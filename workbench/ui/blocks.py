@@ -13,6 +13,7 @@ from typing import Any
 import gradio as gr
 
 from workbench import __version__
+from workbench.forge import MAX_DATA_BYTES
 from workbench.ui import session, shared, tab_build, tab_chat, tab_design, tab_forge, tab_preview, tab_routing
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,9 @@ def launch_options() -> dict[str, Any]:
         "theme": theme(),
         "css": shared.read_asset("style.css"),
         "show_error": False,  # messages come from gr.Error; never a traceback in the page
+        # The one upload is a forge's examples: refused while it streams in past their cap, not
+        # stored whole first (a 50 MB file was written to disk before the handler said no).
+        "max_file_size": MAX_DATA_BYTES,
         "footer_links": ["gradio"],
     }
 
