@@ -195,6 +195,24 @@ def test_a_reply_that_waited_says_so_apart_from_its_first_token_time(fake):
     assert not prompt.stats.startswith("queued")
 
 
+def test_a_reply_that_loaded_its_model_first_says_so_apart_from_its_first_token_time(fake):
+    """A reply that appeared 15 s after Send said "0.47 s to first token": loading was left out."""
+    opened = fake.open
+
+    def slow_open(*args, **kwargs):
+        time.sleep(1.2)  # the model is read from disk first
+        return opened(*args, **kwargs)
+
+    fake.open = slow_open
+    history = [{"role": "user", "content": "hi"}]
+    stats = list(chat_logic.reply("base", "s", history, "", "org/base", "", SETTINGS,
+                                  sent_at=time.time()))[-1].stats
+    assert stats.startswith("loading 1.") and "0.01 s to first token" in stats, stats
+    fake.open = opened
+    quick = list(chat_logic.reply("base", "s", history, "", "org/base", "", SETTINGS, sent_at=time.time()))
+    assert "loading" not in quick[-1].stats
+
+
 # ---- the steered pane ------------------------------------------------------------------------
 
 

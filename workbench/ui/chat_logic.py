@@ -199,6 +199,7 @@ def reply(side: str, session: str, history: list[Any], moe: str, base: str, syst
             yield PaneUpdate([*history, {"role": "assistant", "content": "…(stopped before it started)"}],
                              "stopped while waiting in the queue")
             return
+        began, first_at = time.monotonic(), None
         stream = backend().open(base if side == "base" else moe, base, conversation(system, history),
                                 settings, trace=side != "base", cancel=cancel, token=token, device=device,
                                 **extra)
@@ -208,6 +209,7 @@ def reply(side: str, session: str, history: list[Any], moe: str, base: str, syst
         history = [*history, {"role": "assistant", "content": LABEL.format(words) if words else ""}]
         try:
             for delta in stream:
+                first_at = first_at or time.monotonic()
                 history[-1]["content"] += delta
                 yield PaneUpdate(history, "streaming…")
         except Cancelled:
@@ -215,7 +217,7 @@ def reply(side: str, session: str, history: list[Any], moe: str, base: str, syst
         last = _last(side, stream, moe, base)
         if last is not None and words:
             last |= {"steer": steer, "label": words}
-        yield PaneUpdate(history, _stats(stream, waited), last)
+        yield PaneUpdate(history, _stats(stream, waited, (first_at or time.monotonic()) - began), last)
     finally:
         _release(session, side, cancel)
 
@@ -241,19 +243,29 @@ def _last(side: str, stream: Stream, moe: str, base: str) -> dict[str, Any] | No
             "prompt_ids": backend().prompt_ids(stream), "reply_ids": list(result.token_ids)}
 
 
-def _stats(stream: Stream, waited: float) -> str:
-    """The line under a reply: queueing, time to compute swapped routers, speed, notes."""
+def _stats(stream: Stream, waited: float, to_first: float = 0.0) -> str:
+    """The line under a reply: queueing, loading, time to compute swapped routers, speed, notes.
+    `to_first` is the wall time from the reply's start to its first piece: what it holds beyond
+    the model's own time to first token (loading a model, the routers) is said apart, so a reply
+    that appeared 15 s after Send never reads as "0.47 s to first token" alone."""
     dropped = getattr(stream.prompt, "dropped_messages", 0)
     left_out = f" · the {dropped} oldest messages were left out to fit the context" if dropped else ""
     queued = f"queued {waited:.1f} s · " if waited >= MIN_SHOWN_WAIT else ""
     setup = getattr(stream, "setup_s", None)  # None: the saved routers ran
     routers = f"routers from the recipe in {setup:.2f} s · " if setup is not None else ""
+    model_first = float(_as_dict(stream.result.stats)["time_to_first_token_s"])
+    loading = to_first - model_first - (setup or 0.0)
+    loaded = f"loading {loading:.1f} s · " if loading >= MIN_SHOWN_WAIT else ""
     notes = "".join(f" · note: {n}" for n in getattr(stream, "notes", None) or [])
-    return queued + routers + stats_line(stream.result.stats) + left_out + notes
+    return queued + loaded + routers + stats_line(stream.result.stats) + left_out + notes
+
+
+def _as_dict(stats: Any) -> dict[str, Any]:
+    return stats.to_dict() if hasattr(stats, "to_dict") else dict(stats)
 
 
 def stats_line(stats: Any) -> str:
-    data = stats.to_dict() if hasattr(stats, "to_dict") else dict(stats)
+    data = _as_dict(stats)
     return (f"{data['time_to_first_token_s']:.2f} s to first token · {data['tokens_per_s']:.1f} tokens/s · "
             f"{data['new_tokens']} tokens · {data['finish_reason']}")
 
