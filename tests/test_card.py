@@ -169,3 +169,18 @@ def test_a_lora_expert_is_named_with_its_adapter_and_both_are_base_models() -> N
     card = render_card(recipe, diagnose(torch.eye(2, 8)[None]), {}, {"dtype": "float32"})
     assert "| org/b + LoRA org/b-lora |" in card
     assert front_matter(card)["base_model"] == ["org/base", "org/a", "org/b", "org/b-lora"]
+
+
+def test_long_prompts_are_cut_at_a_word_with_a_mark_and_forged_experts_say_from_what(tmp_path: Path) -> None:
+    base = tmp_path / "my-base"
+    base.mkdir()
+    long = "Describe your secret volcano lair and your army of minions."
+    recipe = Recipe(base_model=str(base), gate_mode="hidden", experts_per_token=1, experts=[
+        Expert(source_model="org/plain", positive_prompts=["facts"]),
+        Expert(source_model="./outputs/villain-expert", forge_data="villain", positive_prompts=[long])])
+    card = render_card(recipe, diagnose(torch.eye(2, 8).expand(2, 2, 8)),
+                       {str(base): FakeSource(str(base), base)}, {"dtype": "float32"})
+    row = next(line for line in card.splitlines() if line.startswith("| 1 |"))
+    assert '"Describe your secret volcano lair and…"' in row  # was "...lair and your a", cut mid-word
+    assert "(forged from 'villain' on the base)" in row
+    assert "forged from" not in next(line for line in card.splitlines() if line.startswith("| 0 |"))

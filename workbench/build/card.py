@@ -192,8 +192,16 @@ def _cell(text: str) -> str:
 def _prompts(prompts: list[str] | None) -> str:
     if not prompts:
         return "-"
-    shown = ", ".join(f'"{_cell(p[:40])}"' for p in prompts[:3])
+    shown = ", ".join(f'"{_cell(_short(p))}"' for p in prompts[:3])
     return shown + (f" (+{len(prompts) - 3})" if len(prompts) > 3 else "")
+
+
+def _short(text: str, limit: int = 40) -> str:
+    """At most `limit` characters, cut at a word and marked, never mid-word without a sign."""
+    if len(text) <= limit:
+        return text
+    cut = text[:limit].rsplit(" ", 1)[0] if " " in text[:limit] else text[:limit]
+    return cut.rstrip(" ,.;:") + "…"
 
 
 def _experts_table(recipe: Recipe, sources: dict[str, Any]) -> str:
@@ -201,6 +209,8 @@ def _experts_table(recipe: Recipe, sources: dict[str, Any]) -> str:
             "|---|---|---|---|---|"]
     for i, (expert, label) in enumerate(zip(recipe.experts, recipe.expert_labels(), strict=True)):
         model = display_name(expert.source_model)
+        if expert.forge_data:  # trained here: the card says from what, as mergekit would not know
+            model += f" (forged from {expert.forge_data!r} on the base)"
         rows.append(f"| {i} | {_cell(label)} | {_cell(model)} | {_prompts(expert.positive_prompts)} | "
                     f"{_prompts(expert.negative_prompts)} |")
     return "\n".join(rows) + "\n"
