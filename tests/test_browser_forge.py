@@ -10,6 +10,7 @@ assets/screenshots/forge.png (the README shows it).
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -98,7 +99,14 @@ def test_the_alignment_preset_offers_to_forge_its_experts_and_a_cancel_leaves_no
     status = wait_for_text(page, "#wb-forge-status", ("1 of 2",), 60)
     assert "hero" in status
     assert page.locator("#wb-forge-cancel").is_enabled()
-    time.sleep(2)
+    # The progress reads as it moves: which expert, the step and the loss, step after step.
+    early = wait_for_text(page, "#wb-forge-status", ("step 2/20",), 300)
+    moving = r"1 of 2 \(hero\): Training the MLPs: step 2/20, loss \d+\.\d{3}, \d+ s left"
+    assert re.search(moving, early), early
+    wait_for_text(page, "#wb-forge-status", ("step 4/20",), 120)
+    trained = (ROOT / "assets" / "forge" / "hero.jsonl").read_text()
+    assert page.input_value("#wb-forge-examples textarea") == trained  # the box shows what trains
+    page.screenshot(path=str(shots / "alignment-progress.png"))
     page.locator("#wb-forge-cancel").click()
     wait_for_text(page, "#wb-forge-status", ("cancelled",), 60)
     page.screenshot(path=str(shots / "alignment-cancelled.png"))

@@ -190,45 +190,52 @@ def test_the_bar_never_goes_back_and_the_log_names_each_stage_once():
 
 
 
-def test_gguf_export_views_progress_then_the_checked_file(outputs, monkeypatch):
-    from workbench.build import gguf
+def fake_export(*, model, out, out_type, force, token, on_progress, cancel):
+    """Runs in the job's child: a GGUF export whose output name says what to do."""
     from workbench.progress import Progress
 
+    for step in range(40 if "slow" in out else 2):
+        on_progress(Progress("gguf", step / 40, "writing tensors"))
+        time.sleep(0.05)
+        cancel.check()
+    Path(out).write_bytes(b"GGUF")
+    return {"path": out, "size": 2 * 10**6, "seconds": 1.0, "arch": "llama", "expert_count": 4,
+            "expert_used_count": 2, "tensor_count": 33, "file_type": out_type}
+
+
+EXPORTS = jobs.BuildQueue(FAKE, export_runner="tests.test_ui_build:fake_export")
+
+
+def test_an_export_is_checked_before_queueing_then_runs_as_a_job_of_the_session(outputs):
     mine = make_build(outputs / "mine")
-    calls = []
-
-    def fake_export(model, out, out_type, *, force, on_progress, cancel):
-        calls.append((model, out, out_type, force))
-        on_progress(Progress("gguf", 0.5, "writing tensors"))
-        return gguf.GgufResult(out, 2 * 10**6, 1.0, "llama", 4, 2, 33, out_type)
-
-    monkeypatch.setattr(gguf, "export_gguf", fake_export)
-    views = list(build_logic.gguf_views(mine, [mine], "q8_0", True))
-    assert calls == [(Path(mine), outputs / "mine-q8_0.gguf", "q8_0", True)]
-    assert views[1].fraction == 0.5 and "Converting" in views[1].description
-    assert views[-1].finished and "4 experts (2 per token), checked" in views[-1].status
+    request = build_logic.export_request(mine, [mine], "q8_0", False)
+    assert (request.model, request.out, request.out_type) == (mine, str(outputs / "mine-q8_0.gguf"), "q8_0")
     with pytest.raises(WorkbenchError, match="not one of your MoE builds"):
-        next(build_logic.gguf_views(str(outputs / "other"), [mine], "f16", False))
+        build_logic.export_request(str(outputs / "other"), [mine], "f16", False)
+    with pytest.raises(WorkbenchError, match="Type 'q4_k_m' is not one the converter writes"):
+        build_logic.export_request(mine, [mine], "q4_k_m", False)
+    job = EXPORTS.submit(request, owner="a" * 32)
+    views = list(build_logic.ExportFollower(job, EXPORTS, interval=0.0).views())
+    assert any(v.fraction is not None and "Converting" in v.description for v in views)
+    assert views[-1].finished and views[-1].output == request.out
+    assert "33 tensors, 4 experts (2 per token), checked." in views[-1].status
+    assert EXPORTS.jobs_of("a" * 32, "export") == [job]
+    with pytest.raises(WorkbenchError, match="mine-q8_0.gguf exists; tick 'Replace an existing file'"):
+        build_logic.export_request(mine, [mine], "q8_0", False)
     assert "llama-quantize" in build_logic.gguf_note()
 
 
-def test_leaving_the_page_cancels_the_export(outputs, monkeypatch):
-    import threading
-
-    from workbench.build import gguf
-    from workbench.errors import Cancelled
-
-    mine = make_build(outputs / "mine")
-    stopped = threading.Event()
-
-    def slow_export(model, out, out_type, *, force, on_progress, cancel):
-        while not cancel.cancelled:
-            threading.Event().wait(0.01)
-        stopped.set()
-        raise Cancelled("stopped")
-
-    monkeypatch.setattr(gguf, "export_gguf", slow_export)
-    views = build_logic.gguf_views(mine, [mine], "f16", False)
+def test_leaving_the_page_leaves_the_export_running_and_cancel_stops_it(outputs):
+    mine = make_build(outputs / "slow")
+    job = EXPORTS.submit(build_logic.export_request(mine, [mine], "f16", False))
+    views = build_logic.ExportFollower(job, EXPORTS, interval=0.0).views()
     next(views)
-    views.close()  # what Gradio does when the client goes away
-    assert stopped.wait(5)
+    views.close()  # what Gradio does when the client goes away: the export goes on
+    final = list(build_logic.ExportFollower(job, EXPORTS, interval=0.0).views())[-1]  # a reopened page
+    assert final.finished and final.output == str(outputs / "slow-f16.gguf")
+    again = EXPORTS.submit(build_logic.export_request(mine, [mine], "f16", True))
+    while not any(e.kind == "progress" for e in again.history):
+        time.sleep(0.05)
+    assert EXPORTS.cancel(again.id)  # the panel's Cancel button
+    final = list(build_logic.ExportFollower(again, EXPORTS, interval=0.0).views())[-1]
+    assert final.status == "■ Export cancelled; nothing was written."

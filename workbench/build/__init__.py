@@ -23,6 +23,6 @@ EXPORTS = {
     "Dims": "layout", "ties_embeddings": "layout",
     "model_card": "upload", "push": "upload",
     "GGUF_INSTALL": "gguf", "GGUF_TYPES": "gguf", "QUANTIZE_HELP": "gguf", "converter_available": "gguf",
-    "export_gguf": "gguf", "gguf_name": "gguf",
+    "export_gguf": "gguf", "export_job": "gguf", "gguf_name": "gguf",
 }
 __getattr__, __dir__ = face(__name__, EXPORTS)

@@ -26,7 +26,7 @@ import sys
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from workbench.errors import BuildError
@@ -117,6 +117,15 @@ def export_gguf(model: Path, out: Path, out_type: str = "f16", *, force: bool = 
                                       f"tensors, {result.expert_count} experts "
                                       f"({result.expert_used_count} per token)"))
     return result
+
+
+def export_job(*, model: str, out: str, out_type: str = "f16", force: bool = False,
+               token: str | None = None, on_progress: ProgressFn = ignore_progress,
+               cancel: CancelToken | None = None) -> dict:
+    """An export as a queued job (`workbench.jobs` runs it in a child process): JSON-ready result."""
+    result = export_gguf(Path(model), Path(out), out_type, force=force, on_progress=on_progress,
+                         cancel=cancel)
+    return {**asdict(result), "path": str(result.path)}
 
 
 def _expected(model: Path, out_type: str) -> dict:

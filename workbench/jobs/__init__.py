@@ -1,9 +1,10 @@
-"""Jobs: a build or forge request in, a job's progress events and its end out.
+"""Jobs: a build, forge or GGUF export request in, a job's progress events and its end out.
 
-Takes a `BuildRequest` (recipe text, output, settings, the user's token) or a
-`ForgeRequest` (base, examples, output, training settings); runs one job at a time, builds
-and forges in one line, each in its own child process (`python -m workbench.jobs.child`), streams its
-progress as `JobEvent`s, reports queue places, and cancels on request. A crash in the
+Takes a `BuildRequest` (recipe text, output, settings, the user's token), a `ForgeRequest`
+(base, examples, output, training settings) or an `ExportRequest` (a build and its GGUF
+file); runs one job at a time, every kind in one line, each in its own child process
+(`python -m workbench.jobs.child`), streams its progress as `JobEvent`s, keeps them for any
+page of the owner's session, reports queue places, and cancels on request. A crash in the
 child never takes the server down.
 
     queue   the runner: BuildQueue, Job, JobEvent, one child at a time
@@ -15,5 +16,6 @@ from workbench.faces import face
 EXPORTS = {
     "FINAL_KINDS": "queue", "BuildQueue": "queue", "BuildRequest": "queue", "Job": "queue",
     "JobEvent": "queue", "QueueFull": "queue", "default_queue": "queue", "ForgeRequest": "queue",
+    "ExportRequest": "queue",
 }
 __getattr__, __dir__ = face(__name__, EXPORTS)

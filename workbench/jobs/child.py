@@ -70,12 +70,15 @@ def _run_build(runner: Any, request: dict[str, Any], **job: Any) -> tuple[str, d
     return f"built {result.path}", _result_dict(result)
 
 
-def _run_forge(runner: Any, request: dict[str, Any], **job: Any) -> tuple[str, dict[str, Any]]:
-    result = runner(**request, **job)  # already JSON-ready
-    return f"forged {result['path']}", result
+def _run_plain(verb: str) -> Any:
+    """A runner whose result is already JSON-ready (a forge's, an export's)."""
+    def run(runner: Any, request: dict[str, Any], **job: Any) -> tuple[str, dict[str, Any]]:
+        result = runner(**request, **job)
+        return f"{verb} {result['path']}", result
+    return run
 
 
-KINDS = {"build": _run_build, "forge": _run_forge}
+KINDS = {"build": _run_build, "forge": _run_plain("forged"), "export": _run_plain("wrote")}
 
 
 def child_main(stdin: Any = None, stdout: Any = None) -> int:

@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_RUNNER = "workbench.build:build"
 FORGE_RUNNER = "workbench.forge:forge_job"
+EXPORT_RUNNER = "workbench.build:export_job"
 FINAL_KINDS = ("done", "error", "cancelled")
 KEEP_FINISHED = 32  # finished jobs kept for pages that reopen (each holds its events, a few hundred KB)
 # A child's stderr line for the server log only: tracebacks hold server paths.
@@ -83,7 +84,17 @@ class ForgeRequest:
     samples: tuple[str, ...] = ()  # prompts both the base and the expert answer once it is forged
 
 
-Request = BuildRequest | ForgeRequest
+@dataclass(frozen=True)
+class ExportRequest:
+    """A GGUF export: a finished MoE folder and the file to write beside it."""
+
+    model: str
+    out: str  # the .gguf file, already checked to stay in the outputs folder
+    out_type: str = "f16"
+    force: bool = False
+
+
+Request = BuildRequest | ForgeRequest | ExportRequest
 
 
 @dataclass(frozen=True)
@@ -178,12 +189,13 @@ class Job:
 
 
 class BuildQueue:
-    """Runs submitted builds and forges one at a time, each in a child process: both are heavy."""
+    """Runs submitted builds, forges and GGUF exports one at a time, each in a child process: all are
+    heavy, and each reads or writes a whole model."""
 
     def __init__(self, runner: str = DEFAULT_RUNNER, *, forge_runner: str = FORGE_RUNNER,
-                 max_waiting: int = 8, grace_seconds: float = 10.0):
+                 export_runner: str = EXPORT_RUNNER, max_waiting: int = 8, grace_seconds: float = 10.0):
         # "module:function" the child calls per kind of job; server-side only, never user input.
-        self.runners = {"build": runner, "forge": forge_runner}
+        self.runners = {"build": runner, "forge": forge_runner, "export": export_runner}
         self.max_waiting = max_waiting
         self.grace_seconds = grace_seconds
         self._waiting: deque[Job] = deque()
@@ -198,8 +210,8 @@ class BuildQueue:
         """Queue a job. `owner` is the session key that finds it again (`jobs_of`) from any page."""
         with self._lock:
             if len(self._waiting) >= self.max_waiting:
-                raise QueueFull(f"{len(self._waiting)} jobs (builds, forges) are already waiting; "
-                                "try again in a few minutes")
+                raise QueueFull(f"{len(self._waiting)} jobs (builds, forges, exports) are already "
+                                "waiting; try again in a few minutes")
             job = Job(f"{_kind(request)}-{next(self._ids)}", request, token, owner, label)
             self._jobs[job.id] = job
             self._waiting.append(job)
@@ -341,7 +353,7 @@ class BuildQueue:
 
 
 def _kind(request: Request) -> str:
-    return "forge" if isinstance(request, ForgeRequest) else "build"
+    return {ForgeRequest: "forge", ExportRequest: "export"}.get(type(request), "build")
 
 
 def _kill(child: subprocess.Popen, job_id: str) -> None:

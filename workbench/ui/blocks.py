@@ -62,7 +62,7 @@ def create_app() -> gr.Blocks:
             .then(design.adopt, [design.yaml], design.adopt_outputs, show_progress="hidden")
         # A page that opens finds its session's builds and forges, running or finished unseen.
         keyed = demo.load(session.owner_key, [owner], [owner], show_progress="hidden")
-        for reattach in (built.reattach, forge.reattach):
+        for reattach in (*built.reattach, forge.reattach):
             keyed.then(reattach.fn, reattach.inputs, reattach.outputs, show_progress_on=[reattach.status],
                        concurrency_limit=None)
     return demo

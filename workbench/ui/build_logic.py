@@ -23,7 +23,7 @@ from workbench.ui.sizes import human
 ENDINGS = {"done": "done in", "cancelled": "stopped after", "error": "failed after"}
 STAGES = {"resolve": "Fetching models", "demo": "Preparing the demo model", "gates": "Computing gates",
           "write": "Writing tensors", "verify": "Verifying", "done": "Done",
-          "forge": "Training the MLPs", "samples": "Sample replies"}
+          "forge": "Training the MLPs", "samples": "Sample replies", "gguf": "Converting"}
 
 
 def make_request(yaml_text: str, name: str, device: str, dtype: str | None, shard_size: str,
@@ -236,16 +236,6 @@ def build_choices(session_builds: list[str], *, moe_only: bool = True) -> list[t
 
 # ---- GGUF export of a finished build -------------------------------------------------------
 
-GGUF_STAGES = {"gguf": "Converting", "verify": "Checking", "done": "Done"}
-
-
-@dataclass
-class GgufView:
-    status: str
-    fraction: float | None = None
-    description: str = ""
-    finished: bool = False
-
 
 def gguf_note() -> str:
     """What the export panel says before anything runs: what it needs, and q4/q5."""
@@ -257,48 +247,39 @@ def gguf_note() -> str:
     return f"{head}\n\n{html.escape(QUANTIZE_HELP)}."
 
 
-def gguf_views(folder: str | None, session_builds: list[str], out_type: str,
-               replace: bool) -> Iterator[GgufView]:
-    """Export one of this session's builds to OUTPUTS/NAME-TYPE.gguf, as views of its progress.
-    The conversion runs in a thread (the converter itself in a child process); closing this
-    generator (the page went away) cancels it, and a cancelled export leaves nothing."""
-    import queue
-    import threading
-
-    from workbench.build import export_gguf, gguf_name
-    from workbench.errors import Cancelled
-    from workbench.progress import CancelToken
+def export_request(folder: str | None, session_builds: list[str], out_type: str,
+                   replace: bool) -> jobs.ExportRequest:
+    """An export of one of this session's builds to OUTPUTS/NAME-TYPE.gguf, refused early for
+    what the user can fix now."""
+    from workbench.build import GGUF_TYPES, gguf_name
 
     folder = check_build(folder, session_builds)
+    if out_type not in GGUF_TYPES:
+        raise WorkbenchError(f"Type {out_type!r} is not one the converter writes; choose one of "
+                             f"{', '.join(GGUF_TYPES)}")
     out = Path(folder).parent / gguf_name(Path(folder), out_type)
-    events: queue.Queue = queue.Queue()
-    cancel = CancelToken()
+    if out.exists() and not replace:
+        raise WorkbenchError(f"{out.name} exists; tick 'Replace an existing file' to write over it")
+    return jobs.ExportRequest(folder, str(out), out_type, bool(replace))
 
-    def work() -> None:
-        try:
-            result = export_gguf(Path(folder), out, out_type, force=replace, cancel=cancel,
-                                 on_progress=lambda e: events.put(("progress", e)))
-            events.put(("done", result))
-        except BaseException as exc:  # handed to the page below
-            events.put(("error", exc))
 
-    threading.Thread(target=work, name="gguf-export", daemon=True).start()
-    try:
-        yield GgufView(f"Exporting {out.name}…", 0.0, "Starting llama.cpp's converter")
-        while True:
-            kind, item = events.get()
-            if kind == "progress":
-                stage = GGUF_STAGES.get(item.stage, item.stage)
-                yield GgufView("", item.fraction, f"{stage}: {item.message}"[:120])
-            elif kind == "done":
-                yield GgufView(f"✔ Wrote `{item.path}`: {human(item.size, 'B')} {item.file_type}, "
-                               f"{item.tensor_count} tensors, {item.expert_count} experts "
-                               f"({item.expert_used_count} per token), checked.", finished=True)
-                return
-            else:
-                if isinstance(item, Cancelled):
-                    yield GgufView("■ Export cancelled; nothing was written.", finished=True)
-                    return
-                raise item
-    finally:
-        cancel.cancel()
+EXPORT_SPANS = {"gguf": (0.0, 0.95), "verify": (0.95, 1.0), "done": (1.0, 1.0)}
+
+
+@dataclass
+class ExportFollower(Follower):
+    """An export's events as views: converting, then reading the file back."""
+
+    def __post_init__(self) -> None:
+        self.spans = EXPORT_SPANS
+
+    def final(self, event: jobs.JobEvent) -> JobView:
+        result = event.result
+        if event.kind == "done" and result:
+            experts = f"{result['expert_count']} experts ({result['expert_used_count']} per token)"
+            return JobView(f"✔ Wrote `{html.escape(result['path'])}`: {human(result['size'], 'B')} "
+                           f"{result['file_type']}, {result['tensor_count']} tensors, {experts}, checked.",
+                           self.log, output=result["path"], finished=True)
+        if event.kind == "cancelled":
+            return JobView("■ Export cancelled; nothing was written.", self.log, finished=True)
+        return JobView(f"✖ Export failed: {html.escape(event.message)}", self.log, finished=True)

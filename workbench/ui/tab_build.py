@@ -23,7 +23,7 @@ DTYPES = [("as the recipe says", ""), ("bfloat16", "bfloat16"), ("float16", "flo
 @dataclass
 class BuildTab:
     builds: gr.State  # folders built in this session, newest last; other tabs watch it
-    reattach: session.Reattach
+    reattach: list[session.Reattach]  # the build's and the export's, run when a page opens
 
 
 @dataclass
@@ -49,7 +49,7 @@ def render(design: DesignTab, tab: gr.Tab, owner: gr.BrowserState) -> BuildTab:
             ui = _controls(builds)
         with gr.Column(scale=2):
             download = gr.Button("Download recipe YAML", elem_id="wb-download", variant="secondary")
-            exported = _gguf_panel(builds)
+            exported, exports = _gguf_panel(builds, owner)
             model = _push_panel(builds)
     reattach = _wire_build(design, ui, owner)
 
@@ -65,7 +65,7 @@ def render(design: DesignTab, tab: gr.Tab, owner: gr.BrowserState) -> BuildTab:
     download.click(None, [design.yaml], None, js=SAVE_RECIPE)
     for event in (tab.select, builds.change):
         event(refresh, [builds], [model, exported], show_progress="hidden")
-    return BuildTab(builds, reattach)
+    return BuildTab(builds, [reattach, exports])
 
 
 def _controls(builds: gr.State) -> _Controls:
@@ -159,29 +159,57 @@ def _wire_build(design: DesignTab, ui: _Controls, owner: gr.BrowserState) -> ses
     return session.Reattach(reattach, [owner, ui.builds], outputs, ui.status)
 
 
-def _gguf_panel(builds: gr.State) -> gr.Dropdown:
+def _gguf_panel(builds: gr.State, owner: gr.BrowserState) -> tuple[gr.Dropdown, session.Reattach]:
     with gr.Accordion("Export as GGUF (llama.cpp)", open=False, elem_id="wb-gguf"):
         gr.Markdown(build_logic.gguf_note(), elem_classes="wb-muted")
         model = gr.Dropdown([], label="Build to export")
         with gr.Row():
             kind = gr.Dropdown(list(build.GGUF_TYPES), value="f16", label="Type", info="q8_0: half the size")
             replace = gr.Checkbox(False, label="Replace an existing file")
-        start = gr.Button("Export GGUF", variant="secondary", elem_id="wb-gguf-export",
-                          interactive=build.converter_available())
+        with gr.Row():
+            start = gr.Button("Export GGUF", variant="secondary", elem_id="wb-gguf-export",
+                              interactive=build.converter_available())
+            stop = gr.Button("Cancel export", variant="stop", interactive=False, elem_id="wb-gguf-cancel")
         status = gr.Markdown(elem_id="wb-gguf-status", min_height=48)
+        job_id = gr.State("")
 
-    @shared.user_errors
-    def export(folder: str, mine: list, out_type: str, overwrite: bool,
-               progress: gr.Progress = shared.PROGRESS):
-        for view in build_logic.gguf_views(folder, mine, out_type, overwrite):
+    def follow(job: jobs.Job, progress: Any) -> Iterator[dict]:
+        """The panel's updates for one export until it ends; like a build, it outlives the page."""
+        yield {job_id: job.id, start: gr.Button(interactive=False), stop: gr.Button(interactive=True),
+               status: f"Exporting `{html.escape(Path(job.request.out).name)}`… (it takes turns with builds "
+                       "and forges)"}
+        for view in build_logic.ExportFollower(job, jobs.default_queue()).views():
             if view.fraction is not None:
                 progress(view.fraction, desc=view.description)
-            yield view.status if view.status or view.finished else gr.skip()
+            update = {status: view.status} if view.status else {}
+            if view.finished:
+                update.update({job_id: "", start: gr.Button(interactive=build.converter_available()),
+                               stop: gr.Button(interactive=False)})
+            if update:
+                yield update
+        job.seen = True  # reached only when the page took the last update
 
-    # One conversion at a time (it reads the whole build); other sessions' events go on meanwhile.
-    start.click(export, [model, builds, kind, replace], [status], show_progress_on=[status],
-                concurrency_limit=1, concurrency_id="gguf-export")
-    return model
+    @shared.user_errors
+    def export(folder: str, mine: list, out_type: str, overwrite: bool, key: str,
+               progress: gr.Progress = shared.PROGRESS) -> Iterator[dict]:
+        request = build_logic.export_request(folder, mine, out_type, overwrite)
+        yield from follow(jobs.default_queue().submit(request, owner=key), progress)
+
+    def reattach(key: str, progress: gr.Progress = shared.PROGRESS) -> Iterator[dict]:
+        for job in session.to_follow(key, "export"):
+            yield from follow(job, progress)
+
+    def cancel(current: str) -> str:
+        if current and jobs.default_queue().cancel(current):
+            return "■ Cancelling…"
+        return gr.skip()
+
+    outputs = [job_id, start, stop, status]
+    # Many sessions may wait at once; the job queue runs one export (or build, or forge) at a time.
+    start.click(export, [model, builds, kind, replace, owner], outputs, show_progress_on=[status],
+                concurrency_limit=8)
+    stop.click(cancel, [job_id], [status], show_progress="hidden")
+    return model, session.Reattach(reattach, [owner], outputs, status)
 
 
 def _push_panel(builds: gr.State) -> gr.Dropdown:
