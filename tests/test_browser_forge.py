@@ -66,7 +66,7 @@ def test_forge_a_villain_watch_the_loss_compare_replies_and_add_it_to_the_recipe
     wait_for_text(page, "#wb-forge-loss", ("Training loss",), 120)  # the plot appears with the first step
     page.screenshot(path=str(shots / "forge-running.png"))
     status = wait_for_text(page, "#wb-forge-status", ("Forged", "failed"), 600)
-    assert "Forged **villain-expert**" in status or "Forged villain-expert" in status, status
+    assert "✔ Forged villain-expert in" in status, status  # the name in bold, read as text
     page.mouse.move(0, 0)  # no hover tooltips in the picture
     page.screenshot(path=str(shots / "forge-done.png"), full_page=True)
     page.screenshot(path=str(SHOTS / "forge.png"), full_page=True)  # the README shows it

@@ -18,17 +18,22 @@ def shots(tmp_path_factory):
     return screenshot_folder(tmp_path_factory, "jobs-shots")
 
 
+def build_then_reload(page, name: str) -> None:
+    """Start a build, reload the page while it runs, and open the Build tab again: the reopened
+    page follows the same build (its Cancel is live, its log fills again)."""
+    open_tab(page, "3 · Build")
+    page.fill("#wb-output-name textarea", name)
+    page.click("#wb-build")
+    page.wait_for_function(RUNNING, timeout=60_000)
+    page.reload(wait_until="load")
+    page.wait_for_selector("#wb-expert-3", timeout=60_000)
+    open_tab(page, "3 · Build")
+    page.wait_for_function(RUNNING, timeout=30_000)
+
+
 def test_a_page_reloaded_mid_build_finds_the_build_running_then_finished(browser, server, shots):
     with session_page(browser, server) as page:
-        open_tab(page, "3 · Build")
-        page.fill("#wb-output-name textarea", "reloaded-moe")
-        page.click("#wb-build")
-        page.wait_for_function(RUNNING, timeout=60_000)
-        page.reload(wait_until="load")
-        page.wait_for_selector("#wb-expert-3", timeout=60_000)
-        open_tab(page, "3 · Build")
-        # The reopened page follows the same build: its Cancel is live and its log fills again.
-        page.wait_for_function(RUNNING, timeout=30_000)
+        build_then_reload(page, "reloaded-moe")
         page.screenshot(path=str(shots / "reloaded-running.png"))
         status = wait_for_text(page, "#wb-build-status", ("finished", "failed", "cancelled"), 600)
         assert "✔ Build finished." in status, status
@@ -48,14 +53,7 @@ def test_a_page_reloaded_mid_build_finds_the_build_running_then_finished(browser
 
 def test_a_build_cancelled_after_a_reload_stops_and_another_visitor_never_sees_it(browser, server, shots):
     with session_page(browser, server) as page, session_page(browser, server) as stranger:
-        open_tab(page, "3 · Build")
-        page.fill("#wb-output-name textarea", "cancelled-moe")
-        page.click("#wb-build")
-        page.wait_for_function(RUNNING, timeout=60_000)
-        page.reload(wait_until="load")
-        page.wait_for_selector("#wb-expert-3", timeout=60_000)
-        open_tab(page, "3 · Build")
-        page.wait_for_function(RUNNING, timeout=30_000)
+        build_then_reload(page, "cancelled-moe")
         page.click("#wb-cancel")
         status = wait_for_text(page, "#wb-build-status", ("finished", "failed", "cancelled"), 120)
         assert "■ Build cancelled; nothing was written." in status, status
