@@ -168,3 +168,30 @@ def test_the_recipe_downloads_as_the_editor_shows_it(page):
         page.locator("#wb-download").click()
     saved = Path(found.value.path()).read_text()
     assert saved == editor_text(page) and saved.startswith("# The embedded default")
+
+
+def test_a_shared_expert_gets_a_card_like_a_routed_one(page, shots):
+    """Shared experts were YAML only; Qwen2-MoE's gated shared expert now has a card with prompts."""
+    assert page.locator("#wb-shared-0").count() == 0
+    page.get_by_label("Output family").click()
+    page.get_by_role("option", name="Qwen2-MoE (+ gated shared expert)").click()
+    yaml_has(page, "architecture: qwen")
+    wait_for_text(page, "#wb-summary", ("error(s) to fix",), 30)  # Qwen2-MoE needs its shared expert
+    page.locator("#wb-add-shared").click()
+    card = page.locator("#wb-shared-0")
+    card.wait_for(state="visible", timeout=30_000)
+    assert card.get_by_label("Source model").input_value() == "demo:smollm2-135m-instruct"
+    wait_for_text(page, "#wb-shared-0", ("gates its shared expert",), 30)  # its problem, on its card
+    assert page.locator("#wb-add-shared").is_hidden()  # one shared expert at most
+    positives = card.get_by_label("Positive prompts")
+    positives.click()
+    type_slowly(page, "Plain everyday text about anything.")
+    page.keyboard.press("Tab")
+    yaml_has(page, "Plain everyday text about anything.")
+    assert "shared_experts:" in editor_text(page)
+    wait_for_text(page, "#wb-summary", ("Ready",), 60)
+    page.screenshot(path=str(shots / "shared-expert.png"))
+    card.get_by_role("button", name="Remove").click()
+    page.wait_for_function(f"!({DOC})().includes('shared_experts')", timeout=30_000)
+    page.locator("#wb-add-shared").wait_for(state="visible", timeout=30_000)
+    no_error_shown(page)

@@ -241,3 +241,28 @@ def test_choosing_qwen_keeps_the_yaml_shared_expert_and_its_problems_show_in_set
     checked = design_logic.from_form({"data": data}, top, cards, None)
     assert form.slot_for("architecture", 4) == "settings"
     assert any("trust_remote_code" in p.message for p in errors(checked.problems))
+
+
+def test_the_shared_expert_s_card_edits_the_recipe_and_shows_its_own_problems():
+    from workbench.ui import form
+
+    data = {"base_model": "org/base", "architecture": "qwen", "experts": [
+        {"source_model": "org/a", "positive_prompts": ["code"]},
+        {"source_model": "org/b", "positive_prompts": ["maths"]}]}
+    added = design_logic.restructure({"data": data}, "add-shared", -1, None)
+    assert added.data["shared_experts"] == [{"source_model": "org/base", "positive_prompts": []}]
+    slots = added.slots()
+    assert "gates its shared expert" in slots["shared_experts[0].positive_prompts"]
+    assert "gates its shared expert" not in slots["settings"]
+    top = [added.data.get(k) for k in form.TOP_KEYS]
+    cards = [form.expert_fields(e) for e in added.data["experts"]]
+    edited = form.form_data(added.data, top, cards, [["org/base", "plain text\nnews", "", "", "", ""]])
+    expected = [{"source_model": "org/base", "positive_prompts": ["plain text", "news"]}]
+    assert edited["shared_experts"] == expected
+    assert "shared_experts" in form.form_data(added.data, top, cards)  # no shared cards given: kept
+    assert "shared_experts" not in form.form_data(added.data, top, cards, [])  # its card removed
+    removed = design_logic.restructure(added.draft, "remove-shared", 0, None)
+    assert "shared_experts" not in removed.data
+    deepseek = design_logic.restructure({"data": {**data, "architecture": "deepseek"}}, "add-shared", -1,
+                                        None)
+    assert deepseek.data["shared_experts"] == [{"source_model": "org/base"}]  # ungated: no prompts

@@ -21,6 +21,9 @@ DTYPE_CHOICES = [("from the base model", ""), ("bfloat16", "bfloat16"), ("float1
                  ("float32", "float32"), ("float64", "float64")]
 GATE_INFO = "how router rows come from the prompts; fitted routes best (Preview: Compare gate modes)"
 TEMPLATE_INFO = "chat: rendered as a chat sends a user's message"
+SHARED_HELP = ("**Shared expert** (optional): always on, beside the routed experts. Qwen2-MoE (output "
+               "family) gates it by its prompts; DeepSeek-MoE runs it ungated, without prompts; Mixtral has "
+               "none.")
 MODEL_HELP = "a Hub id (org/name[@revision]), a local folder, or demo:smollm2-135m-instruct"
 
 
@@ -45,8 +48,9 @@ def render_form(out: DesignOutputs, demo: gr.Blocks) -> None:
     def _form(draft: dict[str, Any], revision: int) -> None:
         data = draft["data"]
         experts = data.get("experts") or []
+        always_on = data.get("shared_experts") or []
         problems = [form.problem_from_dict(p) for p in draft["problems"]]
-        html = form.slot_html(problems, len(experts))
+        html = form.slot_html(problems, len(experts), len(always_on))
         slots: dict[str, gr.HTML] = {}
 
         def slot(key: str) -> None:
@@ -71,7 +75,7 @@ def render_form(out: DesignOutputs, demo: gr.Blocks) -> None:
                                 info="of the weights", interactive=True, **_kept("dtype"))
             family_value = data.get("architecture", "")
             family = gr.Dropdown(design_logic.family_choices(family_value), value=family_value,
-                                 label="Output family", scale=1, info="shared experts: in the YAML",
+                                 label="Output family", scale=1, info="with a shared expert: not Mixtral",
                                  interactive=True, **_kept("architecture"))
             template_value = data.get("prompt_template", "")
             template = gr.Dropdown(design_logic.template_choices(template_value), value=template_value,
@@ -83,9 +87,16 @@ def render_form(out: DesignOutputs, demo: gr.Blocks) -> None:
         cards = [_card(i, expert, labels[i], slot) for i, expert in enumerate(experts)]
         slot("experts")
         add = gr.Button("+ Add expert", size="sm", elem_id="wb-add-expert", **_kept("add"))
+        gr.Markdown(SHARED_HELP, elem_classes="wb-muted", **_kept("shared:help"))
+        shared_cards = [_card(i, expert, "shared", slot, group="shared_experts")
+                        for i, expert in enumerate(always_on)]
+        slot("shared_experts")
+        # Both families with a shared expert take one: the button goes once there is one.
+        add_shared = gr.Button("+ Add shared expert", size="sm", elem_id="wb-add-shared",
+                               visible=not always_on, **_kept("add-shared"))
         # Which draft the browser's form was drawn from, sent with every field event.
         drawn = gr.Number(revision, visible=False, **_kept("drawn"))
-        _wire(out, top, cards, slots, add, drawn)
+        _wire(out, top, cards, shared_cards, slots, (add, add_shared), drawn)
 
 
 @dataclass
@@ -94,44 +105,51 @@ class _Card:
     buttons: dict[str, gr.Button]
 
 
-def _card(i: int, expert: dict[str, Any], placeholder: str, slot: Callable[[str], None]) -> _Card:
+def _card(i: int, expert: dict[str, Any], placeholder: str, slot: Callable[[str], None],
+          group: str = "experts") -> _Card:
+    """One expert's card: a routed expert's (`experts`), or the shared expert's (`shared_experts`),
+    which is always on and so has nothing to reorder or duplicate."""
     source, positive, negative, noise, residual, name = form.expert_fields(expert)
-    with gr.Column(elem_classes="wb-card", elem_id=f"wb-expert-{i}"):
+    at = f"{group}[{i}]"
+    routed = group == "experts"
+    with gr.Column(elem_classes="wb-card", elem_id=f"wb-expert-{i}" if routed else f"wb-shared-{i}"):
         with gr.Row(elem_classes="wb-card-head"):
-            gr.Markdown(f"### Expert {i + 1}", elem_classes="wb-card-title", **_kept(f"experts[{i}]:title"))
+            title = f"### Expert {i + 1}" if routed else "### Shared expert"
+            gr.Markdown(title, elem_classes="wb-card-title", **_kept(f"{at}:title"))
+            moves = (("up", "↑", 40), ("down", "↓", 40), ("duplicate", "Duplicate", 96)) if routed else ()
+            actions = (*moves, ("remove", "Remove", 84))
             buttons = {action: gr.Button(label, size="sm", min_width=width, scale=0, elem_classes="wb-icon",
-                                         **_kept(f"experts[{i}]:{action}"))
-                       for action, label, width in (("up", "↑", 40), ("down", "↓", 40),
-                                                    ("duplicate", "Duplicate", 96), ("remove", "Remove", 84))}
-        slot(f"experts[{i}]")
+                                         **_kept(f"{at}:{action}"))
+                       for action, label, width in actions}
+        slot(at)
         with gr.Row():
             fields = [gr.Textbox(source, label="Source model", interactive=True, scale=3,
                                  info="its MLPs become this expert; " + MODEL_HELP,
-                                 **_kept(f"experts[{i}].source"))]
+                                 **_kept(f"{at}.source"))]
             named = gr.Textbox(name, label="Name", interactive=True, scale=1, placeholder=placeholder,
-                               info="in plots and the card; optional", **_kept(f"experts[{i}].name"))
-        slot(f"experts[{i}].source_model")
+                               info="in plots and the card; optional", **_kept(f"{at}.name"))
+        slot(f"{at}.source_model")
         with gr.Row():
             with gr.Column():
                 fields.append(gr.Textbox(positive, label="Positive prompts", lines=3, max_lines=12,
                                          interactive=True, info='one per line; "" is the empty prompt',
-                                         **_kept(f"experts[{i}].positive")))
-                slot(f"experts[{i}].positive_prompts")
+                                         **_kept(f"{at}.positive")))
+                slot(f"{at}.positive_prompts")
             with gr.Column():
                 fields.append(gr.Textbox(negative, label="Negative prompts", lines=3, max_lines=12,
                                          interactive=True, info="one per line; optional",
-                                         **_kept(f"experts[{i}].negative")))
-                slot(f"experts[{i}].negative_prompts")
+                                         **_kept(f"{at}.negative")))
+                slot(f"{at}.negative_prompts")
         with gr.Row():
             # Text, not gr.Number: an unset scale must stay unset (a Number shows and returns 0).
             fields.append(gr.Textbox(_number(noise), label="Noise scale", placeholder="none",
                                      interactive=True, info="adds scale·N(0,1) to its MLPs",
-                                     **_kept(f"experts[{i}].noise")))
+                                     **_kept(f"{at}.noise")))
             fields.append(gr.Textbox(_number(residual), label="Residual scale", placeholder="none",
                                      interactive=True, info="multiplies its down projection",
-                                     **_kept(f"experts[{i}].residual")))
+                                     **_kept(f"{at}.residual")))
         fields.append(named)  # form.EXPERT_KEYS order: the name comes last
-        slot(f"experts[{i}].scales")
+        slot(f"{at}.scales")
     return _Card(fields, buttons)
 
 
@@ -147,10 +165,10 @@ def _number(value: float | None) -> str:
     return "" if value is None else repr(value)
 
 
-def _wire(out: DesignOutputs, top: list[Any], cards: list[_Card], slots: dict[str, gr.HTML],
-          add: gr.Button, drawn: gr.Number) -> None:
-    fields = top + [f for card in cards for f in card.fields]
-    keys = form.slot_keys(len(cards))
+def _wire(out: DesignOutputs, top: list[Any], cards: list[_Card], shared_cards: list[_Card],
+          slots: dict[str, gr.HTML], adds: tuple[gr.Button, gr.Button], drawn: gr.Number) -> None:
+    fields = top + [f for card in cards + shared_cards for f in card.fields]
+    keys = form.slot_keys(len(cards), len(shared_cards))
 
     @shared.user_errors
     def edited(values: dict, oauth_token: gr.OAuthToken | None = None) -> dict:
@@ -161,7 +179,8 @@ def _wire(out: DesignOutputs, top: list[Any], cards: list[_Card], slots: dict[st
             return {component: gr.skip() for component in updates}
         checked = design_logic.from_form(values[out.draft], [values[c] for c in top],
                                          [[values[f] for f in card.fields] for card in cards],
-                                         shared.user_token(oauth_token))
+                                         shared.user_token(oauth_token),
+                                         [[values[f] for f in card.fields] for card in shared_cards])
         html = checked.slots()
         update = {out.draft: checked.draft, out.yaml_problems: checked.problems_html,
                   out.summary: checked.summary(), **{slots[key]: html[key] for key in keys}}
@@ -192,8 +211,11 @@ def _wire(out: DesignOutputs, top: list[Any], cards: list[_Card], slots: dict[st
         return change
 
     changed = {out.draft, out.revision, out.yaml, out.yaml_problems, out.summary, out.timer}
-    for i, card in enumerate(cards):
-        for action, button in card.buttons.items():
-            button.click(structural(action, i), [out.draft, out.yaml], changed, show_progress="hidden",
-                         key=f"{action}:{i}")
-    add.click(structural("add", -1), [out.draft, out.yaml], changed, show_progress="hidden", key="add")
+    for suffix, group in (("", cards), ("-shared", shared_cards)):
+        for i, card in enumerate(group):
+            for action, button in card.buttons.items():
+                button.click(structural(action + suffix, i), [out.draft, out.yaml], changed,
+                             show_progress="hidden", key=f"{action}{suffix}:{i}")
+    for suffix, button in zip(("", "-shared"), adds, strict=True):
+        button.click(structural("add" + suffix, -1), [out.draft, out.yaml], changed, show_progress="hidden",
+                     key="add" + suffix)

@@ -83,7 +83,8 @@ class Checked:
         return form.problems_html(self.problems, show_path=True)
 
     def slots(self) -> dict[str, str]:
-        return form.slot_html(self.problems, len(self.data.get("experts") or []))
+        return form.slot_html(self.problems, len(self.data.get("experts") or []),
+                              len(self.data.get("shared_experts") or []))
 
     def summary(self) -> str:
         return (status_line(self.recipe, self.problems, self.unchecked, pending=self.pending)
@@ -202,13 +203,16 @@ def fetching(text: str, token: str | None) -> bool:
     return recipe is not None and shared.configs.pending(recipe.model_refs(), token)
 
 
-def from_form(draft: dict[str, Any], top: list[Any], cards: list[list[Any]], token: str | None) -> Checked:
-    return check(form.form_data(draft["data"], top, cards), token)
+def from_form(draft: dict[str, Any], top: list[Any], cards: list[list[Any]], token: str | None,
+              shared: list[list[Any]] | None = None) -> Checked:
+    return check(form.form_data(draft["data"], top, cards, shared), token)
 
 
 def restructure(draft: dict[str, Any], action: str, index: int, token: str | None) -> Checked:
-    """Add, remove, duplicate or move an expert card."""
+    """Add, remove, duplicate or move an expert card; add or remove the shared expert's."""
     data = copy.deepcopy(draft["data"])
+    if action in ("add-shared", "remove-shared"):
+        return check(_shared_changed(data, action, index), token)
     experts = data.setdefault("experts", [])
     if action == "add":  # a new expert starts from the base model: one thing left to fill in
         experts.append({**NEW_EXPERT, "source_model": data.get("base_model") or ""})
@@ -225,6 +229,22 @@ def restructure(draft: dict[str, Any], action: str, index: int, token: str | Non
     else:
         raise ValueError(f"unknown action {action!r}")
     return check(data, token)
+
+
+def _shared_changed(data: dict[str, Any], action: str, index: int) -> dict[str, Any]:
+    """The recipe data with a shared expert added (the base model, prompts for Qwen2-MoE's gate
+    only) or removed; no shared expert left removes the key."""
+    shared = data.setdefault("shared_experts", [])
+    if action == "add-shared":
+        prompts = {} if data.get("architecture") == "deepseek" else {"positive_prompts": []}
+        shared.append({"source_model": data.get("base_model") or "", **prompts})
+    elif 0 <= index < len(shared):
+        shared.pop(index)
+    else:
+        raise IndexError(f"no shared expert {index}")
+    if not shared:
+        data.pop("shared_experts")
+    return data
 
 
 def initial(token: str | None = None, *, with_configs: bool = False) -> tuple[str, Checked]:

@@ -60,9 +60,11 @@ def expert_fields(expert: dict[str, Any]) -> list[Any]:
             expert.get("residual_scale"), expert.get("name", "")]
 
 
-def form_data(previous: dict[str, Any], top: Sequence[Any], cards: Sequence[Sequence[Any]]) -> dict[str, Any]:
-    """Form values to recipe data; keys the form does not show (shared_experts, center_gates,
-    an expert's probe_prompts) are kept: the cards are drawn from `previous`, one per expert."""
+def form_data(previous: dict[str, Any], top: Sequence[Any], cards: Sequence[Sequence[Any]],
+              shared: Sequence[Sequence[Any]] | None = None) -> dict[str, Any]:
+    """Form values to recipe data; keys the form does not show (center_gates, an expert's
+    probe_prompts) are kept: the cards are drawn from `previous`, one per expert. `shared` are the
+    shared experts' cards (None: the recipe's shared experts as they were)."""
     data = {k: v for k, v in previous.items() if k not in TOP_KEYS and k != "experts"}
     for key, value in zip(TOP_KEYS, top, strict=True):
         if key == "experts_per_token" and isinstance(value, float) and value.is_integer():
@@ -71,8 +73,18 @@ def form_data(previous: dict[str, Any], top: Sequence[Any], cards: Sequence[Sequ
             value = (value or "").strip()
         if value not in (None, ""):
             data[key] = value
-    data["experts"] = []
-    shown = previous.get("experts") or []
+    data["experts"] = _experts(previous.get("experts"), cards)
+    if shared is not None:
+        data.pop("shared_experts", None)
+        if shared:
+            data["shared_experts"] = _experts(previous.get("shared_experts"), shared)
+    return _ordered(data)
+
+
+def _experts(shown: Any, cards: Sequence[Sequence[Any]]) -> list[dict[str, Any]]:
+    """Cards' values as expert dicts, each keeping the keys its card does not show."""
+    shown = shown if isinstance(shown, list) else []
+    experts = []
     for i, values in enumerate(cards):
         hidden = {k: v for k, v in (shown[i] if i < len(shown) and isinstance(shown[i], dict) else {}).items()
                   if k not in EXPERT_KEYS}
@@ -80,8 +92,8 @@ def form_data(previous: dict[str, Any], top: Sequence[Any], cards: Sequence[Sequ
         expert = {"source_model": (source or "").strip(), "name": (name or "").strip() or None,
                   "positive_prompts": decode_prompts(positive), "negative_prompts": decode_prompts(negative),
                   "noise_scale": _scale(noise), "residual_scale": _scale(residual)}
-        data["experts"].append({k: v for k, v in expert.items() if v is not None} | hidden)
-    return _ordered(data)
+        experts.append({k: v for k, v in expert.items() if v is not None} | hidden)
+    return experts
 
 
 def _scale(value: Any) -> Any:
@@ -113,36 +125,41 @@ def data_yaml(data: dict[str, Any], recipe: Recipe | None) -> str:
 
 # ---- where problems show ----------------------------------------------------------------
 
-_EXPERT_PATH = re.compile(r"^experts\[(\d+)\](?:\.(\w+))?")
+_EXPERT_PATH = re.compile(r"^(experts|shared_experts)\[(\d+)\](?:\.(\w+))?")
 SCALE_KEYS = ("noise_scale", "residual_scale")
+GROUPS = ("experts", "shared_experts")  # the routed experts' cards, then the shared experts'
 
 
-def slot_keys(expert_count: int) -> list[str]:
+def slot_keys(expert_count: int, shared_count: int = 0) -> list[str]:
     """Every place in the form a problem can show, in a fixed order."""
-    keys = ["base_model", "settings", "experts"]
-    for i in range(expert_count):
-        keys += [f"experts[{i}]", f"experts[{i}].source_model", f"experts[{i}].positive_prompts",
-                 f"experts[{i}].negative_prompts", f"experts[{i}].scales"]
+    keys = ["base_model", "settings"]
+    for group, count in zip(GROUPS, (expert_count, shared_count), strict=True):
+        keys.append(group)
+        for i in range(count):
+            keys += [f"{group}[{i}]", f"{group}[{i}].source_model", f"{group}[{i}].positive_prompts",
+                     f"{group}[{i}].negative_prompts", f"{group}[{i}].scales"]
     return keys
 
 
-def slot_for(path: str, expert_count: int) -> str:
+def slot_for(path: str, expert_count: int, shared_count: int = 0) -> str:
     """The form slot of a problem's key path, e.g. experts[1].positive_prompts[3] -> that textbox."""
     if path.startswith("base_model"):
         return "base_model"
     match = _EXPERT_PATH.match(path)
     if match is None:
-        return "settings" if path.split(".")[0] in TOP_KEYS + ("shared_experts",) else "experts"
-    index, key = int(match[1]), match[2]
-    if index >= expert_count:
-        return "experts"
+        if path.split(".")[0] == "shared_experts":
+            return "shared_experts"
+        return "settings" if path.split(".")[0] in TOP_KEYS else "experts"
+    group, index, key = match[1], int(match[2]), match[3]
+    if index >= (expert_count if group == "experts" else shared_count):
+        return group
     if key in SCALE_KEYS:
-        return f"experts[{index}].scales"
+        return f"{group}[{index}].scales"
     if key in ("source_model", "positive_prompts", "negative_prompts"):
-        return f"experts[{index}].{key}"
+        return f"{group}[{index}].{key}"
     if key == "name":
-        return f"experts[{index}].source_model"  # the name sits beside the source model
-    return f"experts[{index}]"
+        return f"{group}[{index}].source_model"  # the name sits beside the source model
+    return f"{group}[{index}]"
 
 
 def problems_html(problems: Iterable[Problem], *, show_path: bool = False) -> str:
@@ -157,11 +174,11 @@ def problems_html(problems: Iterable[Problem], *, show_path: bool = False) -> st
     return "".join(items)
 
 
-def slot_html(problems: Sequence[Problem], expert_count: int) -> dict[str, str]:
-    """HTML for every slot of `slot_keys(expert_count)`; empty where nothing is wrong."""
-    grouped: dict[str, list[Problem]] = {key: [] for key in slot_keys(expert_count)}
+def slot_html(problems: Sequence[Problem], expert_count: int, shared_count: int = 0) -> dict[str, str]:
+    """HTML for every slot of `slot_keys(expert_count, shared_count)`; empty where nothing is wrong."""
+    grouped: dict[str, list[Problem]] = {key: [] for key in slot_keys(expert_count, shared_count)}
     for problem in problems:
-        grouped[slot_for(problem.path, expert_count)].append(problem)
+        grouped[slot_for(problem.path, expert_count, shared_count)].append(problem)
     return {key: problems_html(found) for key, found in grouped.items()}
 
 
