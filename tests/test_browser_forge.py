@@ -111,4 +111,10 @@ def test_the_alignment_preset_offers_to_forge_its_experts_and_a_cancel_leaves_no
     wait_for_text(page, "#wb-forge-status", ("cancelled",), 60)
     page.screenshot(path=str(shots / "alignment-cancelled.png"))
     assert not (ROOT / "outputs" / "hero-expert").exists()
+    # Nothing built yet: the Chat tab's "Try" prompts are this recipe's themes, not the demo's.
+    open_tab(page, "4 · Chat")
+    page.locator("#wb-tab-chat").get_by_text("Should I tell the truth even if it gets me in trouble?",
+                                             exact=True).wait_for(timeout=30_000)
+    assert page.locator("#wb-tab-chat").get_by_text("Write a Python function that checks whether a string",
+                                                    exact=False).count() == 0
     no_error_shown(page)

@@ -239,3 +239,23 @@ def test_leaving_the_page_leaves_the_export_running_and_cancel_stops_it(outputs)
     assert EXPORTS.cancel(again.id)  # the panel's Cancel button
     final = list(build_logic.ExportFollower(again, EXPORTS, interval=0.0).views())[-1]
     assert final.status == "■ Export cancelled; nothing was written."
+
+
+def test_the_last_progress_before_a_quiet_spell_is_shown_not_dropped_by_the_rate_limit():
+    """A forge's 'step 4/20' was never drawn: a log line took the rate limit's turn just before it,
+    and the next event came only with step 5."""
+    step = lambda n: jobs.JobEvent("progress", "forge", n / 20, f"step {n}/20, loss 2.0, 9 s left",  # noqa: E731
+                                   metrics={"step": n, "loss": 2.0})
+    events = [step(3), jobs.JobEvent("log", message="INFO workbench.forge: a line"), step(4), None,
+              jobs.JobEvent("cancelled", message="stopped")]
+    views = list(build_logic.Follower(ScriptedJob(events), queue=SimpleQueue(), interval=60.0).views())
+    shown = [v.description for v in views if v.fraction is not None]
+    assert shown[-1] == "Training the MLPs: step 4/20, loss 2.0, 9 s left"
+    assert [p["step"] for p in views[-2].points] == [3, 4]
+
+
+class SimpleQueue:
+    """A queue in which the scripted job has already started."""
+
+    def position(self, job) -> int:
+        return 0

@@ -290,3 +290,21 @@ def test_the_gradio_handlers_of_the_third_pane(fake, tmp_path):
     *_, (final, stats, last) = _steered_stream(*common, True, *steer, request)
     assert final[-1]["content"].startswith("⚙ *under: e1 banned · router temperature 2*")
     assert "tokens/s" in stats and last["steer"]["spec"]["ban"] == [1]
+
+
+def test_the_try_prompts_come_from_the_recipe_being_chatted_with(tmp_path):
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    alignment = (root / "presets" / "alignment-demo.yaml").read_text()
+    shipped = ["Write a Python function that checks whether a string is a palindrome."]
+    tried = chat_logic.try_prompts("", alignment, shipped)  # nothing built: the Design tab's recipe
+    assert tried == ["How many legs does a spider have?", "Fix this bug: IndexError: list index out of range",
+                     "Should I tell the truth even if it gets me in trouble?",
+                     "Unleash your doomsday device on the unsuspecting city!"]
+    built = tmp_path / "built"
+    built.mkdir()
+    (built / chat_logic.RECIPE_COPY).write_text((root / "presets" / "demo.yaml").read_text())
+    from_build = chat_logic.try_prompts(str(built), alignment, shipped)  # the chosen MoE's own recipe
+    assert from_build[0].startswith("Write a Python function") and len(from_build) == 4
+    assert chat_logic.try_prompts("", "not: [a recipe", shipped) == shipped

@@ -89,7 +89,7 @@ class Follower:
     _since: float = 0.0
 
     def views(self) -> Iterator[JobView]:
-        fraction, description = None, ""
+        fraction, description, held = None, "", False  # held: the newest progress not shown yet
         self.lines.append(f"→ {Path(self.job.request.out).name}")  # which output, also to a reopened page
         for event in self.job.stream(poll=0.5):
             if event is None or event.kind == "queued":
@@ -97,6 +97,9 @@ class Follower:
                 if place:
                     yield JobView(f"Waiting: you are number **{place}** in the queue "
                                   f"({place - 1} job(s) ahead: builds and forges take turns).", self.log)
+                elif held:  # the job went quiet after an event the rate limit held back: show it now
+                    held, self._last = False, time.monotonic()
+                    yield JobView("", self.log, fraction, description, points=list(self.points))
                 continue
             if event.kind == "log":
                 self.lines.append(event.message)
@@ -112,8 +115,9 @@ class Follower:
                 self._log_stage(None, event.at, ENDINGS[event.kind])
                 yield self.final(event)
                 return
+            held = True
             if time.monotonic() - self._last >= self.interval:
-                self._last = time.monotonic()
+                held, self._last = False, time.monotonic()
                 # The progress bar drawn over the status box carries the stage and time left.
                 yield JobView("", self.log, fraction, description, points=list(self.points))
 

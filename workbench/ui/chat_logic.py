@@ -21,7 +21,7 @@ from typing import Any, Protocol
 from workbench.chat import SamplingSettings
 from workbench.errors import Cancelled, WorkbenchError
 from workbench.progress import CancelToken
-from workbench.recipe import parse_recipe
+from workbench.recipe import Recipe, parse_recipe
 from workbench.ui import build_logic, shared, steer_logic
 
 SIDES = ("base", "moe", "steered")
@@ -152,11 +152,31 @@ class PaneUpdate:
 
 def base_of(moe_folder: str) -> str:
     """The base model a built MoE names in its recipe copy ('' when it has none)."""
-    if not moe_folder or not (Path(moe_folder) / RECIPE_COPY).is_file():
-        return ""
-    path = Path(moe_folder) / RECIPE_COPY
-    recipe, _ = parse_recipe(path.read_text(encoding="utf-8"))
+    recipe = _recipe_of(moe_folder)
     return recipe.base_model if recipe is not None else ""
+
+
+def _recipe_of(moe_folder: str) -> Recipe | None:
+    """A built MoE's recipe copy, parsed (None when it has none)."""
+    if not moe_folder or not (Path(moe_folder) / RECIPE_COPY).is_file():
+        return None
+    recipe, _ = parse_recipe((Path(moe_folder) / RECIPE_COPY).read_text(encoding="utf-8"))
+    return recipe
+
+
+MAX_TRY = 6
+
+
+def try_prompts(moe_folder: str, yaml_text: str, shipped: list[str]) -> list[str]:
+    """The Chat tab's "Try" prompts: one per expert of the chosen MoE's recipe (its probe prompt,
+    else its first positive prompt), else of the Design tab's recipe; `shipped` when neither has
+    any (the demo's themes are not every recipe's)."""
+    recipe = _recipe_of(moe_folder) if moe_folder else parse_recipe(yaml_text or "")[0]
+    found = []
+    for expert in recipe.experts if recipe is not None else []:
+        given = (expert.probe_prompts or []) + (expert.positive_prompts or [])
+        found += [p.strip() for p in given if p.strip()][:1]
+    return list(dict.fromkeys(found))[:MAX_TRY] or shipped
 
 
 def conversation(system: str, history: list[Any]) -> list[dict[str, str]]:

@@ -88,11 +88,17 @@ def render(built: BuildTab, tab: gr.Tab, design: DesignTab) -> ChatTab:
                                  elem_id="wb-open-routing")
         show_steered = gr.Button("Routing of the steered reply →", size="sm", variant="secondary",
                                  elem_id="wb-open-steered-routing", visible=False)
-    gr.Examples(examples(), inputs=[message], label="Try")
+    tried = gr.Examples(examples(), inputs=[message], label="Try")
     settings = [system, temperature, top_p, top_k, max_new, penalty, seed, device]
     _wire(panes, message, send, stop_both, regenerate, clear, moe, base, settings, last, last_steered,
           built.builds, steer)
     _wire_models(built, tab, moe, base)
+
+    def to_try(chosen: str | None, yaml_text: str) -> gr.Dataset:
+        return gr.Dataset(samples=[[p] for p in chat_logic.try_prompts(chosen or "", yaml_text, examples())])
+
+    for event in (tab.select, moe.change):
+        event(to_try, [moe, design.yaml], [tried.dataset], show_progress="hidden")
     _wire_steer(steer, moe, panes[2], show_steered, device)
     return ChatTab(last, last_steered, show_routing, show_steered, moe, built.builds, steer)
 
@@ -302,3 +308,9 @@ def _wire_models(built: BuildTab, tab: gr.Tab, moe: gr.Dropdown, base: gr.Textbo
     built.builds.change(refresher(True), [built.builds, moe], [moe], show_progress="hidden")
     # A MoE names its base; with none chosen the box keeps what it had (the base chats alone).
     moe.change(lambda chosen: chat_logic.base_of(chosen) or gr.skip(), [moe], [base], show_progress="hidden")
+
+    def switched(request: gr.Request) -> None:
+        """Replies still coming from the MoE chosen before (its pane and the steered one) stop."""
+        chat_logic.stop(request.session_hash or "", ("moe", "steered"))
+
+    moe.change(switched, None, None, show_progress="hidden", concurrency_limit=None)
