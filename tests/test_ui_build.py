@@ -259,3 +259,12 @@ class SimpleQueue:
 
     def position(self, job) -> int:
         return 0
+
+
+def test_a_running_job_s_status_says_what_it_does_with_one_bar_and_one_percentage():
+    running = build_logic.JobView("", "", 0.5, "Training the MLPs: step 10/20, loss 1.2, 30 s left")
+    assert build_logic.shown_status(running, "1 of 2 (hero): ") == (
+        "1 of 2 (hero): Training the MLPs: step 10/20, loss 1.2, 30 s left\n\n"
+        f"`{'█' * 12}{'░' * 12}` 50%")
+    assert build_logic.shown_status(build_logic.JobView("✔ Build finished.", "")) == "✔ Build finished."
+    assert build_logic.shown_status(build_logic.JobView("", "log only")) is None  # the box stays as it is

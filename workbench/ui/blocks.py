@@ -57,13 +57,13 @@ def create_app() -> gr.Blocks:
                 forge = tab_forge.render(design, owner)
         # One click from a recipe with experts still to forge: to the Forge tab, forge them, redraw the form.
         design.forge_missing.click(lambda: gr.Tabs(selected="forge"), None, [tabs], show_progress="hidden") \
-            .then(forge.forge_missing, forge.inputs, forge.outputs,
-                  show_progress_on=[forge.status], concurrency_limit=8) \
+            .then(forge.forge_missing, forge.inputs, forge.outputs, show_progress="hidden",
+                  concurrency_limit=8) \
             .then(design.adopt, [design.yaml], design.adopt_outputs, show_progress="hidden")
         # A page that opens finds its session's builds and forges, running or finished unseen.
         keyed = demo.load(session.owner_key, [owner], [owner], show_progress="hidden")
         for reattach in (*built.reattach, forge.reattach):
-            keyed.then(reattach.fn, reattach.inputs, reattach.outputs, show_progress_on=[reattach.status],
+            keyed.then(reattach.fn, reattach.inputs, reattach.outputs, show_progress="hidden",
                        concurrency_limit=None)
     return demo
 

@@ -176,6 +176,24 @@ def progress_text(event: jobs.JobEvent) -> str:
     return f"{stage}{said}{eta}"
 
 
+def shown_status(view: JobView, prefix: str = "") -> str | None:
+    """What a job's status box says for a view: its own words, or for a running job what it does
+    with one bar and one percentage (the job's), or None to leave the box as it is.
+
+    Written into the box rather than left to Gradio's progress overlay: the overlay went away at
+    every update the job's generator sent (a log line, a loss point), so a forge read as a blank
+    box for minutes."""
+    if view.status:
+        return f"{prefix}{view.status}"
+    if view.fraction is None:
+        return None
+    filled = round(view.fraction * BAR)
+    return f"{prefix}{view.description}\n\n`{'█' * filled}{'░' * (BAR - filled)}` {view.fraction:.0%}"
+
+
+BAR = 24  # characters of the status box's progress bar
+
+
 def format_seconds(seconds: float) -> str:
     if seconds < 1:
         return "under a second"

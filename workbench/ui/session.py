@@ -13,7 +13,6 @@ import re
 import secrets
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
 
 from workbench import jobs
 
@@ -44,4 +43,3 @@ class Reattach:
     fn: Callable[..., Iterator[dict]]
     inputs: list
     outputs: list
-    status: Any  # the component its progress bar is drawn over

@@ -7,7 +7,6 @@ import html
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import gradio as gr
 
@@ -85,7 +84,7 @@ def _controls(builds: gr.State) -> _Controls:
     with gr.Row():
         start = gr.Button("Build", variant="primary", elem_id="wb-build")
         stop = gr.Button("Cancel", variant="stop", interactive=False, elem_id="wb-cancel")
-    # Tall enough for Gradio's progress bar, which is drawn over this box while a build runs.
+    # Tall enough for a running build's line and its progress bar (build_logic.shown_status).
     status = gr.Markdown("Ready. One build runs at a time; others wait in a queue. A build goes on if you "
                          "reload or close this page: reopen it to follow it, or press Cancel to stop it.",
                          elem_id="wb-build-status", elem_classes="wb-status", min_height=96, container=True)
@@ -108,16 +107,15 @@ SAVE_RECIPE = """(text) => {
 
 
 def _wire_build(design: DesignTab, ui: _Controls, owner: gr.BrowserState) -> session.Reattach:
-    def follow(job: jobs.Job, mine: list, progress: Any) -> Iterator[dict]:
+    def follow(job: jobs.Job, mine: list) -> Iterator[dict]:
         """The tab's updates for one build until it ends. Leaving the page does not stop the build:
         it belongs to the session, and a reopened page follows it again (`reattach`)."""
         queue = jobs.default_queue()
         yield {ui.job_id: job.id, ui.start: gr.Button(interactive=False),
                ui.stop: gr.Button(interactive=True), ui.status: "Queued…", ui.summary: "", ui.log: ""}
         for view in build_logic.Follower(job, queue).views():
-            if view.fraction is not None:
-                progress(view.fraction, desc=view.description)
-            update = {ui.status: view.status, ui.log: view.log}
+            status = build_logic.shown_status(view)
+            update = {ui.log: view.log, **({ui.status: status} if status is not None else {})}
             if view.finished:
                 update.update({ui.summary: view.summary, ui.job_id: "",
                                ui.start: gr.Button(interactive=True),
@@ -129,22 +127,22 @@ def _wire_build(design: DesignTab, ui: _Controls, owner: gr.BrowserState) -> ses
 
     @shared.user_errors
     def run(yaml_text: str, name: str, device: str, dtype: str, shard: str, replace: bool, mine: list,
-            key: str, oauth_token: gr.OAuthToken | None = None, progress: gr.Progress = shared.PROGRESS):
+            key: str, oauth_token: gr.OAuthToken | None = None):
         try:
             request = build_logic.make_request(yaml_text, name, device, dtype, shard, replace)
         except WorkbenchError as exc:  # said where the old "Build finished" would still stand
             yield {ui.status: f"✖ Not started: {html.escape(str(exc))}", ui.summary: ""}
             return
         job = jobs.default_queue().submit(request, token=shared.user_token(oauth_token), owner=key)
-        yield from follow(job, mine, progress)
+        yield from follow(job, mine)
 
-    def reattach(key: str, mine: list, progress: gr.Progress = shared.PROGRESS) -> Iterator[dict]:
+    def reattach(key: str, mine: list) -> Iterator[dict]:
         """On opening the page: the session's builds again, and any build still running or whose end
         no page has shown yet, followed from its first event."""
         mine = list(dict.fromkeys([*mine, *session.finished_outputs(key, "build")]))
         yield {ui.builds: mine}
         for job in session.to_follow(key, "build"):
-            yield from follow(job, mine, progress)
+            yield from follow(job, mine)
 
     def cancel(job_id: str) -> str:
         if job_id and jobs.default_queue().cancel(job_id):
@@ -154,9 +152,9 @@ def _wire_build(design: DesignTab, ui: _Controls, owner: gr.BrowserState) -> ses
     inputs = [design.yaml, ui.name, ui.device, ui.dtype, ui.shard, ui.replace, ui.builds, owner]
     outputs = [ui.job_id, ui.start, ui.stop, ui.status, ui.summary, ui.log, ui.builds]
     # Many sessions may wait here at once (each shows its queue place); jobs.py runs one build at a time.
-    ui.start.click(run, inputs, outputs, show_progress_on=[ui.status], concurrency_limit=8)
+    ui.start.click(run, inputs, outputs, show_progress="hidden", concurrency_limit=8)
     ui.stop.click(cancel, [ui.job_id], [ui.status], show_progress="hidden")
-    return session.Reattach(reattach, [owner, ui.builds], outputs, ui.status)
+    return session.Reattach(reattach, [owner, ui.builds], outputs)
 
 
 def _gguf_panel(builds: gr.State, owner: gr.BrowserState) -> tuple[gr.Dropdown, session.Reattach]:
@@ -173,15 +171,14 @@ def _gguf_panel(builds: gr.State, owner: gr.BrowserState) -> tuple[gr.Dropdown, 
         status = gr.Markdown(elem_id="wb-gguf-status", min_height=48)
         job_id = gr.State("")
 
-    def follow(job: jobs.Job, progress: Any) -> Iterator[dict]:
+    def follow(job: jobs.Job) -> Iterator[dict]:
         """The panel's updates for one export until it ends; like a build, it outlives the page."""
         yield {job_id: job.id, start: gr.Button(interactive=False), stop: gr.Button(interactive=True),
                status: f"Exporting `{html.escape(Path(job.request.out).name)}`… (it takes turns with builds "
                        "and forges)"}
         for view in build_logic.ExportFollower(job, jobs.default_queue()).views():
-            if view.fraction is not None:
-                progress(view.fraction, desc=view.description)
-            update = {status: view.status} if view.status else {}
+            shown = build_logic.shown_status(view)
+            update = {status: shown} if shown is not None else {}
             if view.finished:
                 update.update({job_id: "", start: gr.Button(interactive=build.converter_available()),
                                stop: gr.Button(interactive=False)})
@@ -190,14 +187,13 @@ def _gguf_panel(builds: gr.State, owner: gr.BrowserState) -> tuple[gr.Dropdown, 
         job.seen = True  # reached only when the page took the last update
 
     @shared.user_errors
-    def export(folder: str, mine: list, out_type: str, overwrite: bool, key: str,
-               progress: gr.Progress = shared.PROGRESS) -> Iterator[dict]:
+    def export(folder: str, mine: list, out_type: str, overwrite: bool, key: str) -> Iterator[dict]:
         request = build_logic.export_request(folder, mine, out_type, overwrite)
-        yield from follow(jobs.default_queue().submit(request, owner=key), progress)
+        yield from follow(jobs.default_queue().submit(request, owner=key))
 
-    def reattach(key: str, progress: gr.Progress = shared.PROGRESS) -> Iterator[dict]:
+    def reattach(key: str) -> Iterator[dict]:
         for job in session.to_follow(key, "export"):
-            yield from follow(job, progress)
+            yield from follow(job)
 
     def cancel(current: str) -> str:
         if current and jobs.default_queue().cancel(current):
@@ -206,10 +202,10 @@ def _gguf_panel(builds: gr.State, owner: gr.BrowserState) -> tuple[gr.Dropdown, 
 
     outputs = [job_id, start, stop, status]
     # Many sessions may wait at once; the job queue runs one export (or build, or forge) at a time.
-    start.click(export, [model, builds, kind, replace, owner], outputs, show_progress_on=[status],
+    start.click(export, [model, builds, kind, replace, owner], outputs, show_progress="hidden",
                 concurrency_limit=8)
     stop.click(cancel, [job_id], [status], show_progress="hidden")
-    return model, session.Reattach(reattach, [owner], outputs, status)
+    return model, session.Reattach(reattach, [owner], outputs)
 
 
 def _push_panel(builds: gr.State) -> gr.Dropdown:

@@ -14,7 +14,7 @@ import gradio as gr
 from workbench import jobs, timings
 from workbench.errors import WorkbenchError
 from workbench.forge import ForgeSettings
-from workbench.ui import forge_logic, session, shared
+from workbench.ui import build_logic, forge_logic, session, shared
 from workbench.ui.tab_design import DesignTab
 
 FIRST_SET = "pirate"
@@ -26,7 +26,6 @@ class ForgeTab:
     forge_missing: Any  # handler: forge every missing expert of the Design tab's recipe
     inputs: list  # what forge_missing reads
     outputs: list  # what forge_missing writes
-    status: gr.Markdown
     reattach: session.Reattach
 
 
@@ -108,7 +107,7 @@ def render(design: DesignTab, owner: gr.BrowserState) -> ForgeTab:
     _wire_inputs(ui)
     forge_missing, reattach = _wire_forge(design, ui, owner)
     return ForgeTab(ui.forged, forge_missing, [design.yaml, ui.forged, owner], _outputs(ui) + [design.yaml],
-                    ui.status, reattach)
+                    reattach)
 
 
 def _outputs(ui: _Controls) -> list:
@@ -133,7 +132,7 @@ def _wire_inputs(ui: _Controls) -> None:
 
 
 def _wire_forge(design: DesignTab, ui: _Controls, owner: gr.BrowserState) -> tuple[Any, session.Reattach]:
-    def follow(job: jobs.Job, forged: list, progress: Any, earlier: str = "") -> Iterator[dict]:
+    def follow(job: jobs.Job, forged: list, earlier: str = "") -> Iterator[dict]:
         """The tab's updates for one forge until it ends (the fields show what it trains). Leaving the
         page does not stop it: it belongs to the session, and a reopened page follows it again."""
         request, prefix = job.request, f"{html.escape(job.label)}: " if job.label else ""
@@ -142,9 +141,8 @@ def _wire_forge(design: DesignTab, ui: _Controls, owner: gr.BrowserState) -> tup
                ui.log: "", ui.plot: None, ui.add: gr.Button(visible=False), ui.examples: request.examples,
                ui.set_name: forge_logic.set_of(request.examples), ui.name: Path(request.out).name}
         for view in forge_logic.ForgeFollower(job, jobs.default_queue()).views():
-            if view.fraction is not None:
-                progress(view.fraction, desc=f"{prefix}{view.description}")
-            update = {ui.status: f"{prefix}{view.status}" if view.status else "", ui.log: view.log}
+            status = build_logic.shown_status(view, prefix)
+            update = {ui.log: view.log, **({ui.status: status} if status is not None else {})}
             if view.points:
                 update[ui.plot] = forge_logic.loss_figure(view.points)
             if view.finished:
@@ -158,11 +156,11 @@ def _wire_forge(design: DesignTab, ui: _Controls, owner: gr.BrowserState) -> tup
             yield update
         job.seen = True  # reached only when the page took the last update
 
-    def follow_all(found: list[jobs.Job], forged: list, progress: Any) -> Iterator[dict]:
+    def follow_all(found: list[jobs.Job], forged: list) -> Iterator[dict]:
         """Follow jobs one after the other; when one does not finish, the later ones are cancelled."""
         earlier = ""
         for number, job in enumerate(found):
-            yield from follow(job, forged, progress, earlier)
+            yield from follow(job, forged, earlier)
             if job.state != "done":
                 for later in found[number + 1:]:
                     jobs.default_queue().cancel(later.id)
@@ -172,8 +170,7 @@ def _wire_forge(design: DesignTab, ui: _Controls, owner: gr.BrowserState) -> tup
     @shared.user_errors
     def run(base: str, examples: str, name: str, steps: float, lr: float, batch: float, seed: float,
             layers: str, samples: str, replace: bool, forged: list, key: str,
-            oauth_token: gr.OAuthToken | None = None,
-            progress: gr.Progress = shared.PROGRESS) -> Iterator[dict]:
+            oauth_token: gr.OAuthToken | None = None) -> Iterator[dict]:
         try:
             request = forge_logic.make_request(base, examples, name, steps, lr, batch, seed, layers, samples,
                                                replace)
@@ -181,11 +178,11 @@ def _wire_forge(design: DesignTab, ui: _Controls, owner: gr.BrowserState) -> tup
             yield {ui.status: f"✖ Not started: {html.escape(str(exc))}", ui.summary: ""}
             return
         job = jobs.default_queue().submit(request, token=shared.user_token(oauth_token), owner=key)
-        yield from follow(job, list(forged), progress)
+        yield from follow(job, list(forged))
 
     @shared.user_errors
-    def forge_missing(yaml_text: str, forged: list, key: str, oauth_token: gr.OAuthToken | None = None,
-                      progress: gr.Progress = shared.PROGRESS) -> Iterator[dict]:
+    def forge_missing(yaml_text: str, forged: list, key: str,
+                      oauth_token: gr.OAuthToken | None = None) -> Iterator[dict]:
         """Queue every expert of the recipe not forged yet, point the recipe at where each will be,
         and follow them one after the other."""
         missing = forge_logic.missing_experts(yaml_text)
@@ -197,16 +194,16 @@ def _wire_forge(design: DesignTab, ui: _Controls, owner: gr.BrowserState) -> tup
         if pointed != yaml_text:
             yield {design.yaml: pointed}
         queued = forge_logic.submit_all(plan, shared.user_token(oauth_token), key)
-        yield from follow_all(queued, list(forged), progress)
+        yield from follow_all(queued, list(forged))
         if all(job.state == "done" for job in queued):
             yield {ui.status: f"✔ Forged {len(queued)} expert(s); the recipe is ready to build."}
 
-    def reattach(key: str, forged: list, progress: gr.Progress = shared.PROGRESS) -> Iterator[dict]:
+    def reattach(key: str, forged: list) -> Iterator[dict]:
         """On opening the page: the session's forged experts again, and any forge still running or
         whose end no page has shown yet, followed from its first event."""
         forged = list(dict.fromkeys([*forged, *session.finished_outputs(key, "forge")]))
         yield {ui.forged: forged, ui.mine: forge_logic.forged_list(forged)}
-        yield from follow_all(session.to_follow(key, "forge"), forged, progress)
+        yield from follow_all(session.to_follow(key, "forge"), forged)
 
     def cancel(job_id: str) -> str:
         if job_id and jobs.default_queue().cancel(job_id):
@@ -219,9 +216,9 @@ def _wire_forge(design: DesignTab, ui: _Controls, owner: gr.BrowserState) -> tup
 
     inputs = [ui.base, ui.examples, ui.name, ui.steps, ui.lr, ui.batch, ui.seed, ui.layers, ui.samples,
               ui.replace, ui.forged, owner]
-    ui.start.click(run, inputs, _outputs(ui), show_progress_on=[ui.status], concurrency_limit=8)
+    ui.start.click(run, inputs, _outputs(ui), show_progress="hidden", concurrency_limit=8)
     ui.stop.click(cancel, [ui.job_id], [ui.status], show_progress="hidden")
     ui.add.click(add, [design.yaml, ui.last, ui.examples], [design.yaml]).success(
         design.adopt, [design.yaml], design.adopt_outputs, show_progress="hidden")
-    return forge_missing, session.Reattach(reattach, [owner, ui.forged], _outputs(ui), ui.status)
+    return forge_missing, session.Reattach(reattach, [owner, ui.forged], _outputs(ui))
 
