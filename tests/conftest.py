@@ -30,7 +30,7 @@ from tests.versions import check_version_floors  # noqa: E402
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    # RELIABILITY.md: the test command fails when an installed package is below its floor.
+    # docs/reliability.md: the test command fails when an installed package is below its floor.
     problems = check_version_floors()
     if problems:
         raise pytest.UsageError("version floors not met: " + "; ".join(problems))

@@ -19,7 +19,7 @@ def themed_bank(themes: list[torch.Tensor], *, prompts: int = 4, tokens: int = 6
                 negatives: dict[int, torch.Tensor] | None = None, seed: int = 0,
                 texts: list[list[str]] | None = None) -> PromptBank:
     """A bank whose tokens are a large direction shared by all text, plus their theme's own
-    direction, plus noise: the shape of real prompt states (RECIPE.md, "Why mergekit's gates...")."""
+    direction, plus noise: the shape of real prompt states (docs/recipe.md, "Why mergekit's gates...")."""
     gen = torch.Generator().manual_seed(seed)
     shared = torch.zeros(HIDDEN)
     shared[0] = common

@@ -1,4 +1,4 @@
-"""Version floors from RELIABILITY.md, checked before any test runs."""
+"""Version floors from docs/reliability.md, checked before any test runs."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Crash-safe output folders: written beside the final name, made durable, then renamed into place.
 
 Nothing is ever written under the final name, so a crash, a cancel or a kill -9 leaves
-either the old folder or the new one, never half of one (RELIABILITY.md, "Crash-safe
+either the old folder or the new one, never half of one (docs/reliability.md, "Crash-safe
 outputs"). A writer goes through these steps:
 
     clean_stale(parent)                  # dead writers' leftovers; a whole output a dead swap set aside

@@ -3,7 +3,7 @@
 The token always comes from the caller (the signed-in user on a Space, HF_TOKEN
 locally); this module never looks one up, so huggingface_hub's own fallbacks (a saved
 login, the server's HF_TOKEN) are never used, and it never logs or repeats it.
-Promises (RELIABILITY.md): only the files listed in `workbench_manifest.json`, checked
+Promises (docs/reliability.md): only the files listed in `workbench_manifest.json`, checked
 against their sha256 before upload; a new repo is private unless asked otherwise; an
 existing repo is replaced only with `overwrite=True`; everything lands in a single commit,
 so the remote is either complete or unchanged, and the commit is verified file by file

@@ -40,7 +40,7 @@ from workbench.recipe import Recipe, parse_recipe, routed_experts
 
 log = logging.getLogger(__name__)
 
-# One forward at a time in this process (RELIABILITY.md: GPU work never runs concurrently).
+# One forward at a time in this process (docs/reliability.md: GPU work never runs concurrently).
 COMPUTE_LOCK = threading.RLock()
 RECIPE_COPY = "mergekit_moe_config.yml"  # the recipe a build writes next to the weights
 

@@ -2,7 +2,7 @@
 
 Legend: L layers, E experts, B prompts in a set, T tokens, H hidden size, V vocabulary.
 
-The math follows mergekit-moe (RECIPE.md, "Gate math"): each prompt set is tokenised as
+The math follows mergekit-moe (docs/recipe.md, "Gate math"): each prompt set is tokenised as
 one left-padded batch, a state per layer is averaged over the prompts, and an expert's
 gate row is normalise(m(positives) - m(negatives)). The forwards are ours to arrange: for
 the last-position modes every set shares as few forwards as fit (left padding keeps each

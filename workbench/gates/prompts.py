@@ -13,7 +13,7 @@ from torch import Tensor
 from workbench.errors import GateError
 from workbench.recipe import Recipe
 
-MAX_PROMPT_TOKENS = 512  # per prompt; attention memory grows with T^2 (RELIABILITY.md)
+MAX_PROMPT_TOKENS = 512  # per prompt; attention memory grows with T^2 (docs/reliability.md)
 
 
 def tokenize_prompts(

@@ -65,7 +65,7 @@ def cast(matrix: np.ndarray, dtype: str) -> bytes:
 
 def noise(mode: str, shape: tuple[int, int, int], seed: int, stream: int = 0) -> np.ndarray:
     """(L, E, H) float32 seeded noise for a prompt-free mode: standard normal (`random`), or
-    uniform in +-1/sqrt(H) (`uniform_random`); not normalised, as RECIPE.md states them.
+    uniform in +-1/sqrt(H) (`uniform_random`); not normalised, as docs/recipe.md states them.
     `stream` 1 draws the shared expert's gate rows, independent of the routers' (stream 0)."""
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
         raise GateError(f"seed {seed!r} is not a whole number from 0 to 2**63 - 1; pass e.g. --seed 0")

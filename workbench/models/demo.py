@@ -9,7 +9,7 @@ Its config.json is the GGUF reader's, less what the GGUF adds that the upstream 
 lacks (`GGUF_LEFTOVERS`, and the private keys `portable_config` drops); a cache written
 before those were dropped is cleaned in place once, atomically.
 
-The cache is written the way builds are (RELIABILITY.md, `workbench.staging`): into a
+The cache is written the way builds are (docs/reliability.md, `workbench.staging`): into a
 sibling staging folder named with our pid, fixed up for transformers 4, verified, chmod
 0644, fsynced, then renamed into place. A crash or kill at any moment leaves nothing under
 the final name; a file lock (flock) serialises threads and processes, and whoever holds it

@@ -1,6 +1,6 @@
 """Recipe: a design as YAML in, a checked `Recipe` and every `Problem` out.
 
-Takes recipe text (mergekit-moe's format, RECIPE.md) or the form's values, and the base's
+Takes recipe text (mergekit-moe's format, docs/recipe.md) or the form's values, and the base's
 and experts' config.json as plain dicts; gives a pydantic `Recipe`, YAML back, and the
 problems of both (key path, what is wrong, how to fix it). Touches no torch and no file
 but the YAML.

@@ -1,7 +1,7 @@
 """Compatibility of a recipe's models, read from their config.json before any weight.
 
 Experts must match the base in family, hidden size, intermediate size, layer count, heads,
-kv-heads, head_dim and activation; a different vocabulary is a loud warning (RELIABILITY.md).
+kv-heads, head_dim and activation; a different vocabulary is a loud warning (docs/reliability.md).
 """
 
 from __future__ import annotations

@@ -165,7 +165,7 @@ def _type_fix(kind: str) -> str:
         "float_parsing": "write a number", "string_type": "write text (quote it if needed)",
         "list_type": "write a YAML list, one '- item' per line",
         "model_type": "write a mapping of keys to values",
-    }.get(kind, "see RECIPE.md for the expected form")
+    }.get(kind, "see docs/recipe.md for the expected form")
 
 
 def read_recipe(path: str) -> tuple[Recipe, list[Problem]]:

@@ -1,6 +1,6 @@
 """The recipe's data types: the schema of a frankenMoE design, its problems, and its caps.
 
-A recipe that mergekit-moe (0.1.x) accepts loads here with the same meaning (RECIPE.md).
+A recipe that mergekit-moe (0.1.x) accepts loads here with the same meaning (docs/recipe.md).
 These types are what the other recipe modules (and every stage) hand each other:
 `Recipe`/`Expert` (pydantic, `extra="forbid"`), `Problem` (key path, what, how to fix) and
 `ConfigUnavailable` (a config.json that could not be read).
@@ -39,7 +39,7 @@ DTYPE_HINTS = {
     "double": "float64",
 }
 
-# Caps that keep one recipe from exhausting the machine (RELIABILITY.md).
+# Caps that keep one recipe from exhausting the machine (docs/reliability.md).
 MAX_YAML_BYTES = 256 * 1024
 MAX_EXPERTS = 64
 MAX_PROMPTS_PER_SET = 64
