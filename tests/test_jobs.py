@@ -288,3 +288,17 @@ def test_finished_jobs_are_kept_for_reopened_pages_up_to_a_bound(tmp_path, monke
     while len(jobs.jobs_of("a" * 32)) > 2 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert jobs.jobs_of("a" * 32) == done[1:]
+
+
+def test_a_job_keeps_a_stage_s_first_event_and_about_one_progress_a_second_after_it():
+    from workbench.jobs import Job, JobEvent
+
+    job = Job("build-x", request(Path("/tmp"), "ok"))
+    job._emit(JobEvent("progress", "write", 0.0, "first tensor"))
+    for n in range(1, 200):  # ten a second would be 200 events in 20 s; these come at once
+        job._emit(JobEvent("progress", "write", n / 200, f"tensor {n}"))
+    job._emit(JobEvent("progress", "forge", 0.5, "step 1", metrics={"step": 1, "loss": 2.0}))
+    job._emit(JobEvent("progress", "forge", 0.6, "step 2", metrics={"step": 2, "loss": 1.9}))
+    kept = [(e.stage, e.message) for e in job.history]
+    assert kept == [("write", "first tensor"), ("write", "tensor 199"),  # the newest stands for the rest
+                    ("forge", "step 1"), ("forge", "step 2")]  # a point of a plot is never dropped

@@ -43,7 +43,8 @@ DEFAULT_RUNNER = "workbench.build:build"
 FORGE_RUNNER = "workbench.forge:forge_job"
 EXPORT_RUNNER = "workbench.build:export_job"
 FINAL_KINDS = ("done", "error", "cancelled")
-KEEP_FINISHED = 32  # finished jobs kept for pages that reopen (each holds its events, a few hundred KB)
+KEEP_FINISHED = 32  # finished jobs kept for pages that reopen, each with its events
+COALESCE_SECONDS = 1.0  # plain progress of one stage is kept at most about once a second
 # A child's stderr line for the server log only: tracebacks hold server paths.
 SERVER_ONLY = "server-log| "
 # What the page's build log shows of the child's stderr: its log records. Anything else
@@ -123,7 +124,7 @@ class Job:
     request: Request
     token: str | None = field(default=None, repr=False)
     owner: str = ""  # the session key of whoever started it ("" for none: no page finds it again)
-    label: str = ""  # what the page calls it, e.g. "1 of 2: hero"
+    label: str = ""  # what the page calls it, e.g. "1 of 2 (hero)"
     state: State = "queued"
     history: list[JobEvent] = field(default_factory=list, repr=False)
     seen: bool = False  # a page has shown its end: a reloaded page need not show it again
@@ -175,8 +176,22 @@ class Job:
         with self._changed:
             if event.kind in FINAL_KINDS:
                 self.state = event.kind
-            self.history.append(replace(event, at=time.monotonic()))
+            event = replace(event, at=time.monotonic())
+            if self._coalesces(event):
+                self.history[-1] = event  # the stage's first event stays, for its log line and timing
+            else:
+                self.history.append(event)
             self._changed.notify_all()
+
+    def _coalesces(self, event: JobEvent) -> bool:
+        """Whether `event` may take the place of the last one kept: both plain progress of the
+        stage the one before them started, under a second apart. A long build sends ten a second;
+        kept whole, a finished job's history grew by megabytes an hour."""
+        if len(self.history) < 2 or event.kind != "progress" or event.metrics:
+            return False
+        plain = all(e.kind == "progress" and not e.metrics and e.stage == event.stage
+                    for e in self.history[-2:])
+        return plain and event.at - self.history[-2].at < COALESCE_SECONDS
 
     def _with_eta(self, event: JobEvent) -> JobEvent:
         now = time.monotonic()
