@@ -7,15 +7,16 @@ file); runs one job at a time, every kind in one line, each in its own child pro
 page of the owner's session, reports queue places, and cancels on request. A crash in the
 child never takes the server down.
 
-    queue   the runner: BuildQueue, Job, JobEvent, one child at a time
+    job     the requests, JobEvent, and the Job that keeps its events for every follower
+    queue   the runner: BuildQueue, one child at a time, queue places, cancel
     child   the child side: one JSON request in, JSON events out
 """
 
 from workbench.faces import face
 
 EXPORTS = {
-    "FINAL_KINDS": "queue", "BuildQueue": "queue", "BuildRequest": "queue", "Job": "queue",
-    "JobEvent": "queue", "QueueFull": "queue", "default_queue": "queue", "ForgeRequest": "queue",
-    "ExportRequest": "queue",
+    "FINAL_KINDS": "job", "Job": "job", "JobEvent": "job", "BuildRequest": "job", "ForgeRequest": "job",
+    "ExportRequest": "job",
+    "BuildQueue": "queue", "QueueFull": "queue", "default_queue": "queue",
 }
 __getattr__, __dir__ = face(__name__, EXPORTS)

@@ -19,7 +19,8 @@ from dataclasses import asdict
 from typing import Any
 
 from workbench.errors import WorkbenchError
-from workbench.jobs.queue import SERVER_ONLY, JobEvent
+from workbench.jobs.job import JobEvent
+from workbench.jobs.queue import SERVER_ONLY
 from workbench.models import env_token
 
 
